@@ -1,0 +1,98 @@
+//! The agent contract: an agent turns an interaction (plus history and context) into a stream
+//! of outputs and an end. Agents are called only by the engine's runner.
+
+mod echo;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use echo::EchoAgent;
+
+use crate::config::AgentConfig;
+use crate::model::{ErrorInfo, Interaction, JsonObject};
+use crate::store::TaskOutput;
+
+/// What an agent is given for one task.
+#[derive(Debug, Clone)]
+pub struct AgentRequest {
+    pub interaction: Interaction,
+    /// Completed interactions of the current epoch, oldest first (empty unless the agent
+    /// asks for history).
+    pub history: Vec<Interaction>,
+    pub context: JsonObject,
+}
+
+/// Where an agent sends its outputs. Sending fails once the task was cancelled.
+pub type OutputSink = mpsc::Sender<TaskOutput>;
+
+/// How an agent ended on its own: `Ok(Some(text))` replaces the response with `text`,
+/// `Ok(None)` keeps the concatenated deltas, `Err` fails the interaction.
+pub type AgentResult = Result<Option<String>, ErrorInfo>;
+
+/// An executor of tasks.
+pub trait Agent: Send + Sync + 'static {
+    /// Whether the runner should load history and context for requests (a store read).
+    fn wants_history(&self) -> bool {
+        false
+    }
+
+    /// Runs one task. `cancel` fires when the task is cancelled; the future may also simply
+    /// be dropped, so an agent must release what it holds on drop.
+    fn run(
+        &self,
+        request: AgentRequest,
+        outputs: OutputSink,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'static, AgentResult>;
+}
+
+/// A configured agent: its kind, its timeout and the executor.
+#[derive(Clone)]
+pub struct ConfiguredAgent {
+    pub kind: &'static str,
+    pub timeout: Option<std::time::Duration>,
+    pub executor: Arc<dyn Agent>,
+}
+
+/// The configured agents by name.
+#[derive(Clone, Default)]
+pub struct AgentRegistry {
+    agents: BTreeMap<String, ConfiguredAgent>,
+}
+
+impl AgentRegistry {
+    pub fn from_config(agents: &BTreeMap<String, AgentConfig>) -> Self {
+        let agents = agents
+            .iter()
+            .map(|(name, config)| {
+                let executor: Arc<dyn Agent> = match config {
+                    AgentConfig::Echo(echo) => Arc::new(EchoAgent::new(echo.delay_ms)),
+                };
+                let configured = ConfiguredAgent {
+                    kind: config.kind(),
+                    timeout: config.timeout_s().map(std::time::Duration::from_secs_f64),
+                    executor,
+                };
+                (name.clone(), configured)
+            })
+            .collect();
+        Self { agents }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ConfiguredAgent> {
+        self.agents.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.agents.contains_key(name)
+    }
+
+    /// Names and kinds, for listing (never any settings that could hold secrets).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &ConfiguredAgent)> {
+        self.agents.iter().map(|(n, a)| (n.as_str(), a))
+    }
+}

@@ -1,0 +1,365 @@
+//! The HTTP handlers of `/v1` and the operational endpoints.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{InteractionPath, JsonBody, OptionalJsonBody, QueryParams, SessionPath};
+use crate::engine::{MessageOutcome, MessageRequest};
+use crate::model::{
+    Interaction, InteractionId, JsonObject, Policy, Session, validate_idempotency_key,
+};
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// `PUT /v1/sessions/{id}` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutSessionBody {
+    pub agent: Option<String>,
+    pub context: Option<JsonObject>,
+}
+
+/// `POST /v1/sessions/{id}/messages` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageBody {
+    pub content: String,
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    #[serde(default)]
+    pub metadata: Option<JsonObject>,
+}
+
+/// `POST /v1/sessions/{id}/cancel` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    pub interaction_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct SessionsPage {
+    sessions: Vec<Session>,
+    next: Option<String>,
+}
+
+#[derive(Serialize)]
+struct InteractionsPage {
+    interactions: Vec<Interaction>,
+    next: Option<String>,
+}
+
+/// Checks a message's content: not empty and not only whitespace.
+pub fn validate_content(content: &str) -> Result<(), ApiError> {
+    if content.trim().is_empty() {
+        return Err(ApiError::invalid_request(
+            "content must not be empty or only whitespace",
+        ));
+    }
+    Ok(())
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> ApiResult {
+    state.engine.ready().await?;
+    Ok(Json(json!({"status": "ready"})).into_response())
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let engine = &state.engine;
+    let counters = engine.counters();
+    let bus = engine.bus();
+    let mut text = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        text.push_str(&format!(
+            "# HELP baton_{name} {help}\n# TYPE baton_{name} {kind}\nbaton_{name} {value}\n"
+        ));
+    };
+    metric(
+        "running_tasks",
+        "gauge",
+        "Tasks running on this node.",
+        engine.running_tasks() as u64,
+    );
+    metric(
+        "subscribers",
+        "gauge",
+        "Live event subscriptions (streams and waiters).",
+        bus.subscriber_count() as u64,
+    );
+    metric(
+        "subscribed_sessions",
+        "gauge",
+        "Sessions with at least one live subscription.",
+        bus.session_count() as u64,
+    );
+    metric(
+        "events_published_total",
+        "counter",
+        "Committed events handed to subscribers.",
+        bus.published_total(),
+    );
+    for (name, help, counter) in [
+        (
+            "messages_accepted_total",
+            "Messages accepted as interactions.",
+            &counters.messages_accepted,
+        ),
+        (
+            "tasks_started_total",
+            "Tasks started on this node.",
+            &counters.tasks_started,
+        ),
+        (
+            "interactions_completed_total",
+            "Interactions completed by their agent.",
+            &counters.interactions_completed,
+        ),
+        (
+            "interactions_failed_total",
+            "Interactions failed by their agent.",
+            &counters.interactions_failed,
+        ),
+    ] {
+        metric(name, "counter", help, counter.load(Ordering::Relaxed));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+pub async fn list_sessions(State(state): State<AppState>, query: QueryParams) -> ApiResult {
+    let limit = query.int("limit", 1, 1000)?.unwrap_or(100) as u32;
+    let after = query.get("after")?.map(str::to_string);
+    let page = state.engine.list_sessions(after, limit).await?;
+    Ok(Json(SessionsPage {
+        sessions: page.items,
+        next: page.next,
+    })
+    .into_response())
+}
+
+pub async fn put_session(
+    State(state): State<AppState>,
+    SessionPath(id): SessionPath,
+    OptionalJsonBody(body): OptionalJsonBody<PutSessionBody>,
+) -> ApiResult {
+    let (session, created) = state
+        .engine
+        .put_session(id, body.agent, body.context)
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(session)).into_response())
+}
+
+pub async fn get_session(State(state): State<AppState>, SessionPath(id): SessionPath) -> ApiResult {
+    Ok(Json(state.engine.get_session(id).await?).into_response())
+}
+
+pub async fn delete_session(
+    State(state): State<AppState>,
+    SessionPath(id): SessionPath,
+) -> ApiResult {
+    state.engine.delete_session(id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `?wait=SECONDS`: a number from 1 to 300.
+fn wait_param(query: &QueryParams) -> Result<Option<Duration>, ApiError> {
+    let Some(raw) = query.get("wait")? else {
+        return Ok(None);
+    };
+    match raw.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && (1.0..=300.0).contains(&s) => {
+            Ok(Some(Duration::from_secs_f64(s)))
+        }
+        _ => Err(ApiError::invalid_request(
+            "wait must be a number of seconds from 1 to 300",
+        )),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::invalid_request("Idempotency-Key must be printable ASCII"))?;
+    validate_idempotency_key(key).map_err(|e| ApiError::invalid_request(e.0))?;
+    Ok(Some(key.to_string()))
+}
+
+pub async fn post_message(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+    query: QueryParams,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<MessageBody>,
+) -> ApiResult {
+    validate_content(&body.content)?;
+    let wait = wait_param(&query)?;
+    let key = idempotency_key(&headers)?;
+    let outcome = state
+        .engine
+        .send_message(MessageRequest {
+            session: session.clone(),
+            content: body.content,
+            policy: body.policy.unwrap_or_default(),
+            metadata: body.metadata.unwrap_or_default(),
+            idempotency_key: key,
+        })
+        .await?;
+    let accepted = match outcome {
+        MessageOutcome::Cleared(cleared) => {
+            return Ok(
+                Json(json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled}))
+                    .into_response(),
+            );
+        }
+        MessageOutcome::Accepted(accepted) => accepted,
+    };
+    let mut interaction = accepted.interaction;
+    if let Some(wait) = wait
+        && !interaction.status.is_final()
+    {
+        interaction = state
+            .engine
+            .wait_final(&session, &interaction.id, wait)
+            .await?;
+    }
+    let status = if accepted.replayed || (wait.is_some() && interaction.status.is_final()) {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut response = (status, Json(interaction)).into_response();
+    if accepted.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+pub async fn list_interactions(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+    query: QueryParams,
+) -> ApiResult {
+    let limit = query.int("limit", 1, 1000)?.unwrap_or(50) as u32;
+    let before = match query.get("before")? {
+        Some(raw) => Some(
+            InteractionId::parse(raw)
+                .map_err(|_| ApiError::invalid_request("before must be a cursor from next"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let page = state
+        .engine
+        .list_interactions(session, before, limit)
+        .await?;
+    Ok(Json(InteractionsPage {
+        interactions: page.items,
+        next: page.next,
+    })
+    .into_response())
+}
+
+pub async fn get_interaction(
+    State(state): State<AppState>,
+    InteractionPath(session, id): InteractionPath,
+) -> ApiResult {
+    Ok(Json(state.engine.get_interaction(session, id).await?).into_response())
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+    OptionalJsonBody(body): OptionalJsonBody<CancelBody>,
+) -> ApiResult {
+    let target = match body.interaction_id {
+        Some(raw) => match InteractionId::parse(&raw) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                // Malformed ids are unknown ids; the session must exist all the same.
+                state.engine.get_session(session).await?;
+                return Err(ApiError::not_found("interaction not found in this session"));
+            }
+        },
+        None => None,
+    };
+    let cancelled = state.engine.cancel(session, target).await?;
+    Ok(Json(json!({ "cancelled": cancelled })).into_response())
+}
+
+pub async fn clear(State(state): State<AppState>, SessionPath(session): SessionPath) -> ApiResult {
+    let cleared = state.engine.clear(session).await?;
+    Ok(Json(json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled})).into_response())
+}
+
+pub async fn get_context(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+) -> ApiResult {
+    Ok(Json(state.engine.get_context(session).await?).into_response())
+}
+
+fn object_body(value: Value, what: &str) -> Result<JsonObject, ApiError> {
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::invalid_request(format!(
+            "{what} must be a JSON object"
+        ))),
+    }
+}
+
+pub async fn put_context(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+    JsonBody(value): JsonBody<Value>,
+) -> ApiResult {
+    let context = object_body(value, "the context")?;
+    let context = state.engine.update_context(session, context, false).await?;
+    Ok(Json(context).into_response())
+}
+
+pub async fn patch_context(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+    JsonBody(value): JsonBody<Value>,
+) -> ApiResult {
+    let patch = object_body(value, "a merge patch of the context")?;
+    let context = state.engine.update_context(session, patch, true).await?;
+    Ok(Json(context).into_response())
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}

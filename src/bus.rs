@@ -1,0 +1,164 @@
+//! Local fan-out of committed events: one bounded broadcast channel per session that has
+//! subscribers. The store publishes after each commit, in seq order; a subscriber that falls
+//! more than the buffer behind learns it (`Lagged`) and must resume from the store.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::broadcast;
+
+use crate::model::{Event, SessionId};
+
+/// Events buffered per session for its slowest subscriber.
+pub const DEFAULT_BUFFER: usize = 4096;
+
+/// The registry of live subscribers per session.
+#[derive(Debug)]
+pub struct Bus {
+    // A std mutex: it guards a map lookup and non-blocking sends, never an await.
+    sessions: Mutex<HashMap<SessionId, broadcast::Sender<Arc<Event>>>>,
+    buffer: usize,
+    published: AtomicU64,
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Self::new(DEFAULT_BUFFER)
+    }
+}
+
+impl Bus {
+    pub fn new(buffer: usize) -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            buffer: buffer.max(1),
+            published: AtomicU64::new(0),
+        }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<SessionId, broadcast::Sender<Arc<Event>>>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts
+        // and removes), so a poisoned lock is still usable.
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Hands committed events (in seq order) to the subscribers of their sessions.
+    pub fn publish(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        self.published
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let sessions = self.sessions();
+        for event in events {
+            if let Some(sender) = sessions.get(&event.session) {
+                // An error only means every receiver is gone; the guard removes the entry.
+                let _ = sender.send(Arc::new(event));
+            }
+        }
+    }
+
+    /// Subscribes to the live events of `session` from now on.
+    pub fn subscribe(self: &Arc<Self>, session: &SessionId) -> Subscription {
+        let receiver = self
+            .sessions()
+            .entry(session.clone())
+            .or_insert_with(|| broadcast::channel(self.buffer).0)
+            .subscribe();
+        Subscription {
+            receiver: Some(receiver),
+            bus: Arc::clone(self),
+            session: session.clone(),
+        }
+    }
+
+    /// Sessions with at least one subscriber.
+    pub fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// Live subscriptions over all sessions.
+    pub fn subscriber_count(&self) -> usize {
+        self.sessions()
+            .values()
+            .map(broadcast::Sender::receiver_count)
+            .sum()
+    }
+
+    /// Events published since start.
+    pub fn published_total(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+}
+
+/// A live subscription; dropping it removes the session's channel once nobody listens (I6).
+#[derive(Debug)]
+pub struct Subscription {
+    receiver: Option<broadcast::Receiver<Arc<Event>>>,
+    bus: Arc<Bus>,
+    session: SessionId,
+}
+
+impl Subscription {
+    /// The next event; `Err(Lagged(n))` when `n` events were missed, `Err(Closed)` never
+    /// while the bus lives.
+    pub async fn recv(&mut self) -> Result<Arc<Event>, broadcast::error::RecvError> {
+        match self.receiver.as_mut() {
+            Some(receiver) => receiver.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.receiver.take());
+        let mut sessions = self.bus.sessions();
+        // Under the lock no one can subscribe concurrently, so a zero count is exact.
+        if sessions
+            .get(&self.session)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            sessions.remove(&self.session);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EventType, Millis};
+
+    fn event(session: &SessionId, seq: i64) -> Event {
+        Event::new(
+            session,
+            seq,
+            EventType::SessionCleared,
+            Millis(0),
+            None,
+            &serde_json::json!({"epoch": seq}),
+        )
+        .expect("serialises")
+    }
+
+    #[tokio::test]
+    async fn subscribers_get_events_in_order_and_cleanup_is_exact() {
+        let bus = Arc::new(Bus::new(16));
+        let s = SessionId::parse("s").expect("valid");
+        let mut a = bus.subscribe(&s);
+        let mut b = bus.subscribe(&s);
+        bus.publish(vec![event(&s, 1), event(&s, 2)]);
+        for sub in [&mut a, &mut b] {
+            assert_eq!(sub.recv().await.expect("event").seq, 1);
+            assert_eq!(sub.recv().await.expect("event").seq, 2);
+        }
+        assert_eq!(bus.subscriber_count(), 2);
+        drop(a);
+        assert_eq!(bus.session_count(), 1);
+        drop(b);
+        assert_eq!(bus.session_count(), 0);
+    }
+}

@@ -1,0 +1,278 @@
+//! Settings: defaults, overridden by a TOML file (`--config`), overridden by `BATON_*`
+//! environment variables, overridden by command-line flags.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+/// Default database URL: an SQLite file in the working directory.
+pub const DEFAULT_DATABASE: &str = "sqlite://baton.db";
+/// The agent a session gets when it names none.
+pub const DEFAULT_AGENT: &str = "default";
+
+/// Everything `baton serve` needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `HOST:PORT` to listen on.
+    pub listen: String,
+    /// `sqlite://PATH`; `postgres://…` comes with the PostgreSQL store.
+    pub database: String,
+    /// Most `queued` interactions a session holds under policy `enqueue`.
+    pub queue_limit: u32,
+    /// Largest accepted request body (and WebSocket frame), in bytes.
+    pub max_body_bytes: usize,
+    /// SQLite durability: `normal` survives a process crash, `full` also a power loss.
+    pub sqlite_synchronous: Synchronous,
+    /// Completed interactions of the current epoch handed to an agent as history.
+    pub history_limit: u32,
+    /// How long shutdown waits for running tasks to record their cancellation, in ms.
+    pub shutdown_grace_ms: u64,
+    /// Configured agents by name.
+    pub agents: BTreeMap<String, AgentConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut agents = BTreeMap::new();
+        agents.insert(
+            DEFAULT_AGENT.to_string(),
+            AgentConfig::Echo(EchoConfig::default()),
+        );
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            database: DEFAULT_DATABASE.into(),
+            queue_limit: 16,
+            max_body_bytes: 1024 * 1024,
+            sqlite_synchronous: Synchronous::Normal,
+            history_limit: 50,
+            shutdown_grace_ms: 5_000,
+            agents,
+        }
+    }
+}
+
+/// SQLite's `synchronous` pragma in WAL mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// No fsync per commit: a process crash loses nothing, a power loss may lose the last commits.
+    #[default]
+    Normal,
+    /// fsync per (group) commit: durable across power loss.
+    Full,
+}
+
+/// One configured agent, selected by `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum AgentConfig {
+    Echo(EchoConfig),
+}
+
+impl AgentConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentConfig::Echo(_) => "echo",
+        }
+    }
+
+    /// Longest a task of this agent may run before it is cancelled with reason `timeout`.
+    pub fn timeout_s(&self) -> Option<f64> {
+        match self {
+            AgentConfig::Echo(c) => c.timeout_s,
+        }
+    }
+}
+
+/// The built-in echo agent.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EchoConfig {
+    /// Pause before each word, in milliseconds.
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+}
+
+/// Overrides given on the command line.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub database: Option<String>,
+}
+
+impl Config {
+    /// Loads the file (if any), then applies the process environment and the flags.
+    pub fn load(overrides: &Overrides) -> anyhow::Result<Self> {
+        let mut config = match &overrides.config_file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        if let Some(listen) = &overrides.listen {
+            config.listen = listen.clone();
+        }
+        if let Some(database) = &overrides.database {
+            config.database = database.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let mut config: Config = toml::from_str(text)?;
+        if config.agents.is_empty() {
+            config.agents = Config::default().agents;
+        }
+        Ok(config)
+    }
+
+    /// `BATON_LISTEN`, `BATON_DATABASE`, `BATON_QUEUE_LIMIT`, `BATON_MAX_BODY_BYTES`,
+    /// `BATON_SQLITE_SYNCHRONOUS`, `BATON_HISTORY_LIMIT`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        fn parsed<T: std::str::FromStr>(name: &str, value: String) -> anyhow::Result<T>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{name}={value:?}: {e}"))
+        }
+        if let Some(v) = var("BATON_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = var("BATON_DATABASE") {
+            self.database = v;
+        }
+        if let Some(v) = var("BATON_QUEUE_LIMIT") {
+            self.queue_limit = parsed("BATON_QUEUE_LIMIT", v)?;
+        }
+        if let Some(v) = var("BATON_MAX_BODY_BYTES") {
+            self.max_body_bytes = parsed("BATON_MAX_BODY_BYTES", v)?;
+        }
+        if let Some(v) = var("BATON_HISTORY_LIMIT") {
+            self.history_limit = parsed("BATON_HISTORY_LIMIT", v)?;
+        }
+        if let Some(v) = var("BATON_SQLITE_SYNCHRONOUS") {
+            self.sqlite_synchronous = match v.trim().to_ascii_lowercase().as_str() {
+                "normal" => Synchronous::Normal,
+                "full" => Synchronous::Full,
+                other => bail!("BATON_SQLITE_SYNCHRONOUS={other:?}: expected normal or full"),
+            };
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.max_body_bytes < 64 {
+            bail!("max_body_bytes must be at least 64");
+        }
+        for (name, agent) in &self.agents {
+            if name.is_empty() {
+                bail!("an agent name must not be empty");
+            }
+            if let Some(t) = agent.timeout_s()
+                && !(t.is_finite() && t > 0.0)
+            {
+                bail!("agents.{name}.timeout_s must be a positive number of seconds");
+            }
+        }
+        self.database_location()?;
+        Ok(())
+    }
+
+    /// Where the database lives, parsed from the `database` URL.
+    pub fn database_location(&self) -> anyhow::Result<DatabaseLocation> {
+        DatabaseLocation::parse(&self.database)
+    }
+}
+
+/// A parsed `database` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseLocation {
+    SqliteFile(PathBuf),
+}
+
+impl DatabaseLocation {
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            if path.is_empty() {
+                bail!("database {url:?}: the SQLite URL names no file");
+            }
+            return Ok(Self::SqliteFile(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            bail!(
+                "database {url:?}: the PostgreSQL store is not available in this build; use sqlite://PATH"
+            );
+        }
+        bail!("database {url:?}: expected sqlite://PATH")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_example_keys_parse() {
+        let c = Config::from_toml(
+            r#"
+listen = "127.0.0.1:7420"
+database = "sqlite://baton.db"
+queue_limit = 16
+
+[agents.default]
+kind = "echo"
+delay_ms = 0
+
+[agents.slow]
+kind = "echo"
+delay_ms = 100
+"#,
+        )
+        .expect("parses");
+        assert_eq!(c.queue_limit, 16);
+        assert_eq!(c.agents.len(), 2);
+        assert_eq!(
+            c.database_location().expect("sqlite"),
+            DatabaseLocation::SqliteFile("baton.db".into())
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_kinds_are_errors() {
+        assert!(Config::from_toml("lisen = \"x\"").is_err());
+        assert!(Config::from_toml("[agents.a]\nkind = \"nope\"").is_err());
+        assert!(Config::from_toml("[agents.a]\nkind = \"echo\"\ndelay = 3").is_err());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut c = Config::default();
+        c.apply_env(|n| (n == "BATON_QUEUE_LIMIT").then(|| "3".to_string()))
+            .expect("env");
+        assert_eq!(c.queue_limit, 3);
+        assert!(
+            c.apply_env(|n| (n == "BATON_QUEUE_LIMIT").then(|| "x".to_string()))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,439 @@
+//! The session engine: turns requests into store transactions, starts a task on this node
+//! for every interaction that one of them made `running`, and signals local tasks that a
+//! transaction cancelled. It keeps only live handles; the truth is in the store.
+
+mod registry;
+mod runner;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use registry::{TaskEntry, TaskRegistry};
+
+use crate::agent::AgentRegistry;
+use crate::bus::Bus;
+use crate::model::{
+    CancelReason, EventType, Interaction, InteractionId, JsonObject, Policy, Session, SessionId,
+};
+use crate::store::{
+    Accepted, CancelTarget, Cleared, NewMessage, Page, StartedTask, Store, StoreError,
+};
+
+/// Errors of engine operations, matched by the transports.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("agent {0:?} is not configured")]
+    UnknownAgent(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Engine settings taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub queue_limit: u32,
+    pub history_limit: u32,
+    pub default_agent: String,
+}
+
+/// A message as a transport received it, already validated.
+#[derive(Debug, Clone)]
+pub struct MessageRequest {
+    pub session: SessionId,
+    pub content: String,
+    pub policy: Policy,
+    pub metadata: JsonObject,
+    pub idempotency_key: Option<String>,
+}
+
+/// What sending a message did.
+#[derive(Debug, Clone)]
+pub enum MessageOutcome {
+    /// Accepted (or replayed) as an interaction.
+    Accepted(Accepted),
+    /// The content was `/clear`: the session was cleared instead.
+    Cleared(Cleared),
+}
+
+/// Counters exposed on `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub messages_accepted: AtomicU64,
+    pub interactions_completed: AtomicU64,
+    pub interactions_failed: AtomicU64,
+    pub tasks_started: AtomicU64,
+}
+
+/// The session engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    bus: Arc<Bus>,
+    agents: AgentRegistry,
+    tasks: Arc<TaskRegistry>,
+    /// Owns every task runner, so shutdown can wait for them.
+    runners: TaskTracker,
+    settings: EngineSettings,
+    shutting_down: AtomicBool,
+    /// Fires when shutdown begins: waiters return early.
+    stopping: CancellationToken,
+    counters: Counters,
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        bus: Arc<Bus>,
+        agents: AgentRegistry,
+        settings: EngineSettings,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                bus,
+                agents,
+                tasks: Arc::new(TaskRegistry::default()),
+                runners: TaskTracker::new(),
+                settings,
+                shutting_down: AtomicBool::new(false),
+                stopping: CancellationToken::new(),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.inner.bus
+    }
+
+    pub fn agents(&self) -> &AgentRegistry {
+        &self.inner.agents
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// Tasks running on this node.
+    pub fn running_tasks(&self) -> usize {
+        self.inner.tasks.len()
+    }
+
+    /// A token that fires when shutdown begins (for long-lived connections).
+    pub fn stopping(&self) -> CancellationToken {
+        self.inner.stopping.clone()
+    }
+
+    /// Finishes what a crash left running and starts the queued work that waits.
+    pub async fn recover(&self) -> Result<usize, EngineError> {
+        let started = self.inner.store.recover().await?;
+        let count = started.len();
+        for task in started {
+            self.inner.launch(task);
+        }
+        Ok(count)
+    }
+
+    /// Whether storage answers.
+    pub async fn ready(&self) -> Result<(), EngineError> {
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(self.inner.store.check().await?)
+    }
+
+    fn refuse_when_stopping(&self) -> Result<(), EngineError> {
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            Err(EngineError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Refuses to create a session with the default agent when that agent is not configured.
+    async fn check_default_agent(&self, session: &SessionId) -> Result<(), EngineError> {
+        let default = &self.inner.settings.default_agent;
+        if self.inner.agents.contains(default) {
+            return Ok(());
+        }
+        match self.inner.store.get_session(session.clone()).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::SessionNotFound) => Err(EngineError::UnknownAgent(default.clone())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn put_session(
+        &self,
+        id: SessionId,
+        agent: Option<String>,
+        context: Option<JsonObject>,
+    ) -> Result<(Session, bool), EngineError> {
+        self.refuse_when_stopping()?;
+        match &agent {
+            Some(name) if !self.inner.agents.contains(name) => {
+                return Err(EngineError::UnknownAgent(name.clone()));
+            }
+            Some(_) => {}
+            None => self.check_default_agent(&id).await?,
+        }
+        let default = self.inner.settings.default_agent.clone();
+        Ok(self
+            .inner
+            .store
+            .put_session(id, agent, context, default)
+            .await?)
+    }
+
+    pub async fn get_session(&self, id: SessionId) -> Result<Session, EngineError> {
+        Ok(self.inner.store.get_session(id).await?)
+    }
+
+    pub async fn list_sessions(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Page<Session>, EngineError> {
+        Ok(self.inner.store.list_sessions(after, limit).await?)
+    }
+
+    pub async fn delete_session(&self, id: SessionId) -> Result<(), EngineError> {
+        self.refuse_when_stopping()?;
+        let cancelled = self.inner.store.delete_session(id).await?;
+        self.inner.tasks.cancel(&cancelled);
+        Ok(())
+    }
+
+    /// Accepts a message under its policy, or clears the session for `/clear`.
+    pub async fn send_message(
+        &self,
+        request: MessageRequest,
+    ) -> Result<MessageOutcome, EngineError> {
+        self.refuse_when_stopping()?;
+        if request.content.trim() == "/clear" {
+            return Ok(MessageOutcome::Cleared(self.clear(request.session).await?));
+        }
+        self.check_default_agent(&request.session).await?;
+        let accepted = self
+            .inner
+            .store
+            .accept_message(NewMessage {
+                session: request.session,
+                content: request.content,
+                metadata: request.metadata,
+                policy: request.policy,
+                idempotency_key: request.idempotency_key,
+                queue_limit: self.inner.settings.queue_limit,
+                default_agent: self.inner.settings.default_agent.clone(),
+            })
+            .await?;
+        if !accepted.replayed {
+            self.inner
+                .counters
+                .messages_accepted
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.tasks.cancel(&accepted.cancelled);
+        if let Some(task) = accepted.started.clone() {
+            self.inner.launch(task);
+        }
+        Ok(MessageOutcome::Accepted(accepted))
+    }
+
+    /// Waits up to `within` for the interaction to become final; returns its state then.
+    pub async fn wait_final(
+        &self,
+        session: &SessionId,
+        id: &InteractionId,
+        within: Duration,
+    ) -> Result<Interaction, EngineError> {
+        let deadline = Instant::now() + within;
+        // Subscribe before reading, so the final event cannot slip between the two.
+        let mut events = self.inner.bus.subscribe(session);
+        let mut last = self
+            .inner
+            .store
+            .get_interaction(session.clone(), id.clone())
+            .await?;
+        while !last.status.is_final() {
+            let event = tokio::select! {
+                _ = self.inner.stopping.cancelled() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                event = events.recv() => event,
+            };
+            match event {
+                Ok(event) if event.interaction_id.as_ref() == Some(id) && event.kind.is_final() => {
+                    if let Some(interaction) = &event.interaction {
+                        return Ok(Interaction::clone(interaction));
+                    }
+                    last = self.reread(session, id, last).await?;
+                }
+                Ok(event) if event.kind == EventType::SessionDeleted => break,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => last = self.reread(session, id, last).await?,
+                Err(RecvError::Closed) => break,
+            }
+        }
+        if last.status.is_final() {
+            return Ok(last);
+        }
+        self.reread(session, id, last).await
+    }
+
+    /// The stored state, or `last` if a clear or delete removed the interaction since.
+    async fn reread(
+        &self,
+        session: &SessionId,
+        id: &InteractionId,
+        last: Interaction,
+    ) -> Result<Interaction, EngineError> {
+        match self
+            .inner
+            .store
+            .get_interaction(session.clone(), id.clone())
+            .await
+        {
+            Ok(current) => Ok(current),
+            Err(StoreError::InteractionNotFound | StoreError::SessionNotFound) => Ok(last),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Cancels the running interaction, or the named queued/running one.
+    pub async fn cancel(
+        &self,
+        session: SessionId,
+        id: Option<InteractionId>,
+    ) -> Result<Vec<InteractionId>, EngineError> {
+        let target = match id {
+            Some(id) => CancelTarget::Named(id),
+            None => CancelTarget::Running,
+        };
+        let start_next = !self.inner.shutting_down.load(Ordering::Relaxed);
+        let outcome = self
+            .inner
+            .store
+            .cancel(session, target, CancelReason::Cancel, start_next)
+            .await?;
+        self.inner.tasks.cancel(&outcome.cancelled);
+        if let Some(task) = outcome.started {
+            self.inner.launch(task);
+        }
+        Ok(outcome.cancelled)
+    }
+
+    /// Clears the session atomically (I2).
+    pub async fn clear(&self, session: SessionId) -> Result<Cleared, EngineError> {
+        self.refuse_when_stopping()?;
+        self.check_default_agent(&session).await?;
+        let default = self.inner.settings.default_agent.clone();
+        let cleared = self.inner.store.clear(session, default).await?;
+        self.inner.tasks.cancel(&cleared.cancelled);
+        Ok(cleared)
+    }
+
+    pub async fn get_context(&self, session: SessionId) -> Result<JsonObject, EngineError> {
+        Ok(self.inner.store.get_context(session).await?)
+    }
+
+    /// Replaces (`patch == false`) or merge-patches (RFC 7396) the context.
+    pub async fn update_context(
+        &self,
+        session: SessionId,
+        value: JsonObject,
+        patch: bool,
+    ) -> Result<JsonObject, EngineError> {
+        self.refuse_when_stopping()?;
+        self.check_default_agent(&session).await?;
+        let default = self.inner.settings.default_agent.clone();
+        Ok(self
+            .inner
+            .store
+            .update_context(session, value, patch, default)
+            .await?)
+    }
+
+    pub async fn list_interactions(
+        &self,
+        session: SessionId,
+        before: Option<String>,
+        limit: u32,
+    ) -> Result<Page<Interaction>, EngineError> {
+        Ok(self
+            .inner
+            .store
+            .list_interactions(session, before, limit)
+            .await?)
+    }
+
+    pub async fn get_interaction(
+        &self,
+        session: SessionId,
+        id: InteractionId,
+    ) -> Result<Interaction, EngineError> {
+        Ok(self.inner.store.get_interaction(session, id).await?)
+    }
+
+    /// Begins shutdown: new writes are refused and waiters return.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.stopping.cancel();
+    }
+
+    /// Cancels every task running here (`shutdown`; their queued successors stay queued for
+    /// the next start) and waits up to `grace` for the runners to end.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.begin_shutdown();
+        let deadline = Instant::now() + grace;
+        // A task finishing right now may still start its successor: loop until none is left.
+        while !self.inner.tasks.is_empty() && Instant::now() < deadline {
+            for (id, session) in self.inner.tasks.running() {
+                let target = CancelTarget::Named(id.clone());
+                match self
+                    .inner
+                    .store
+                    .cancel(session, target, CancelReason::Shutdown, false)
+                    .await
+                {
+                    Ok(_) | Err(StoreError::SessionNotFound | StoreError::InteractionNotFound) => {}
+                    Err(e) => tracing::warn!(interaction = %id, error = %e, "cancel at shutdown"),
+                }
+                self.inner.tasks.cancel(&[id]);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.inner.runners.close();
+        if tokio::time::timeout_at(deadline, self.inner.runners.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("task runners still busy at the end of the shutdown grace period");
+        }
+    }
+}
+
+impl Inner {
+    /// Runs the task of an interaction that a committed transaction made `running`.
+    fn launch(self: &Arc<Self>, task: StartedTask) {
+        self.counters.tasks_started.fetch_add(1, Ordering::Relaxed);
+        let (entry, cancel) = self.tasks.register(
+            task.interaction.id.clone(),
+            task.interaction.session.clone(),
+        );
+        let inner = Arc::clone(self);
+        self.runners
+            .spawn(runner::run_task(inner, task, entry, cancel));
+    }
+}

@@ -1,0 +1,195 @@
+//! The task runner: drives one agent for one running interaction, writes its outputs through
+//! the store (fenced by the interaction id), and ends the interaction exactly once (I3): with
+//! the agent's end, `failed` when the agent panics, or `cancelled` on timeout. A cancel that
+//! arrives from elsewhere was already made final by its transaction; the runner just stops.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Inner, TaskEntry};
+use crate::agent::{AgentRequest, AgentResult};
+use crate::model::{CancelReason, ErrorInfo, JsonObject};
+use crate::store::{CancelTarget, StartedTask, StoreError, TaskEnd};
+
+/// Outputs an agent may produce ahead of the store before it has to wait.
+const OUTPUT_BUFFER: usize = 256;
+/// Outputs written in one store job at most.
+const OUTPUT_BATCH: usize = 256;
+/// Attempts to record a task's end while storage fails.
+const FINISH_ATTEMPTS: u32 = 5;
+
+/// Aborts the agent's task when the runner leaves early (cancel, timeout, fencing).
+struct AbortOnDrop(JoinHandle<AgentResult>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+enum Stop {
+    /// Cancelled by a transaction elsewhere: already final, nothing to write.
+    Cancelled,
+    TimedOut,
+    /// A write was refused: the interaction is no longer running.
+    Fenced,
+    Ended(TaskEnd),
+}
+
+pub(super) async fn run_task(
+    inner: Arc<Inner>,
+    task: StartedTask,
+    entry: TaskEntry,
+    cancel: CancellationToken,
+) {
+    let _entry = entry;
+    let id = task.interaction.id.clone();
+    let session = task.interaction.session.clone();
+    let stop = drive_agent(&inner, task, &cancel).await;
+    let end = match stop {
+        Stop::Cancelled | Stop::Fenced => return,
+        Stop::TimedOut => {
+            let start_next = !inner.shutting_down.load(Ordering::Relaxed);
+            let target = CancelTarget::Named(id.clone());
+            match inner
+                .store
+                .cancel(session, target, CancelReason::Timeout, start_next)
+                .await
+            {
+                Ok(outcome) => {
+                    if let Some(next) = outcome.started {
+                        inner.launch(next);
+                    }
+                }
+                Err(e) => tracing::error!(interaction = %id, error = %e, "recording a timeout"),
+            }
+            return;
+        }
+        Stop::Ended(end) => end,
+    };
+    match &end {
+        TaskEnd::Completed { .. } => &inner.counters.interactions_completed,
+        TaskEnd::Failed(_) => &inner.counters.interactions_failed,
+    }
+    .fetch_add(1, Ordering::Relaxed);
+    for attempt in 1..=FINISH_ATTEMPTS {
+        let start_next = !inner.shutting_down.load(Ordering::Relaxed);
+        match inner
+            .store
+            .finish(id.clone(), end.clone(), start_next)
+            .await
+        {
+            Ok(next) => {
+                if let Some(next) = next {
+                    inner.launch(next);
+                }
+                return;
+            }
+            Err(StoreError::Fenced) => return,
+            Err(e) => {
+                tracing::error!(interaction = %id, attempt, error = %e, "recording a task's end");
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+    }
+    // Left `running`: recovery at the next start finishes it as `interrupted`.
+}
+
+async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &CancellationToken) -> Stop {
+    let id = task.interaction.id.clone();
+    let Some(agent) = inner.agents.get(&task.agent).cloned() else {
+        return Stop::Ended(TaskEnd::Failed(ErrorInfo {
+            code: "unknown_agent".into(),
+            message: format!("agent {:?} is not configured", task.agent),
+        }));
+    };
+    let deadline = agent.timeout.map(|t| Instant::now() + t);
+    let request = match build_request(inner, &task, agent.executor.wants_history()).await {
+        Ok(request) => request,
+        Err(e) => {
+            return Stop::Ended(TaskEnd::Failed(ErrorInfo {
+                code: "internal".into(),
+                message: format!("loading the agent's request: {e}"),
+            }));
+        }
+    };
+    let (outputs, mut received) = mpsc::channel(OUTPUT_BUFFER);
+    let agent_cancel = cancel.child_token();
+    let run = agent.executor.run(request, outputs, agent_cancel);
+    let mut agent_task = AbortOnDrop(tokio::spawn(run));
+    let timeout = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timeout);
+    let mut batch = Vec::with_capacity(OUTPUT_BATCH);
+    let mut outputs_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Stop::Cancelled,
+            _ = &mut timeout => return Stop::TimedOut,
+            n = received.recv_many(&mut batch, OUTPUT_BATCH), if outputs_open => {
+                if n == 0 {
+                    outputs_open = false;
+                    continue;
+                }
+                let outputs = std::mem::replace(&mut batch, Vec::with_capacity(OUTPUT_BATCH));
+                match inner.store.append_outputs(id.clone(), outputs).await {
+                    Ok(()) => {}
+                    Err(StoreError::Fenced) => return Stop::Fenced,
+                    Err(e) => {
+                        return Stop::Ended(TaskEnd::Failed(ErrorInfo {
+                            code: "internal".into(),
+                            message: format!("storing the agent's output: {e}"),
+                        }));
+                    }
+                }
+            }
+            joined = &mut agent_task.0, if !outputs_open => {
+                return Stop::Ended(match joined {
+                    Ok(Ok(response)) => TaskEnd::Completed { response },
+                    Ok(Err(error)) => TaskEnd::Failed(error),
+                    Err(e) => TaskEnd::Failed(ErrorInfo {
+                        code: "agent_error".into(),
+                        message: if e.is_panic() {
+                            "the agent panicked".into()
+                        } else {
+                            "the agent's task was aborted".into()
+                        },
+                    }),
+                });
+            }
+        }
+    }
+}
+
+async fn build_request(
+    inner: &Arc<Inner>,
+    task: &StartedTask,
+    with_history: bool,
+) -> Result<AgentRequest, StoreError> {
+    let session = task.interaction.session.clone();
+    let (history, context) = if with_history {
+        let history = inner
+            .store
+            .history(session.clone(), inner.settings.history_limit)
+            .await?;
+        (history, inner.store.get_context(session).await?)
+    } else {
+        (Vec::new(), JsonObject::new())
+    };
+    Ok(AgentRequest {
+        interaction: task.interaction.clone(),
+        history,
+        context,
+    })
+}

@@ -1,0 +1,27 @@
+//! Baton: a session server for conversational agents that stays correct under concurrency.
+//!
+//! # Layout
+//!
+//! - [`model`]: the vocabulary (sessions, interactions, events, statuses, policies, ids).
+//! - [`config`]: settings from defaults, a TOML file, `BATON_*` variables and flags.
+//! - [`store`]: the store contract — every state change is one transaction that also appends
+//!   its events — and its SQLite backend (one group-committing writer, parallel readers).
+//! - [`bus`]: local fan-out of committed events to subscribers.
+//! - [`engine`]: accept/start/finish/cancel/clear on top of the store, the registry of local
+//!   tasks and the runner that drives agents.
+//! - [`agent`]: the agent contract and the built-in agents.
+//! - [`api`]: the HTTP transport and its error model.
+//! - [`server`]: wiring and graceful shutdown.
+//! - [`client`]: the HTTP client used by the CLI and the benchmark.
+//!
+//! Data flows one way: transport → engine → store → bus → transport.
+
+pub mod agent;
+pub mod api;
+pub mod bus;
+pub mod client;
+pub mod config;
+pub mod engine;
+pub mod model;
+pub mod server;
+pub mod store;

@@ -1,0 +1,199 @@
+//! The `baton` command: the server and its command-line clients.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use baton::client::{Client, DEFAULT_SERVER, ServerError};
+use baton::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "baton",
+    version,
+    about = "A session server for conversational agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (SQLite at ./baton.db, 127.0.0.1:7420, echo agent by default).
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// HOST:PORT to listen on (overrides the file and BATON_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Database URL, e.g. sqlite://baton.db (overrides the file and BATON_DATABASE).
+        #[arg(long)]
+        database: Option<String>,
+    },
+    /// Send a message, wait for it and print the response.
+    Send {
+        session: String,
+        text: String,
+        /// reject | enqueue | interrupt
+        #[arg(long, default_value = "reject")]
+        policy: String,
+        #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+    },
+    /// Print the interactions of a session, oldest first.
+    History {
+        session: String,
+        /// Print one JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            match e.downcast_ref::<ServerError>() {
+                Some(server) => eprintln!("error: {}: {}", server.code, server.message),
+                None => eprintln!("error: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve {
+            config,
+            listen,
+            database,
+        } => {
+            let config = Config::load(&Overrides {
+                config_file: config,
+                listen,
+                database,
+            })?;
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            tracing::info!(listen = %listener.local_addr()?, database = %config.database, "baton serving");
+            baton::server::serve(config, listener, shutdown_signal()).await?;
+            tracing::info!("baton stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send {
+            session,
+            text,
+            policy,
+            server,
+        } => send(&Client::new(&server)?, &session, &text, &policy).await,
+        Command::History {
+            session,
+            json,
+            server,
+        } => {
+            let client = Client::new(&server)?;
+            for interaction in client.history(&session).await? {
+                if json {
+                    println!("{interaction}");
+                } else {
+                    println!(
+                        "[{}] {} > {}\n{}\n",
+                        interaction["created_at"].as_str().unwrap_or(""),
+                        interaction["status"].as_str().unwrap_or(""),
+                        interaction["content"].as_str().unwrap_or(""),
+                        interaction["response"].as_str().unwrap_or(""),
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Posts, waits until the interaction is final, prints the response; non-zero unless it
+/// completed.
+async fn send(
+    client: &Client,
+    session: &str,
+    text: &str,
+    policy: &str,
+) -> anyhow::Result<ExitCode> {
+    let (_, body) = client
+        .send_message(session, text, policy, Some(300))
+        .await?;
+    if body.get("epoch").is_some() {
+        println!("cleared (epoch {})", body["epoch"]);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut interaction = body;
+    let id = interaction["id"].as_str().unwrap_or_default().to_string();
+    while matches!(interaction["status"].as_str(), Some("queued" | "running")) {
+        interaction = client.get_interaction(session, &id).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    match interaction["status"].as_str() {
+        Some("completed") => {
+            println!("{}", interaction["response"].as_str().unwrap_or(""));
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(status) => {
+            let reason = interaction["error"]["message"]
+                .as_str()
+                .or(interaction["cancel_reason"].as_str())
+                .unwrap_or("");
+            eprintln!("error: interaction {id} {status}: {reason}");
+            Ok(ExitCode::FAILURE)
+        }
+        None => anyhow::bail!("unexpected answer: {interaction}"),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+}

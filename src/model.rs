@@ -1,0 +1,464 @@
+//! The vocabulary of Baton: sessions, interactions, events, statuses, policies and the
+//! validated identifiers that name them. These types serialise exactly to the wire contract.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// A JSON object: the shape of a session's context and an interaction's metadata.
+pub type JsonObject = Map<String, Value>;
+
+/// Why an identifier, policy or other wire value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub String);
+
+/// A session id: 1–128 characters of `[A-Za-z0-9._:-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct SessionId(Arc<str>);
+
+impl SessionId {
+    /// Longest accepted id, in characters.
+    pub const MAX_LEN: usize = 128;
+
+    /// Validates `raw` exactly as written (no percent-decoding happens here).
+    pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
+        let valid = !raw.is_empty()
+            && raw.len() <= Self::MAX_LEN
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if valid {
+            Ok(Self(Arc::from(raw)))
+        } else {
+            Err(InvalidValue(
+                "session id must be 1-128 characters of [A-Za-z0-9._:-]".into(),
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An interaction id: a UUIDv7 in its hyphenated text form, so ids sort by creation time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct InteractionId(Arc<str>);
+
+impl InteractionId {
+    /// Accepts only the canonical lower-case hyphenated UUID form Baton generates.
+    pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
+        let ok = raw.len() == 36
+            && raw.bytes().enumerate().all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => b == b'-',
+                _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+            });
+        if ok {
+            Ok(Self(Arc::from(raw)))
+        } else {
+            Err(InvalidValue(format!("{raw:?} is not an interaction id")))
+        }
+    }
+
+    /// Wraps a value read back from the store, which only ever holds generated ids.
+    pub(crate) fn from_stored(raw: String) -> Self {
+        Self(Arc::from(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for InteractionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Generates interaction ids that are strictly increasing within this process, even when
+/// many are made in the same millisecond (UUIDv7 with a counter in the random bits).
+#[derive(Debug, Default)]
+pub struct IdGenerator {
+    last: u128,
+}
+
+impl IdGenerator {
+    pub fn next_id(&mut self) -> InteractionId {
+        let fresh = uuid::Uuid::now_v7().as_u128();
+        // Same millisecond (or a clock step back): continue after the last id instead.
+        let value = if fresh > self.last {
+            fresh
+        } else {
+            self.last + 1
+        };
+        self.last = value;
+        let id = uuid::Uuid::from_u128(value).hyphenated().to_string();
+        InteractionId(Arc::from(id))
+    }
+}
+
+/// Milliseconds since the Unix epoch: how instants are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub i64);
+
+impl Millis {
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-28T08:00:00.123Z`.
+    pub fn to_rfc3339(self) -> String {
+        let ms = self.0.rem_euclid(1000);
+        let secs = self.0.div_euclid(1000);
+        let days = secs.div_euclid(86_400);
+        let sod = secs.rem_euclid(86_400);
+        let (y, m, d) = civil_from_days(days);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+            sod / 3600,
+            (sod / 60) % 60,
+            sod % 60
+        )
+    }
+}
+
+impl Serialize for Millis {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_rfc3339())
+    }
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Defines a string-valued wire enum with `as_str`, `FromStr`, `Display` and serde.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = InvalidValue;
+            fn from_str(s: &str) -> Result<Self, InvalidValue> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(InvalidValue(format!(
+                        concat!("{:?} is not a valid ", stringify!($name), "; expected one of: {}"),
+                        s,
+                        [$($text),+].join(", ")
+                    ))),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// The life cycle of an interaction. The last three are final: nothing changes after them.
+    Status {
+        Queued = "queued",
+        Running = "running",
+        Completed = "completed",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
+}
+
+impl Status {
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+wire_enum! {
+    /// What to do with a message that arrives while the session is busy.
+    Policy {
+        /// `409 session_busy`; nothing stored.
+        Reject = "reject",
+        /// Stored as `queued` behind the others, up to `queue_limit`.
+        Enqueue = "enqueue",
+        /// Cancel the running and queued ones and start this one, atomically.
+        Interrupt = "interrupt",
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::Reject
+    }
+}
+
+wire_enum! {
+    /// Why an interaction was cancelled.
+    CancelReason {
+        Cancel = "cancel",
+        Clear = "clear",
+        Interrupt = "interrupt",
+        Timeout = "timeout",
+        Shutdown = "shutdown",
+        Delete = "delete",
+    }
+}
+
+/// An error attached to a failed interaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+/// One request to the agent and its outcome, exactly as the wire contract shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Interaction {
+    pub id: InteractionId,
+    pub session: SessionId,
+    pub content: String,
+    pub metadata: JsonObject,
+    pub status: Status,
+    pub response: String,
+    pub error: Option<ErrorInfo>,
+    pub cancel_reason: Option<CancelReason>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+/// A session as the wire contract shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Session {
+    pub id: SessionId,
+    pub agent: String,
+    pub context: JsonObject,
+    pub epoch: i64,
+    pub last_seq: i64,
+    pub created_at: Millis,
+    pub running: Option<Interaction>,
+    pub queued: i64,
+}
+
+wire_enum! {
+    /// The type of an event in a session's log.
+    EventType {
+        SessionCreated = "session.created",
+        InteractionQueued = "interaction.queued",
+        TaskStarted = "task.started",
+        TaskDelta = "task.delta",
+        TaskProgress = "task.progress",
+        TaskCompleted = "task.completed",
+        TaskFailed = "task.failed",
+        TaskCancelled = "task.cancelled",
+        ContextUpdated = "context.updated",
+        SessionCleared = "session.cleared",
+        SessionDeleted = "session.deleted",
+    }
+}
+
+impl EventType {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            EventType::TaskCompleted | EventType::TaskFailed | EventType::TaskCancelled
+        )
+    }
+
+    /// The final event type for an interaction that reached `status`.
+    pub fn final_for(status: Status) -> Option<Self> {
+        match status {
+            Status::Completed => Some(EventType::TaskCompleted),
+            Status::Failed => Some(EventType::TaskFailed),
+            Status::Cancelled => Some(EventType::TaskCancelled),
+            Status::Queued | Status::Running => None,
+        }
+    }
+}
+
+/// A committed event of a session's log. The envelope is serialised once, when the event is
+/// made, and shared by the store, every subscriber and every replay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub session: SessionId,
+    pub seq: i64,
+    pub kind: EventType,
+    /// The interaction this event is about, if any (used to route waiters and fencing).
+    pub interaction_id: Option<InteractionId>,
+    /// `{"seq","session","type","at","data"}` as JSON text.
+    pub envelope: Arc<str>,
+    /// The interaction carried by `interaction.queued`, `task.started` and final events, so
+    /// waiters need no read of the store.
+    pub interaction: Option<Arc<Interaction>>,
+}
+
+impl Event {
+    /// Builds the envelope text for an event.
+    pub fn new(
+        session: &SessionId,
+        seq: i64,
+        kind: EventType,
+        at: Millis,
+        interaction_id: Option<InteractionId>,
+        data: &impl Serialize,
+    ) -> Result<Self, serde_json::Error> {
+        #[derive(Serialize)]
+        struct Envelope<'a, D: Serialize> {
+            seq: i64,
+            session: &'a SessionId,
+            #[serde(rename = "type")]
+            kind: EventType,
+            at: Millis,
+            data: &'a D,
+        }
+        let text = serde_json::to_string(&Envelope {
+            seq,
+            session,
+            kind,
+            at,
+            data,
+        })?;
+        Ok(Self {
+            session: session.clone(),
+            seq,
+            kind,
+            interaction_id,
+            envelope: Arc::from(text),
+            interaction: None,
+        })
+    }
+}
+
+/// Applies an RFC 7396 JSON Merge Patch to `target` in place.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    if let Value::Object(map) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                map.remove(key);
+            } else {
+                merge_patch(map.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+}
+
+/// Validates an `Idempotency-Key`: 1–255 printable ASCII characters.
+pub fn validate_idempotency_key(key: &str) -> Result<(), InvalidValue> {
+    if (1..=255).contains(&key.len()) && key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        Ok(())
+    } else {
+        Err(InvalidValue(
+            "idempotency key must be 1-255 printable ASCII characters".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(Millis(0).to_rfc3339(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            Millis(1_795_852_800_123).to_rfc3339(),
+            "2026-11-28T08:00:00.123Z"
+        );
+        assert_eq!(
+            Millis(951_782_400_000).to_rfc3339(),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn session_ids_are_checked_raw() {
+        assert!(SessionId::parse("a.b_c:d-E9").is_ok());
+        assert!(SessionId::parse(&"x".repeat(128)).is_ok());
+        for bad in ["", "a/b", "a%2Fb", "é", "a b", &"x".repeat(129)] {
+            assert!(SessionId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn generated_ids_strictly_increase() {
+        let mut g = IdGenerator::default();
+        let mut last = g.next_id();
+        for _ in 0..10_000 {
+            let id = g.next_id();
+            assert!(id > last);
+            assert!(InteractionId::parse(id.as_str()).is_ok());
+            last = id;
+        }
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc7396() {
+        let mut target = serde_json::json!({"a": "b", "c": {"d": "e", "f": "g"}});
+        merge_patch(
+            &mut target,
+            &serde_json::json!({"a": "z", "c": {"f": null}, "n": [1]}),
+        );
+        assert_eq!(
+            target,
+            serde_json::json!({"a": "z", "c": {"d": "e"}, "n": [1]})
+        );
+    }
+}

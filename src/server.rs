@@ -1,0 +1,122 @@
+//! Wiring: opens the store, recovers, serves the API until shutdown, then stops the tasks.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::agent::AgentRegistry;
+use crate::api::{AppState, router};
+use crate::bus::Bus;
+use crate::config::{Config, DEFAULT_AGENT};
+use crate::engine::{Engine, EngineSettings};
+use crate::store::{SqliteOptions, Store};
+
+/// Builds the engine on the configured store and finishes what a crash left behind.
+pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
+    let bus = Arc::new(Bus::default());
+    let location = config.database_location()?;
+    let options = SqliteOptions {
+        synchronous: config.sqlite_synchronous,
+        ..SqliteOptions::default()
+    };
+    let store = tokio::task::block_in_place(|| Store::open(&location, options, bus.clone()))
+        .with_context(|| format!("opening the database {}", config.database))?;
+    let engine = Engine::new(
+        store,
+        bus,
+        AgentRegistry::from_config(&config.agents),
+        EngineSettings {
+            queue_limit: config.queue_limit,
+            history_limit: config.history_limit,
+            default_agent: DEFAULT_AGENT.to_string(),
+        },
+    );
+    let resumed = engine
+        .recover()
+        .await
+        .context("recovering after a restart")?;
+    if resumed > 0 {
+        tracing::info!(resumed, "started queued work left from the last run");
+    }
+    Ok(engine)
+}
+
+/// Serves on `listener` until `shutdown` resolves, then shuts down gracefully: new requests
+/// are refused, running tasks are cancelled with reason `shutdown`, and the call returns
+/// once they have recorded it (or the grace period ran out).
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let engine = build_engine(&config).await?;
+    let app = router(AppState {
+        engine: engine.clone(),
+        max_body_bytes: config.max_body_bytes,
+    });
+    let stopping = engine.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.begin_shutdown();
+        })
+        .await
+        .context("serving HTTP")?;
+    engine
+        .shutdown(Duration::from_millis(config.shutdown_grace_ms))
+        .await;
+    Ok(())
+}
+
+/// A server running in this process, for tests and the benchmark.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServerHandle {
+    /// Binds `config.listen` (use port 0 for an ephemeral port) and serves in the background.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Shuts down gracefully and waits for the server to finish.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.context("server task")?
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

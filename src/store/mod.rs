@@ -1,0 +1,321 @@
+//! The store contract: every state change of a session is one transaction that checks the
+//! current state, writes the new state and appends the events it causes (allocating their
+//! per-session `seq`). Events are handed to the [`Bus`](crate::bus::Bus) only after their
+//! transaction commits, in `seq` order.
+//!
+//! [`Store`] is the one API; the backend behind it is chosen by the database URL.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::bus::Bus;
+use crate::config::{DatabaseLocation, Synchronous};
+use crate::model::{
+    CancelReason, ErrorInfo, Event, Interaction, InteractionId, JsonObject, Policy, Session,
+    SessionId,
+};
+
+/// Errors of store operations. Each refusal leaves the stored state unchanged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("session not found")]
+    SessionNotFound,
+    #[error("interaction not found")]
+    InteractionNotFound,
+    #[error("session is busy")]
+    Busy { running: InteractionId },
+    #[error("queue is full ({limit} queued)")]
+    QueueFull { limit: u32 },
+    #[error("idempotency key was used with a different content or metadata")]
+    IdempotencyMismatch,
+    /// The task's interaction is no longer `running` (cancelled, cleared, deleted, finished):
+    /// its write is refused.
+    #[error("interaction is no longer running")]
+    Fenced,
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Internal(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Internal(format!("json: {e}"))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A message to accept under a policy.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub session: SessionId,
+    pub content: String,
+    pub metadata: JsonObject,
+    pub policy: Policy,
+    pub idempotency_key: Option<String>,
+    /// Bound on `queued` interactions for `enqueue`.
+    pub queue_limit: u32,
+    /// Agent of the session if this message creates it.
+    pub default_agent: String,
+}
+
+/// An interaction that became `running` in a committed transaction: the node that committed
+/// it runs its task.
+#[derive(Debug, Clone)]
+pub struct StartedTask {
+    pub interaction: Interaction,
+    /// The session's agent at the moment it started.
+    pub agent: String,
+}
+
+/// What accepting a message did.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub interaction: Interaction,
+    /// The idempotency key matched an earlier message: nothing new was stored or started.
+    pub replayed: bool,
+    pub started: Option<StartedTask>,
+    /// Interactions cancelled by `interrupt`.
+    pub cancelled: Vec<InteractionId>,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Default)]
+pub struct Cancelled {
+    pub cancelled: Vec<InteractionId>,
+    pub started: Option<StartedTask>,
+}
+
+/// What a clear did.
+#[derive(Debug, Clone)]
+pub struct Cleared {
+    pub epoch: i64,
+    pub cancelled: Vec<InteractionId>,
+}
+
+/// One output of a running task, written fenced by its interaction id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskOutput {
+    Delta(String),
+    Progress(Value),
+    /// An RFC 7396 merge patch for the session's context.
+    ContextPatch(JsonObject),
+}
+
+/// How a task ended on its own (cancellation goes through [`Store::cancel`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskEnd {
+    /// `response`: the final text, or `None` to keep the concatenated deltas.
+    Completed {
+        response: Option<String>,
+    },
+    Failed(ErrorInfo),
+}
+
+/// Which interaction a cancel targets.
+#[derive(Debug, Clone)]
+pub enum CancelTarget {
+    /// The session's running interaction, if any.
+    Running,
+    /// A named interaction of the session (running or queued).
+    Named(InteractionId),
+}
+
+/// A page of results with the cursor of the next one.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+/// Options of the SQLite backend.
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    pub synchronous: Synchronous,
+    /// Read connections used in parallel with the single writer.
+    pub readers: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::Normal,
+            readers: 4,
+        }
+    }
+}
+
+/// How long an idempotency key is remembered, in milliseconds.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+
+/// The store: the single arbiter of every session's state. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<sqlite::SqliteStore>,
+}
+
+impl Store {
+    /// Opens (creating and migrating as needed) the database at `location`. Committed events
+    /// are published to `bus`.
+    pub fn open(
+        location: &DatabaseLocation,
+        options: SqliteOptions,
+        bus: Arc<Bus>,
+    ) -> StoreResult<Self> {
+        let backend = match location {
+            DatabaseLocation::SqliteFile(path) => sqlite::SqliteStore::open(path, options, bus)?,
+        };
+        Ok(Self {
+            backend: Arc::new(backend),
+        })
+    }
+
+    /// Creates the session if absent; sets its agent and/or replaces its context if given.
+    /// Returns the session and whether it was created.
+    pub async fn put_session(
+        &self,
+        id: SessionId,
+        agent: Option<String>,
+        context: Option<JsonObject>,
+        default_agent: String,
+    ) -> StoreResult<(Session, bool)> {
+        self.backend
+            .put_session(id, agent, context, default_agent)
+            .await
+    }
+
+    pub async fn get_session(&self, id: SessionId) -> StoreResult<Session> {
+        self.backend.get_session(id).await
+    }
+
+    /// Sessions ordered by id, after the cursor `after`.
+    pub async fn list_sessions(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> StoreResult<Page<Session>> {
+        self.backend.list_sessions(after, limit).await
+    }
+
+    /// Cancels its interactions (`delete`), emits `session.deleted` and removes everything.
+    pub async fn delete_session(&self, id: SessionId) -> StoreResult<Vec<InteractionId>> {
+        self.backend.delete_session(id).await
+    }
+
+    /// Accepts a message under its policy (idempotency first, then the busy check).
+    pub async fn accept_message(&self, message: NewMessage) -> StoreResult<Accepted> {
+        self.backend.accept_message(message).await
+    }
+
+    /// Appends a running task's outputs; refused with [`StoreError::Fenced`] unless `id` is
+    /// still `running`.
+    pub async fn append_outputs(
+        &self,
+        id: InteractionId,
+        outputs: Vec<TaskOutput>,
+    ) -> StoreResult<()> {
+        self.backend.append_outputs(id, outputs).await
+    }
+
+    /// Makes a running interaction final and, when `start_next`, starts the session's next
+    /// queued one.
+    pub async fn finish(
+        &self,
+        id: InteractionId,
+        end: TaskEnd,
+        start_next: bool,
+    ) -> StoreResult<Option<StartedTask>> {
+        self.backend.finish(id, end, start_next).await
+    }
+
+    /// Cancels the target; when it was the running one and `start_next`, starts the next
+    /// queued one.
+    pub async fn cancel(
+        &self,
+        session: SessionId,
+        target: CancelTarget,
+        reason: CancelReason,
+        start_next: bool,
+    ) -> StoreResult<Cancelled> {
+        self.backend
+            .cancel(session, target, reason, start_next)
+            .await
+    }
+
+    /// Cancels every running and queued interaction (`clear`), removes interactions and
+    /// context, bumps the epoch and emits `session.cleared`. Creates the session if absent.
+    pub async fn clear(&self, session: SessionId, default_agent: String) -> StoreResult<Cleared> {
+        self.backend.clear(session, default_agent).await
+    }
+
+    pub async fn get_context(&self, session: SessionId) -> StoreResult<JsonObject> {
+        self.backend.get_context(session).await
+    }
+
+    /// Replaces (`patch == false`) or merge-patches the context; creates the session if absent.
+    pub async fn update_context(
+        &self,
+        session: SessionId,
+        value: JsonObject,
+        patch: bool,
+        default_agent: String,
+    ) -> StoreResult<JsonObject> {
+        self.backend
+            .update_context(session, value, patch, default_agent)
+            .await
+    }
+
+    /// Interactions of the current epoch, newest first, before the cursor `before`.
+    pub async fn list_interactions(
+        &self,
+        session: SessionId,
+        before: Option<String>,
+        limit: u32,
+    ) -> StoreResult<Page<Interaction>> {
+        self.backend.list_interactions(session, before, limit).await
+    }
+
+    pub async fn get_interaction(
+        &self,
+        session: SessionId,
+        id: InteractionId,
+    ) -> StoreResult<Interaction> {
+        self.backend.get_interaction(session, id).await
+    }
+
+    /// The last `limit` completed interactions of the current epoch, oldest first.
+    pub async fn history(&self, session: SessionId, limit: u32) -> StoreResult<Vec<Interaction>> {
+        self.backend.history(session, limit).await
+    }
+
+    /// Stored events with `seq > after`, in order, at most `limit`.
+    pub async fn events_after(
+        &self,
+        session: SessionId,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Event>> {
+        self.backend.events_after(session, after, limit).await
+    }
+
+    /// After a crash: interactions left `running` become `failed` (`interrupted`), then each
+    /// session with queued work and nothing running starts its oldest. Returns those started.
+    pub async fn recover(&self) -> StoreResult<Vec<StartedTask>> {
+        self.backend.recover().await
+    }
+
+    /// A cheap round trip through the writer and a reader: is storage usable?
+    pub async fn check(&self) -> StoreResult<()> {
+        self.backend.check().await
+    }
+}
