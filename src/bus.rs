@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
-use crate::model::{Event, SessionId};
+use crate::model::{Event, Interaction, InteractionId, SessionId};
 
 /// Events buffered per session for its slowest subscriber.
 pub const DEFAULT_BUFFER: usize = 4096;
@@ -20,6 +20,9 @@ pub struct Bus {
     sessions: Mutex<HashMap<SessionId, broadcast::Sender<Arc<Event>>>>,
     buffer: usize,
     published: AtomicU64,
+    /// One-shot waiters for an interaction's final state (`?wait=`): far cheaper than a
+    /// broadcast subscription per request.
+    finals: Mutex<HashMap<InteractionId, Vec<oneshot::Sender<Arc<Interaction>>>>>,
 }
 
 impl Default for Bus {
@@ -34,6 +37,7 @@ impl Bus {
             sessions: Mutex::new(HashMap::new()),
             buffer: buffer.max(1),
             published: AtomicU64::new(0),
+            finals: Mutex::new(HashMap::new()),
         }
     }
 
@@ -52,6 +56,21 @@ impl Bus {
         }
         self.published
             .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let mut finals = self.finals();
+        if !finals.is_empty() {
+            for event in &events {
+                if event.kind.is_final()
+                    && let (Some(id), Some(interaction)) =
+                        (&event.interaction_id, &event.interaction)
+                    && let Some(waiters) = finals.remove(id)
+                {
+                    for waiter in waiters {
+                        let _ = waiter.send(Arc::clone(interaction));
+                    }
+                }
+            }
+        }
+        drop(finals);
         let sessions = self.sessions();
         for event in events {
             if let Some(sender) = sessions.get(&event.session) {
@@ -59,6 +78,29 @@ impl Bus {
                 let _ = sender.send(Arc::new(event));
             }
         }
+    }
+
+    fn finals(
+        &self,
+    ) -> MutexGuard<'_, HashMap<InteractionId, Vec<oneshot::Sender<Arc<Interaction>>>>> {
+        self.finals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a waiter for the final event of `id`. The store calls this on its writer, in
+    /// the job that accepted the interaction, so no later final event can be missed.
+    pub fn watch_final(self: &Arc<Self>, id: &InteractionId) -> FinalWatch {
+        let (sender, receiver) = oneshot::channel();
+        self.finals().entry(id.clone()).or_default().push(sender);
+        FinalWatch {
+            receiver,
+            bus: Arc::clone(self),
+            id: id.clone(),
+        }
+    }
+
+    /// Registered final-state waiters.
+    pub fn final_watch_count(&self) -> usize {
+        self.finals().values().map(Vec::len).sum()
     }
 
     /// Subscribes to the live events of `session` from now on.
@@ -91,6 +133,34 @@ impl Bus {
     /// Events published since start.
     pub fn published_total(&self) -> u64 {
         self.published.load(Ordering::Relaxed)
+    }
+}
+
+/// A waiter for one interaction's final state; dropping it removes its registration (I6).
+#[derive(Debug)]
+pub struct FinalWatch {
+    receiver: oneshot::Receiver<Arc<Interaction>>,
+    bus: Arc<Bus>,
+    id: InteractionId,
+}
+
+impl FinalWatch {
+    /// The interaction once final; `None` if the bus went away.
+    pub async fn wait(&mut self) -> Option<Arc<Interaction>> {
+        (&mut self.receiver).await.ok()
+    }
+}
+
+impl Drop for FinalWatch {
+    fn drop(&mut self) {
+        self.receiver.close();
+        let mut finals = self.bus.finals();
+        if let Some(waiters) = finals.get_mut(&self.id) {
+            waiters.retain(|w| !w.is_closed());
+            if waiters.is_empty() {
+                finals.remove(&self.id);
+            }
+        }
     }
 }
 

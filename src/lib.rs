@@ -12,12 +12,14 @@
 //! - [`agent`]: the agent contract and the built-in agents.
 //! - [`api`]: the HTTP transport and its error model.
 //! - [`server`]: wiring and graceful shutdown.
-//! - [`client`]: the HTTP client used by the CLI and the benchmark.
+//! - [`client`]: the HTTP client used by the CLI.
+//! - [`bench`]: the load generator (`baton bench`).
 //!
 //! Data flows one way: transport → engine → store → bus → transport.
 
 pub mod agent;
 pub mod api;
+pub mod bench;
 pub mod bus;
 pub mod client;
 pub mod config;

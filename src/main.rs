@@ -45,6 +45,36 @@ enum Command {
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
     },
+    /// Load-test this build (and optionally the seed peer) and print the figures.
+    Bench {
+        /// Measure a running server at this URL instead of starting one.
+        #[arg(long)]
+        server: Option<String>,
+        /// The seed peer's folder (with server.py): measure it too, in the same run.
+        #[arg(long)]
+        peer: Option<PathBuf>,
+        /// Python with the peer's requirements installed.
+        #[arg(long, default_value = "python3")]
+        peer_python: PathBuf,
+        /// Seconds of the throughput measurement.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Sessions (concurrent workers) of the throughput scenario.
+        #[arg(long, default_value_t = 64)]
+        sessions: usize,
+        /// Requests of the accept-latency scenario.
+        #[arg(long, default_value_t = 2000)]
+        accept_requests: usize,
+        /// Sessions of the memory scenario (0 skips it).
+        #[arg(long, default_value_t = 10_000)]
+        memory_sessions: usize,
+        /// Interactions per session of the memory scenario.
+        #[arg(long, default_value_t = 10)]
+        memory_interactions: usize,
+        /// Run only these scenarios: throughput, accept, memory (repeatable).
+        #[arg(long)]
+        only: Vec<String>,
+    },
     /// Print the interactions of a session, oldest first.
     History {
         session: String,
@@ -101,7 +131,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
-            tracing::info!(listen = %listener.local_addr()?, database = %config.database, "baton serving");
+            let addr = listener.local_addr()?;
+            tracing::info!(listen = %addr, database = %config.database, "baton serving");
+            // A plain line on stdout, so scripts and tests can find an ephemeral port.
+            println!("baton listening on http://{addr}");
             baton::server::serve(config, listener, shutdown_signal()).await?;
             tracing::info!("baton stopped");
             Ok(ExitCode::SUCCESS)
@@ -112,6 +145,31 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             policy,
             server,
         } => send(&Client::new(&server)?, &session, &text, &policy).await,
+        Command::Bench {
+            server,
+            peer,
+            peer_python,
+            duration,
+            sessions,
+            accept_requests,
+            memory_sessions,
+            memory_interactions,
+            only,
+        } => {
+            baton::bench::run(baton::bench::BenchOptions {
+                server,
+                peer_dir: peer,
+                peer_python,
+                duration_s: duration,
+                sessions,
+                accept_requests,
+                memory_sessions,
+                memory_interactions,
+                only,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::History {
             session,
             json,

@@ -5,6 +5,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Uri, header};
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
@@ -118,16 +119,17 @@ fn content_length(headers: &HeaderMap) -> Option<usize> {
         .ok()
 }
 
-/// Parses JSON, turning every failure into `400 invalid_request` with serde's explanation.
+/// Parses a JSON object into `T`, turning every failure into `400 invalid_request` with
+/// serde's explanation. Only an object is accepted: serde would otherwise fill a struct from
+/// an array, field by field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() {
-            "malformed JSON"
-        } else {
-            "invalid request body"
-        };
-        ApiError::invalid_request(format!("{what}: {e}"))
-    })
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid_request(format!("malformed JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::invalid_request(format!("invalid request body: {e}")))
 }
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {

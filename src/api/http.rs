@@ -111,6 +111,26 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         "Committed events handed to subscribers.",
         bus.published_total(),
     );
+    let store = engine.store_stats();
+    for (name, help, counter) in [
+        (
+            "store_commits_total",
+            "Write transactions committed (group commits).",
+            &store.commits,
+        ),
+        (
+            "store_jobs_total",
+            "Store operations run by the writer.",
+            &store.jobs,
+        ),
+        (
+            "store_checkpoints_total",
+            "WAL checkpoints finished by the writer.",
+            &store.checkpoints,
+        ),
+    ] {
+        metric(name, "counter", help, counter.load(Ordering::Relaxed));
+    }
     for (name, help, counter) in [
         (
             "messages_accepted_total",
@@ -219,8 +239,14 @@ pub async fn post_message(
     JsonBody(body): JsonBody<MessageBody>,
 ) -> ApiResult {
     validate_content(&body.content)?;
-    let wait = wait_param(&query)?;
-    let key = idempotency_key(&headers)?;
+    // `wait` and the idempotency key are ignored for `/clear`, so not validated either.
+    let is_clear = body.content.trim() == "/clear";
+    let wait = if is_clear { None } else { wait_param(&query)? };
+    let key = if is_clear {
+        None
+    } else {
+        idempotency_key(&headers)?
+    };
     let outcome = state
         .engine
         .send_message(MessageRequest {
@@ -229,6 +255,7 @@ pub async fn post_message(
             policy: body.policy.unwrap_or_default(),
             metadata: body.metadata.unwrap_or_default(),
             idempotency_key: key,
+            wait: wait.is_some(),
         })
         .await?;
     let accepted = match outcome {
@@ -240,14 +267,10 @@ pub async fn post_message(
         }
         MessageOutcome::Accepted(accepted) => accepted,
     };
+    let accepted = *accepted;
     let mut interaction = accepted.interaction;
-    if let Some(wait) = wait
-        && !interaction.status.is_final()
-    {
-        interaction = state
-            .engine
-            .wait_final(&session, &interaction.id, wait)
-            .await?;
+    if let (Some(wait), Some(watch)) = (wait, accepted.final_watch) {
+        interaction = state.engine.wait_final(watch, interaction, wait).await?;
     }
     let status = if accepted.replayed || (wait.is_some() && interaction.status.is_final()) {
         StatusCode::OK

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,9 +16,9 @@ use tokio_util::task::TaskTracker;
 pub use registry::{TaskEntry, TaskRegistry};
 
 use crate::agent::AgentRegistry;
-use crate::bus::Bus;
+use crate::bus::{Bus, FinalWatch};
 use crate::model::{
-    CancelReason, EventType, Interaction, InteractionId, JsonObject, Policy, Session, SessionId,
+    CancelReason, Interaction, InteractionId, JsonObject, Policy, Session, SessionId,
 };
 use crate::store::{
     Accepted, CancelTarget, Cleared, NewMessage, Page, StartedTask, Store, StoreError,
@@ -52,13 +51,15 @@ pub struct MessageRequest {
     pub policy: Policy,
     pub metadata: JsonObject,
     pub idempotency_key: Option<String>,
+    /// The caller will wait for the final state (registers a watch).
+    pub wait: bool,
 }
 
 /// What sending a message did.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum MessageOutcome {
     /// Accepted (or replayed) as an interaction.
-    Accepted(Accepted),
+    Accepted(Box<Accepted>),
     /// The content was `/clear`: the session was cleared instead.
     Cleared(Cleared),
 }
@@ -124,6 +125,11 @@ impl Engine {
 
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
+    }
+
+    /// Counters of the store's write path.
+    pub fn store_stats(&self) -> &crate::store::StoreStats {
+        self.inner.store.stats()
     }
 
     /// Tasks running on this node.
@@ -237,6 +243,7 @@ impl Engine {
                 idempotency_key: request.idempotency_key,
                 queue_limit: self.inner.settings.queue_limit,
                 default_agent: self.inner.settings.default_agent.clone(),
+                watch_final: request.wait,
             })
             .await?;
         if !accepted.replayed {
@@ -249,47 +256,32 @@ impl Engine {
         if let Some(task) = accepted.started.clone() {
             self.inner.launch(task);
         }
-        Ok(MessageOutcome::Accepted(accepted))
+        Ok(MessageOutcome::Accepted(Box::new(accepted)))
     }
 
-    /// Waits up to `within` for the interaction to become final; returns its state then.
+    /// Waits up to `within` for the interaction to become final (through the watch the
+    /// store registered when accepting it); returns its state then.
     pub async fn wait_final(
         &self,
-        session: &SessionId,
-        id: &InteractionId,
+        mut watch: FinalWatch,
+        last: Interaction,
         within: Duration,
     ) -> Result<Interaction, EngineError> {
-        let deadline = Instant::now() + within;
-        // Subscribe before reading, so the final event cannot slip between the two.
-        let mut events = self.inner.bus.subscribe(session);
-        let mut last = self
-            .inner
-            .store
-            .get_interaction(session.clone(), id.clone())
-            .await?;
-        while !last.status.is_final() {
-            let event = tokio::select! {
-                _ = self.inner.stopping.cancelled() => break,
-                _ = tokio::time::sleep_until(deadline) => break,
-                event = events.recv() => event,
-            };
-            match event {
-                Ok(event) if event.interaction_id.as_ref() == Some(id) && event.kind.is_final() => {
-                    if let Some(interaction) = &event.interaction {
-                        return Ok(Interaction::clone(interaction));
-                    }
-                    last = self.reread(session, id, last).await?;
-                }
-                Ok(event) if event.kind == EventType::SessionDeleted => break,
-                Ok(_) => {}
-                Err(RecvError::Lagged(_)) => last = self.reread(session, id, last).await?,
-                Err(RecvError::Closed) => break,
-            }
-        }
         if last.status.is_final() {
             return Ok(last);
         }
-        self.reread(session, id, last).await
+        tokio::select! {
+            _ = self.inner.stopping.cancelled() => {}
+            _ = tokio::time::sleep(within) => {}
+            done = watch.wait() => {
+                if let Some(interaction) = done {
+                    return Ok(Interaction::clone(&interaction));
+                }
+            }
+        }
+        let session = last.session.clone();
+        let id = last.id.clone();
+        self.reread(&session, &id, last).await
     }
 
     /// The stored state, or `last` if a clear or delete removed the interaction since.

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Inner, TaskEntry};
 use crate::agent::{AgentRequest, AgentResult};
 use crate::model::{CancelReason, ErrorInfo, JsonObject};
-use crate::store::{CancelTarget, StartedTask, StoreError, TaskEnd};
+use crate::store::{CancelTarget, StartedTask, StoreError, TaskEnd, TaskOutput};
 
 /// Outputs an agent may produce ahead of the store before it has to wait.
 const OUTPUT_BUFFER: usize = 256;
@@ -39,7 +39,8 @@ enum Stop {
     TimedOut,
     /// A write was refused: the interaction is no longer running.
     Fenced,
-    Ended(TaskEnd),
+    /// The agent ended; its last outputs are written together with the end.
+    Ended(Vec<TaskOutput>, TaskEnd),
 }
 
 pub(super) async fn run_task(
@@ -52,7 +53,7 @@ pub(super) async fn run_task(
     let id = task.interaction.id.clone();
     let session = task.interaction.session.clone();
     let stop = drive_agent(&inner, task, &cancel).await;
-    let end = match stop {
+    let (outputs, end) = match stop {
         Stop::Cancelled | Stop::Fenced => return,
         Stop::TimedOut => {
             let start_next = !inner.shutting_down.load(Ordering::Relaxed);
@@ -71,7 +72,7 @@ pub(super) async fn run_task(
             }
             return;
         }
-        Stop::Ended(end) => end,
+        Stop::Ended(outputs, end) => (outputs, end),
     };
     match &end {
         TaskEnd::Completed { .. } => &inner.counters.interactions_completed,
@@ -82,7 +83,7 @@ pub(super) async fn run_task(
         let start_next = !inner.shutting_down.load(Ordering::Relaxed);
         match inner
             .store
-            .finish(id.clone(), end.clone(), start_next)
+            .finish(id.clone(), outputs.clone(), end.clone(), start_next)
             .await
         {
             Ok(next) => {
@@ -104,19 +105,25 @@ pub(super) async fn run_task(
 async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &CancellationToken) -> Stop {
     let id = task.interaction.id.clone();
     let Some(agent) = inner.agents.get(&task.agent).cloned() else {
-        return Stop::Ended(TaskEnd::Failed(ErrorInfo {
-            code: "unknown_agent".into(),
-            message: format!("agent {:?} is not configured", task.agent),
-        }));
+        return Stop::Ended(
+            Vec::new(),
+            TaskEnd::Failed(ErrorInfo {
+                code: "unknown_agent".into(),
+                message: format!("agent {:?} is not configured", task.agent),
+            }),
+        );
     };
     let deadline = agent.timeout.map(|t| Instant::now() + t);
     let request = match build_request(inner, &task, agent.executor.wants_history()).await {
         Ok(request) => request,
         Err(e) => {
-            return Stop::Ended(TaskEnd::Failed(ErrorInfo {
-                code: "internal".into(),
-                message: format!("loading the agent's request: {e}"),
-            }));
+            return Stop::Ended(
+                Vec::new(),
+                TaskEnd::Failed(ErrorInfo {
+                    code: "internal".into(),
+                    message: format!("loading the agent's request: {e}"),
+                }),
+            );
         }
     };
     let (outputs, mut received) = mpsc::channel(OUTPUT_BUFFER);
@@ -142,12 +149,19 @@ async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &Cancellatio
                     outputs_open = false;
                     continue;
                 }
-                let outputs = std::mem::replace(&mut batch, Vec::with_capacity(OUTPUT_BATCH));
+                let mut outputs = std::mem::replace(&mut batch, Vec::with_capacity(OUTPUT_BATCH));
+                if agent_task.0.is_finished() {
+                    // The agent is done: its last outputs go with the end, in one write.
+                    while let Ok(output) = received.try_recv() {
+                        outputs.push(output);
+                    }
+                    return Stop::Ended(outputs, agent_end((&mut agent_task.0).await));
+                }
                 match inner.store.append_outputs(id.clone(), outputs).await {
                     Ok(()) => {}
                     Err(StoreError::Fenced) => return Stop::Fenced,
                     Err(e) => {
-                        return Stop::Ended(TaskEnd::Failed(ErrorInfo {
+                        return Stop::Ended(Vec::new(), TaskEnd::Failed(ErrorInfo {
                             code: "internal".into(),
                             message: format!("storing the agent's output: {e}"),
                         }));
@@ -155,20 +169,24 @@ async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &Cancellatio
                 }
             }
             joined = &mut agent_task.0, if !outputs_open => {
-                return Stop::Ended(match joined {
-                    Ok(Ok(response)) => TaskEnd::Completed { response },
-                    Ok(Err(error)) => TaskEnd::Failed(error),
-                    Err(e) => TaskEnd::Failed(ErrorInfo {
-                        code: "agent_error".into(),
-                        message: if e.is_panic() {
-                            "the agent panicked".into()
-                        } else {
-                            "the agent's task was aborted".into()
-                        },
-                    }),
-                });
+                return Stop::Ended(Vec::new(), agent_end(joined));
             }
         }
+    }
+}
+
+fn agent_end(joined: Result<AgentResult, tokio::task::JoinError>) -> TaskEnd {
+    match joined {
+        Ok(Ok(response)) => TaskEnd::Completed { response },
+        Ok(Err(error)) => TaskEnd::Failed(error),
+        Err(e) => TaskEnd::Failed(ErrorInfo {
+            code: "agent_error".into(),
+            message: if e.is_panic() {
+                "the agent panicked".into()
+            } else {
+                "the agent's task was aborted".into()
+            },
+        }),
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, FinalWatch};
 use crate::config::{DatabaseLocation, Synchronous};
 use crate::model::{
     CancelReason, ErrorInfo, Event, Interaction, InteractionId, JsonObject, Policy, Session,
@@ -67,6 +67,8 @@ pub struct NewMessage {
     pub queue_limit: u32,
     /// Agent of the session if this message creates it.
     pub default_agent: String,
+    /// Register a [`FinalWatch`] for the interaction (for `?wait=`).
+    pub watch_final: bool,
 }
 
 /// An interaction that became `running` in a committed transaction: the node that committed
@@ -79,7 +81,7 @@ pub struct StartedTask {
 }
 
 /// What accepting a message did.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Accepted {
     pub interaction: Interaction,
     /// The idempotency key matched an earlier message: nothing new was stored or started.
@@ -87,6 +89,8 @@ pub struct Accepted {
     pub started: Option<StartedTask>,
     /// Interactions cancelled by `interrupt`.
     pub cancelled: Vec<InteractionId>,
+    /// Registered before any later commit could finish the interaction, when asked for.
+    pub final_watch: Option<FinalWatch>,
 }
 
 /// What a cancel did.
@@ -153,6 +157,17 @@ impl Default for SqliteOptions {
             readers: 4,
         }
     }
+}
+
+/// Counters of the store's write path, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Write transactions committed (each holds a batch of jobs).
+    pub commits: std::sync::atomic::AtomicU64,
+    /// Jobs (logical operations) run by the writer.
+    pub jobs: std::sync::atomic::AtomicU64,
+    /// WAL checkpoints completed by the writer.
+    pub checkpoints: std::sync::atomic::AtomicU64,
 }
 
 /// How long an idempotency key is remembered, in milliseconds.
@@ -227,15 +242,16 @@ impl Store {
         self.backend.append_outputs(id, outputs).await
     }
 
-    /// Makes a running interaction final and, when `start_next`, starts the session's next
-    /// queued one.
+    /// Appends the task's last `outputs`, makes the running interaction final and, when
+    /// `start_next`, starts the session's next queued one — one transaction.
     pub async fn finish(
         &self,
         id: InteractionId,
+        outputs: Vec<TaskOutput>,
         end: TaskEnd,
         start_next: bool,
     ) -> StoreResult<Option<StartedTask>> {
-        self.backend.finish(id, end, start_next).await
+        self.backend.finish(id, outputs, end, start_next).await
     }
 
     /// Cancels the target; when it was the running one and `start_next`, starts the next
@@ -312,6 +328,10 @@ impl Store {
     /// session with queued work and nothing running starts its oldest. Returns those started.
     pub async fn recover(&self) -> StoreResult<Vec<StartedTask>> {
         self.backend.recover().await
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        self.backend.stats()
     }
 
     /// A cheap round trip through the writer and a reader: is storage usable?

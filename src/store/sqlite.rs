@@ -6,17 +6,20 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use std::sync::mpsc::{self, RecvTimeoutError};
+
+use tokio::sync::{Semaphore, oneshot};
 
 use super::{
     Accepted, CancelTarget, Cancelled, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Page,
-    SqliteOptions, StartedTask, StoreError, StoreResult, TaskEnd, TaskOutput,
+    SqliteOptions, StartedTask, StoreError, StoreResult, StoreStats, TaskEnd, TaskOutput,
 };
 use crate::bus::Bus;
 use crate::config::Synchronous;
@@ -27,8 +30,14 @@ use crate::model::{
 
 /// Most jobs committed together in one transaction.
 const MAX_BATCH: usize = 512;
-/// Jobs waiting for the writer before callers feel back-pressure.
-const JOB_QUEUE: usize = 8192;
+/// How often the WAL is checkpointed (off the writer thread).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+/// Past this size the WAL is not restarting (under constant load a checkpoint running beside
+/// the writer never catches up): the writer then finishes the checkpoint itself, between two
+/// batches, so the WAL restarts. The heavy copying was already done off the writer.
+const WAL_RESTART_BYTES: u64 = 16 * 1024 * 1024;
+/// A restarted WAL file larger than this is truncated to it.
+const WAL_KEEP_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Schema versions, applied in order at start-up (`PRAGMA user_version` counts them).
 const MIGRATIONS: &[&str] = &[r#"
@@ -70,7 +79,7 @@ CREATE TABLE events (
     interaction_id TEXT,
     envelope       TEXT NOT NULL,
     PRIMARY KEY (session, seq)
-);
+) WITHOUT ROWID;
 -- A deleted session's last seq, so a re-created one never reuses a seq.
 CREATE TABLE retired_sessions (
     id       TEXT PRIMARY KEY,
@@ -78,8 +87,14 @@ CREATE TABLE retired_sessions (
 );
 "#];
 
-const INTERACTION_COLUMNS: &str = "id, session, content, metadata, status, response, error_code, \
-     error_message, cancel_reason, created_at, started_at, finished_at";
+/// The columns [`read_interaction`] reads, as a literal for `concat!`.
+macro_rules! interaction_columns {
+    () => {
+        "id, session, content, metadata, status, response, error_code, error_message, \
+         cancel_reason, created_at, started_at, finished_at"
+    };
+}
+const INTERACTION_COLUMNS: &str = interaction_columns!();
 
 /// One session with its running interaction and queue length, in a single statement.
 static SESSION_SELECT: LazyLock<String> = LazyLock::new(|| {
@@ -96,9 +111,19 @@ static SESSION_SELECT: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+static SESSION_LIST: LazyLock<String> =
+    LazyLock::new(|| format!("{} WHERE s.id > ?1 ORDER BY s.id LIMIT ?2", *SESSION_SELECT));
+static SESSION_ONE: LazyLock<String> =
+    LazyLock::new(|| format!("{} WHERE s.id = ?1", *SESSION_SELECT));
+
 pub(super) struct SqliteStore {
+    // Unbounded, yet bounded in practice: every job has a caller awaiting its answer.
     jobs: mpsc::Sender<Job>,
     readers: Arc<ReadPool>,
+    bus: Arc<Bus>,
+    stats: Arc<StoreStats>,
+    /// Dropping it stops the checkpointer thread.
+    _checkpointer: mpsc::Sender<()>,
 }
 
 /// Called after the batch's commit (or its failure) with the commit error, if any.
@@ -112,14 +137,26 @@ impl SqliteStore {
         configure(&conn, options.synchronous)?;
         migrate(&mut conn)?;
         let readers = ReadPool::open(path, options.readers.max(1))?;
-        let (jobs, rx) = mpsc::channel(JOB_QUEUE);
+        let stats = Arc::new(StoreStats::default());
+        let checkpoint_requested = Arc::new(AtomicBool::new(false));
+        let checkpointer = start_checkpointer(path, checkpoint_requested.clone())?;
+        let (jobs, rx) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            bus: bus.clone(),
+            stats: stats.clone(),
+            checkpoint_requested,
+        };
         std::thread::Builder::new()
             .name("baton-sqlite-writer".into())
-            .spawn(move || run_writer(conn, rx, bus))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Internal(format!("spawning the writer: {e}")))?;
         Ok(Self {
             jobs,
             readers: Arc::new(readers),
+            bus,
+            stats,
+            _checkpointer: checkpointer,
         })
     }
 
@@ -142,7 +179,6 @@ impl SqliteStore {
         });
         self.jobs
             .send(job)
-            .await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
         answer
             .await
@@ -200,8 +236,8 @@ impl SqliteStore {
         limit: u32,
     ) -> StoreResult<Page<Session>> {
         self.read(move |conn| {
-            let sql = format!("{} WHERE s.id > ?1 ORDER BY s.id LIMIT ?2", *SESSION_SELECT);
-            let mut stmt = conn.prepare_cached(&sql)?;
+            let sql = SESSION_LIST.as_str();
+            let mut stmt = conn.prepare_cached(sql)?;
             let rows = stmt.query_map(
                 params![after.unwrap_or_default(), i64::from(limit) + 1],
                 read_session,
@@ -238,7 +274,13 @@ impl SqliteStore {
     }
 
     pub(super) async fn accept_message(&self, msg: NewMessage) -> StoreResult<Accepted> {
+        let bus = self.bus.clone();
         self.write(move |tx| {
+            // Registered on the writer, before this batch is published: no later final event
+            // of this interaction can be missed.
+            let watch = |i: &Interaction| {
+                (msg.watch_final && !i.status.is_final()).then(|| bus.watch_final(&i.id))
+            };
             let mut row = match tx.session(&msg.session)? {
                 Some(row) => row,
                 None => tx.create_session(&msg.session, &msg.default_agent, &JsonObject::new())?,
@@ -248,21 +290,21 @@ impl SqliteStore {
             {
                 tx.save_seq(&row)?;
                 return Ok(Accepted {
+                    final_watch: watch(&earlier),
                     interaction: earlier,
                     replayed: true,
                     started: None,
                     cancelled: Vec::new(),
                 });
             }
-            let running = tx.running(&row.id)?;
-            let queued = tx.queued(&row.id)?;
+            let running = tx.running_id(&row.id)?;
+            let queued = tx.queued_ids(&row.id)?;
             let busy = running.is_some() || !queued.is_empty();
             let mut cancelled = Vec::new();
             if busy {
                 match msg.policy {
                     Policy::Reject => {
-                        let blocking = running.as_ref().or(queued.first());
-                        let id = blocking.map(|i| i.id.clone());
+                        let id = running.or_else(|| queued.into_iter().next());
                         return Err(StoreError::Busy {
                             running: id.ok_or(StoreError::Internal("busy without work".into()))?,
                         });
@@ -325,6 +367,7 @@ impl SqliteStore {
                 agent: row.agent.clone(),
             });
             Ok(Accepted {
+                final_watch: watch(&interaction),
                 interaction,
                 replayed: false,
                 started,
@@ -342,44 +385,8 @@ impl SqliteStore {
         self.write(move |tx| {
             let session = tx.running_session_of(&id)?;
             let mut row = tx.session(&session)?.ok_or(StoreError::Fenced)?;
-            let text: String = outputs
-                .iter()
-                .filter_map(|o| match o {
-                    TaskOutput::Delta(t) => Some(t.as_str()),
-                    _ => None,
-                })
-                .collect();
-            if !text.is_empty() {
-                tx.conn
-                    .prepare_cached(
-                        "UPDATE interactions SET response = response || ?2 WHERE id = ?1",
-                    )?
-                    .execute(params![id.as_str(), text])?;
-            }
-            for output in outputs {
-                match output {
-                    TaskOutput::Delta(text) => {
-                        let data = DeltaData {
-                            interaction_id: &id,
-                            text: &text,
-                        };
-                        tx.emit(&mut row, EventType::TaskDelta, Some(&id), &data, None)?;
-                    }
-                    TaskOutput::Progress(data) => {
-                        let data = ProgressData {
-                            interaction_id: &id,
-                            data: &data,
-                        };
-                        tx.emit(&mut row, EventType::TaskProgress, Some(&id), &data, None)?;
-                    }
-                    TaskOutput::ContextPatch(patch) => {
-                        let context = patched(&row.context, patch)?;
-                        tx.set_context(&mut row, &context)?;
-                    }
-                }
-            }
-            tx.save_seq(&row)?;
-            Ok(())
+            tx.write_outputs(&mut row, &id, outputs)?;
+            tx.save_seq(&row)
         })
         .await
     }
@@ -387,34 +394,25 @@ impl SqliteStore {
     pub(super) async fn finish(
         &self,
         id: InteractionId,
+        outputs: Vec<TaskOutput>,
         end: TaskEnd,
         start_next: bool,
     ) -> StoreResult<Option<StartedTask>> {
         self.write(move |tx| {
+            let session = tx.running_session_of(&id)?;
+            let mut row = tx.session(&session)?.ok_or(StoreError::Fenced)?;
+            tx.write_outputs(&mut row, &id, outputs)?;
             let mut interaction = tx.interaction(&id)?.ok_or(StoreError::Fenced)?;
-            if interaction.status != Status::Running {
-                return Err(StoreError::Fenced);
-            }
-            let mut row = tx
-                .session(&interaction.session)?
-                .ok_or(StoreError::Fenced)?;
-            match end {
+            let (status, error) = match end {
                 TaskEnd::Completed { response } => {
                     if let Some(response) = response {
                         interaction.response = response;
                     }
-                    tx.make_final(&mut row, &mut interaction, Status::Completed, None, None)?;
+                    (Status::Completed, None)
                 }
-                TaskEnd::Failed(error) => {
-                    tx.make_final(
-                        &mut row,
-                        &mut interaction,
-                        Status::Failed,
-                        Some(error),
-                        None,
-                    )?;
-                }
-            }
+                TaskEnd::Failed(error) => (Status::Failed, Some(error)),
+            };
+            tx.make_final(&mut row, &mut interaction, status, error, None)?;
             let next = if start_next {
                 tx.start_next(&mut row)?
             } else {
@@ -476,7 +474,7 @@ impl SqliteStore {
                 .prepare_cached("DELETE FROM interactions WHERE session = ?1")?
                 .execute([session.as_str()])?;
             row.epoch += 1;
-            row.context = JsonObject::new();
+            row.context = Ok(JsonObject::new());
             tx.conn
                 .prepare_cached("UPDATE sessions SET context = '{}', epoch = ?2 WHERE id = ?1")?
                 .execute(params![session.as_str(), row.epoch])?;
@@ -520,7 +518,7 @@ impl SqliteStore {
                 None => tx.create_session(&session, &default_agent, &JsonObject::new())?,
             };
             let context = if patch {
-                patched(&row.context, value)?
+                patched(row.context()?, value)?
             } else {
                 value
             };
@@ -539,11 +537,13 @@ impl SqliteStore {
     ) -> StoreResult<Page<Interaction>> {
         self.read(move |conn| {
             require_session(conn, &session)?;
-            let sql = format!(
-                "SELECT {INTERACTION_COLUMNS} FROM interactions \
+            let sql = concat!(
+                "SELECT ",
+                interaction_columns!(),
+                " FROM interactions \
                  WHERE session = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
             );
-            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut stmt = conn.prepare_cached(sql)?;
             let rows = stmt.query_map(
                 params![session.as_str(), before, i64::from(limit) + 1],
                 |r| read_interaction(r, 0),
@@ -578,11 +578,13 @@ impl SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<Interaction>> {
         self.read(move |conn| {
-            let sql = format!(
-                "SELECT {INTERACTION_COLUMNS} FROM interactions \
+            let sql = concat!(
+                "SELECT ",
+                interaction_columns!(),
+                " FROM interactions \
                  WHERE session = ?1 AND status = 'completed' ORDER BY id DESC LIMIT ?2"
             );
-            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut stmt = conn.prepare_cached(sql)?;
             let rows = stmt.query_map(params![session.as_str(), i64::from(limit)], |r| {
                 read_interaction(r, 0)
             })?;
@@ -625,12 +627,10 @@ impl SqliteStore {
 
     pub(super) async fn recover(&self) -> StoreResult<Vec<StartedTask>> {
         self.write(|tx| {
-            let sql = format!(
-                "SELECT {INTERACTION_COLUMNS} FROM interactions WHERE status = 'running' ORDER BY id"
-            );
+            let sql = concat!("SELECT ", interaction_columns!(), " FROM interactions WHERE status = 'running' ORDER BY id");
             let running = tx
                 .conn
-                .prepare_cached(&sql)?
+                .prepare_cached(sql)?
                 .query_map([], |r| read_interaction(r, 0))?
                 .collect::<Result<Vec<_>, _>>()?;
             for mut interaction in running {
@@ -666,6 +666,10 @@ impl SqliteStore {
         .await
     }
 
+    pub(super) fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
     pub(super) async fn check(&self) -> StoreResult<()> {
         self.write(|tx| Ok(tx.conn.query_row("SELECT 1", [], |_| Ok(()))?))
             .await?;
@@ -687,7 +691,8 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> StoreResult<()> {
         Synchronous::Full => "FULL",
     };
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -8000;"
+        "PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -8000; \
+         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"
     ))?;
     Ok(())
 }
@@ -712,69 +717,139 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
 
 /// The writer thread: takes every waiting job, runs each in a savepoint of one transaction,
 /// commits once, then publishes the committed events and answers the callers.
-fn run_writer(conn: Connection, mut jobs: mpsc::Receiver<Job>, bus: Arc<Bus>) {
-    let mut ids = IdGenerator::default();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = jobs.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let mut deliveries = Vec::with_capacity(batch.len());
-        let mut events = Vec::new();
-        let began = conn.execute_batch("BEGIN IMMEDIATE");
-        if let Err(e) = began {
-            let error = StoreError::Unavailable(format!("begin: {e}"));
-            for job in batch.drain(..) {
-                // The job must not run outside a transaction; answer it with the error.
-                drop(job);
-                tracing::error!(%error, "write batch refused");
-            }
-            continue;
-        }
-        for job in batch.drain(..) {
-            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-                tracing::error!(error = %e, "savepoint failed");
+/// The single writer: owns the write connection.
+struct Writer {
+    conn: Connection,
+    bus: Arc<Bus>,
+    stats: Arc<StoreStats>,
+    /// Set by the checkpointer when the WAL is not restarting.
+    checkpoint_requested: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(self, jobs: mpsc::Receiver<Job>) {
+        let Writer {
+            conn,
+            bus,
+            stats,
+            checkpoint_requested,
+        } = self;
+        let mut ids = IdGenerator::default();
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Ok(first) = jobs.recv() {
+            batch.push(first);
+            batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
+            let mut deliveries = Vec::with_capacity(batch.len());
+            let mut events = Vec::new();
+            let began = run_cached(&conn, "BEGIN IMMEDIATE");
+            if let Err(e) = began {
+                let error = StoreError::Unavailable(format!("begin: {e}"));
+                for job in batch.drain(..) {
+                    // The job must not run outside a transaction; answer it with the error.
+                    drop(job);
+                    tracing::error!(%error, "write batch refused");
+                }
                 continue;
             }
-            let mut tx = Tx {
-                conn: &conn,
-                ids: &mut ids,
-                now: Millis::now(),
-                events: Vec::new(),
-            };
-            let outcome = catch_unwind(AssertUnwindSafe(|| job(&mut tx)));
-            let ok = matches!(outcome, Ok((true, _)));
-            let kept = if ok {
-                conn.execute_batch("RELEASE job").is_ok()
-            } else {
-                if let Err(e) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
-                    tracing::error!(error = %e, "rolling back a refused job failed");
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for job in batch.drain(..) {
+                if let Err(e) = run_cached(&conn, "SAVEPOINT job") {
+                    tracing::error!(error = %e, "savepoint failed");
+                    continue;
                 }
-                false
-            };
-            if kept {
-                events.append(&mut tx.events);
+                let mut tx = Tx {
+                    conn: &conn,
+                    ids: &mut ids,
+                    now: Millis::now(),
+                    events: Vec::new(),
+                };
+                let outcome = catch_unwind(AssertUnwindSafe(|| job(&mut tx)));
+                let ok = matches!(outcome, Ok((true, _)));
+                let kept = if ok {
+                    run_cached(&conn, "RELEASE job").is_ok()
+                } else {
+                    if let Err(e) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
+                        tracing::error!(error = %e, "rolling back a refused job failed");
+                    }
+                    false
+                };
+                if kept {
+                    events.append(&mut tx.events);
+                }
+                match outcome {
+                    Ok((_, delivery)) => deliveries.push(delivery),
+                    Err(_) => {
+                        tracing::error!("a store job panicked; its savepoint was rolled back")
+                    }
+                }
             }
-            match outcome {
-                Ok((_, delivery)) => deliveries.push(delivery),
-                Err(_) => tracing::error!("a store job panicked; its savepoint was rolled back"),
+            let commit_error = run_cached(&conn, "COMMIT").err().map(|e| {
+                let _ = conn.execute_batch("ROLLBACK");
+                StoreError::Unavailable(format!("commit: {e}"))
+            });
+            if commit_error.is_none() {
+                bus.publish(events);
             }
-        }
-        let commit_error = conn.execute_batch("COMMIT").err().map(|e| {
-            let _ = conn.execute_batch("ROLLBACK");
-            StoreError::Unavailable(format!("commit: {e}"))
-        });
-        if commit_error.is_none() {
-            bus.publish(events);
-        }
-        for delivery in deliveries {
-            delivery(commit_error.clone());
+            for delivery in deliveries {
+                delivery(commit_error.clone());
+            }
+            if checkpoint_requested.swap(false, Ordering::Relaxed) {
+                // No write transaction is open here, so this checkpoint can complete and the
+                // next transaction restarts the WAL from its beginning.
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    Ok(()) => {
+                        stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint on the writer failed"),
+                }
+            }
         }
     }
+}
+
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Checkpoints the WAL from its own thread and connection, so the writer never stalls on
+/// the checkpoint's fsync. PASSIVE checkpoints never block the writer or the readers.
+fn start_checkpointer(
+    path: &Path,
+    finish_requested: Arc<AtomicBool>,
+) -> StoreResult<mpsc::Sender<()>> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let (stop, stopped) = mpsc::channel::<()>();
+    let mut wal_path = path.as_os_str().to_owned();
+    wal_path.push("-wal");
+    std::thread::Builder::new()
+        .name("baton-sqlite-checkpoint".into())
+        .spawn(move || {
+            loop {
+                let done = matches!(
+                    stopped.recv_timeout(CHECKPOINT_INTERVAL),
+                    Err(RecvTimeoutError::Disconnected)
+                );
+                // (busy, frames in the log, frames checkpointed)
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                }) {
+                    Ok((log, done)) => {
+                        let wal_bytes = std::fs::metadata(&wal_path).map_or(0, |m| m.len());
+                        if log > done || wal_bytes > WAL_RESTART_BYTES {
+                            finish_requested.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+                }
+                if done {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| StoreError::Internal(format!("spawning the checkpointer: {e}")))?;
+    Ok(stop)
 }
 
 /// The write side of one job: the connection inside the batch's transaction, the id
@@ -791,7 +866,8 @@ struct Tx<'c> {
 struct SessionRow {
     id: SessionId,
     agent: String,
-    context: JsonObject,
+    /// Parsed only when a job needs it (most jobs never look at the context).
+    context: Result<JsonObject, String>,
     epoch: i64,
     last_seq: i64,
     saved_seq: i64,
@@ -832,6 +908,18 @@ struct SessionData<'a> {
     session: &'a Session,
 }
 
+impl SessionRow {
+    fn context(&mut self) -> StoreResult<&JsonObject> {
+        if let Err(text) = &self.context {
+            self.context = Ok(serde_json::from_str(text)?);
+        }
+        match &self.context {
+            Ok(context) => Ok(context),
+            Err(_) => Err(StoreError::Internal("context not parsed".into())),
+        }
+    }
+}
+
 impl Tx<'_> {
     fn session(&self, id: &SessionId) -> StoreResult<Option<SessionRow>> {
         let row = self
@@ -852,7 +940,7 @@ impl Tx<'_> {
         Ok(Some(SessionRow {
             id: id.clone(),
             agent,
-            context: serde_json::from_str(&context)?,
+            context: Err(context),
             epoch,
             last_seq,
             saved_seq: last_seq,
@@ -887,7 +975,7 @@ impl Tx<'_> {
         let mut row = SessionRow {
             id: id.clone(),
             agent: agent.to_string(),
-            context: context.clone(),
+            context: Ok(context.clone()),
             epoch: 0,
             last_seq,
             saved_seq: last_seq,
@@ -972,11 +1060,55 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Appends a running task's outputs: one event each, deltas also to the response.
+    fn write_outputs(
+        &mut self,
+        row: &mut SessionRow,
+        id: &InteractionId,
+        outputs: Vec<TaskOutput>,
+    ) -> StoreResult<()> {
+        let text: String = outputs
+            .iter()
+            .filter_map(|o| match o {
+                TaskOutput::Delta(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !text.is_empty() {
+            self.conn
+                .prepare_cached("UPDATE interactions SET response = response || ?2 WHERE id = ?1")?
+                .execute(params![id.as_str(), text])?;
+        }
+        for output in outputs {
+            match output {
+                TaskOutput::Delta(text) => {
+                    let data = DeltaData {
+                        interaction_id: id,
+                        text: &text,
+                    };
+                    self.emit(row, EventType::TaskDelta, Some(id), &data, None)?;
+                }
+                TaskOutput::Progress(data) => {
+                    let data = ProgressData {
+                        interaction_id: id,
+                        data: &data,
+                    };
+                    self.emit(row, EventType::TaskProgress, Some(id), &data, None)?;
+                }
+                TaskOutput::ContextPatch(patch) => {
+                    let context = patched(row.context()?, patch)?;
+                    self.set_context(row, &context)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn set_context(&mut self, row: &mut SessionRow, context: &JsonObject) -> StoreResult<()> {
         self.conn
             .prepare_cached("UPDATE sessions SET context = ?2 WHERE id = ?1")?
             .execute(params![row.id.as_str(), serde_json::to_string(context)?])?;
-        row.context = context.clone();
+        row.context = Ok(context.clone());
         self.emit(
             row,
             EventType::ContextUpdated,
@@ -1006,22 +1138,47 @@ impl Tx<'_> {
     }
 
     fn running(&self, session: &SessionId) -> StoreResult<Option<Interaction>> {
-        let sql = format!(
-            "SELECT {INTERACTION_COLUMNS} FROM interactions WHERE session = ?1 AND status = 'running'"
+        let sql = concat!(
+            "SELECT ",
+            interaction_columns!(),
+            " FROM interactions WHERE session = ?1 AND status = 'running'"
         );
         Ok(self
             .conn
-            .prepare_cached(&sql)?
+            .prepare_cached(sql)?
             .query_row([session.as_str()], |r| read_interaction(r, 0))
             .optional()?)
     }
 
+    fn running_id(&self, session: &SessionId) -> StoreResult<Option<InteractionId>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM interactions WHERE session = ?1 AND status = 'running'",
+            )?
+            .query_row([session.as_str()], |r| r.get(0))
+            .optional()?
+            .map(InteractionId::from_stored))
+    }
+
+    fn queued_ids(&self, session: &SessionId) -> StoreResult<Vec<InteractionId>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM interactions WHERE session = ?1 AND status = 'queued' ORDER BY id",
+        )?;
+        let rows = stmt.query_map([session.as_str()], |r| r.get(0))?;
+        Ok(rows
+            .map(|r| r.map(InteractionId::from_stored))
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
     fn queued(&self, session: &SessionId) -> StoreResult<Vec<Interaction>> {
-        let sql = format!(
-            "SELECT {INTERACTION_COLUMNS} FROM interactions \
+        let sql = concat!(
+            "SELECT ",
+            interaction_columns!(),
+            " FROM interactions \
              WHERE session = ?1 AND status = 'queued' ORDER BY id"
         );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map([session.as_str()], |r| read_interaction(r, 0))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
@@ -1032,12 +1189,14 @@ impl Tx<'_> {
         key: &str,
         msg: &NewMessage,
     ) -> StoreResult<Option<Interaction>> {
-        let sql = format!(
-            "SELECT {INTERACTION_COLUMNS} FROM interactions WHERE session = ?1 AND idempotency_key = ?2"
+        let sql = concat!(
+            "SELECT ",
+            interaction_columns!(),
+            " FROM interactions WHERE session = ?1 AND idempotency_key = ?2"
         );
         let earlier = self
             .conn
-            .prepare_cached(&sql)?
+            .prepare_cached(sql)?
             .query_row(params![row.id.as_str(), key], |r| read_interaction(r, 0))
             .optional()?;
         let Some(earlier) = earlier else {
@@ -1092,16 +1251,18 @@ impl Tx<'_> {
 
     /// Starts the oldest queued interaction if nothing runs in the session.
     fn start_next(&mut self, row: &mut SessionRow) -> StoreResult<Option<StartedTask>> {
-        if self.running(&row.id)?.is_some() {
+        if self.running_id(&row.id)?.is_some() {
             return Ok(None);
         }
-        let sql = format!(
-            "SELECT {INTERACTION_COLUMNS} FROM interactions \
+        let sql = concat!(
+            "SELECT ",
+            interaction_columns!(),
+            " FROM interactions \
              WHERE session = ?1 AND status = 'queued' ORDER BY id LIMIT 1"
         );
         let next = self
             .conn
-            .prepare_cached(&sql)?
+            .prepare_cached(sql)?
             .query_row([row.id.as_str()], |r| read_interaction(r, 0))
             .optional()?;
         let Some(mut next) = next else {
@@ -1171,17 +1332,21 @@ fn require_session(conn: &Connection, id: &SessionId) -> StoreResult<()> {
 }
 
 fn select_session(conn: &Connection, id: &SessionId) -> StoreResult<Option<Session>> {
-    let sql = format!("{} WHERE s.id = ?1", *SESSION_SELECT);
+    let sql = SESSION_ONE.as_str();
     Ok(conn
-        .prepare_cached(&sql)?
+        .prepare_cached(sql)?
         .query_row([id.as_str()], read_session)
         .optional()?)
 }
 
 fn select_interaction(conn: &Connection, id: &InteractionId) -> StoreResult<Option<Interaction>> {
-    let sql = format!("SELECT {INTERACTION_COLUMNS} FROM interactions WHERE id = ?1");
+    let sql = concat!(
+        "SELECT ",
+        interaction_columns!(),
+        " FROM interactions WHERE id = ?1"
+    );
     Ok(conn
-        .prepare_cached(&sql)?
+        .prepare_cached(sql)?
         .query_row([id.as_str()], |r| read_interaction(r, 0))
         .optional()?)
 }

@@ -1,0 +1,602 @@
+//! `baton bench`: a load generator that starts servers from nothing but their binaries (this
+//! Baton build and, optionally, the seed-style Python peer), drives the same scenarios
+//! against each in one run, and reports figures side by side with Baton's ratio to the peer.
+//!
+//! Scenarios:
+//! - **throughput**: workers, one per session, each posting a message with `?wait=` and
+//!   posting the next when it is final; completed messages per second and latency.
+//! - **accept**: one session, policy `enqueue`, one request at a time; accept latency.
+//! - **memory**: the server's RSS after N sessions each holding M interactions.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Measure an already running server instead of starting one (no RSS figure then).
+    pub server: Option<String>,
+    /// The seed peer's folder (with `server.py`); when given, the peer is measured too.
+    pub peer_dir: Option<PathBuf>,
+    /// Python interpreter with the peer's requirements installed.
+    pub peer_python: PathBuf,
+    /// Seconds of measurement for the throughput scenario.
+    pub duration_s: f64,
+    /// Sessions (= concurrent workers) of the throughput scenario.
+    pub sessions: usize,
+    /// Requests of the accept-latency scenario.
+    pub accept_requests: usize,
+    /// Sessions and interactions per session of the memory scenario (0 sessions: skipped).
+    pub memory_sessions: usize,
+    pub memory_interactions: usize,
+    /// Which scenarios to run (`throughput`, `accept`, `memory`); empty means all.
+    pub only: Vec<String>,
+}
+
+/// Figures of one target.
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    name: String,
+    throughput: Option<Throughput>,
+    accept: Option<Latencies>,
+    memory: Option<Memory>,
+}
+
+#[derive(Debug, Clone)]
+struct Throughput {
+    completed: u64,
+    errors: u64,
+    per_second: f64,
+    latency: Latencies,
+}
+
+#[derive(Debug, Clone)]
+struct Latencies {
+    count: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Memory {
+    sessions: usize,
+    interactions: usize,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+    load_seconds: f64,
+}
+
+const BENCH_CONFIG: &str =
+    "queue_limit = 100000\n\n[agents.default]\nkind = \"echo\"\ndelay_ms = 0\n";
+const CONTENT: &str = "hello from the baton benchmark";
+
+impl Latencies {
+    fn from(mut samples: Vec<Duration>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_unstable();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Some(Self {
+            count: samples.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            max: at(1.0),
+        })
+    }
+}
+
+/// A server process started by the benchmark; killed when dropped.
+struct Spawned {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+async fn spawn_baton() -> anyhow::Result<Spawned> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("bench.toml");
+    std::fs::write(&config, BENCH_CONFIG)?;
+    let exe = std::env::current_exe().context("locating the baton binary")?;
+    let mut child = Command::new(exe)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--database")
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("bench.db").display()
+        ))
+        .env("BATON_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting baton serve")?;
+    let stdout = child.stdout.take().context("baton's stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.strip_prefix("baton listening on ") {
+                return Ok(url.trim().to_string());
+            }
+        }
+        bail!("baton exited before listening")
+    })
+    .await
+    .context("baton did not start in 30 s")??;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Spawned {
+        child,
+        url,
+        _dir: dir,
+    })
+}
+
+async fn spawn_peer(peer_dir: &Path, python: &Path) -> anyhow::Result<Spawned> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("bench.toml");
+    std::fs::write(&config, BENCH_CONFIG)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new(python)
+        .arg(peer_dir.join("server.py"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting the peer with {}", python.display()))?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_healthy(&url).await?;
+    Ok(Spawned {
+        child,
+        url,
+        _dir: dir,
+    })
+}
+
+async fn wait_healthy(url: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{url} did not become healthy in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resident memory of a process, in KiB (Linux).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn http_client(connections: usize) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+fn message_body() -> Vec<u8> {
+    serde_json::json!({"content": CONTENT})
+        .to_string()
+        .into_bytes()
+}
+
+/// Sessions post-with-wait in a loop; counts completed messages in the measured window.
+async fn throughput(url: &str, sessions: usize, duration: Duration) -> anyhow::Result<Throughput> {
+    let http = http_client(sessions)?;
+    let body = Arc::new(message_body());
+    let warmup = Duration::from_secs(1);
+    let start = Instant::now() + warmup;
+    let end = start + duration;
+    let mut workers = Vec::with_capacity(sessions);
+    for i in 0..sessions {
+        let http = http.clone();
+        let body = body.clone();
+        let target = format!("{url}/v1/sessions/bench-tp-{i}/messages?wait=30");
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let response = http
+                    .post(&target)
+                    .header("content-type", "application/json")
+                    .body(body.as_ref().clone())
+                    .send()
+                    .await;
+                let ok = match response {
+                    Ok(r) => {
+                        let status = r.status();
+                        let bytes = r.bytes().await.unwrap_or_default();
+                        status == reqwest::StatusCode::OK
+                            && memfind(&bytes, b"\"status\":\"completed\"")
+                    }
+                    Err(_) => false,
+                };
+                let done = Instant::now();
+                if sent >= start && done <= end {
+                    if ok {
+                        latencies.push(done - sent);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (latencies, e) = worker.await?;
+        all.extend(latencies);
+        errors += e;
+    }
+    let completed = all.len() as u64;
+    Ok(Throughput {
+        completed,
+        errors,
+        per_second: completed as f64 / duration.as_secs_f64(),
+        latency: Latencies::from(all).context("no message completed")?,
+    })
+}
+
+fn memfind(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// One session, `enqueue`, one request at a time: the latency of being accepted.
+async fn accept_latency(url: &str, requests: usize) -> anyhow::Result<Latencies> {
+    let http = http_client(1)?;
+    let target = format!("{url}/v1/sessions/bench-accept/messages");
+    let body = serde_json::json!({"content": CONTENT, "policy": "enqueue"}).to_string();
+    let mut samples = Vec::with_capacity(requests);
+    for i in 0..requests + 100 {
+        let sent = Instant::now();
+        let r = http
+            .post(&target)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await?;
+        let status = r.status();
+        r.bytes().await?;
+        if status != reqwest::StatusCode::ACCEPTED {
+            bail!("accept answered {status}");
+        }
+        // The first 100 warm the connection and caches.
+        if i >= 100 {
+            samples.push(sent.elapsed());
+        }
+    }
+    Latencies::from(samples).context("no samples")
+}
+
+/// Loads `sessions × interactions` completed interactions, then reads the server's RSS.
+async fn memory(
+    url: &str,
+    pid: u32,
+    sessions: usize,
+    interactions: usize,
+) -> anyhow::Result<Memory> {
+    let rss_before_kib = rss_kib(pid).context("reading the server's RSS")?;
+    let workers = 64.min(sessions.max(1));
+    let http = http_client(workers)?;
+    let body = Arc::new(message_body());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let http = http.clone();
+        let body = body.clone();
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            for s in (w..sessions).step_by(workers) {
+                let target = format!("{url}/v1/sessions/bench-mem-{s}/messages?wait=30");
+                for _ in 0..interactions {
+                    let r = http
+                        .post(&target)
+                        .header("content-type", "application/json")
+                        .body(body.as_ref().clone())
+                        .send()
+                        .await?;
+                    let status = r.status();
+                    r.bytes().await?;
+                    if status != reqwest::StatusCode::OK {
+                        bail!("loading answered {status}");
+                    }
+                }
+            }
+            Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let load_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(Memory {
+        sessions,
+        interactions,
+        rss_before_kib,
+        rss_after_kib: rss_kib(pid).context("reading the server's RSS")?,
+        load_seconds,
+    })
+}
+
+async fn measure(
+    name: &str,
+    url: &str,
+    pid: Option<u32>,
+    options: &BenchOptions,
+) -> anyhow::Result<Figures> {
+    let wants = |s: &str| options.only.is_empty() || options.only.iter().any(|o| o == s);
+    let mut figures = Figures {
+        name: name.to_string(),
+        ..Figures::default()
+    };
+    if wants("throughput") {
+        eprintln!(
+            "[{name}] throughput: {} sessions, {} s",
+            options.sessions, options.duration_s
+        );
+        figures.throughput = Some(
+            throughput(
+                url,
+                options.sessions,
+                Duration::from_secs_f64(options.duration_s),
+            )
+            .await?,
+        );
+    }
+    if wants("accept") {
+        eprintln!(
+            "[{name}] accept latency: {} requests",
+            options.accept_requests
+        );
+        figures.accept = Some(accept_latency(url, options.accept_requests).await?);
+    }
+    if wants("memory")
+        && options.memory_sessions > 0
+        && let Some(pid) = pid
+    {
+        eprintln!(
+            "[{name}] memory: {} sessions x {} interactions",
+            options.memory_sessions, options.memory_interactions
+        );
+        figures.memory = Some(
+            memory(
+                url,
+                pid,
+                options.memory_sessions,
+                options.memory_interactions,
+            )
+            .await?,
+        );
+    }
+    Ok(figures)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn ratio(baton: f64, peer: f64) -> String {
+    if peer > 0.0 {
+        format!("{:.1}x", baton / peer)
+    } else {
+        "-".into()
+    }
+}
+
+fn report(results: &[Figures]) -> String {
+    let mut out = String::new();
+    let header = results
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let with_ratio = results.len() == 2;
+    out.push_str(&format!(
+        "| figure | {header} |{}\n|---|{}{}\n",
+        if with_ratio { " baton / peer |" } else { "" },
+        "---|".repeat(results.len()),
+        if with_ratio { "---|" } else { "" }
+    ));
+    let mut row =
+        |label: &str, cell: &dyn Fn(&Figures) -> Option<(String, f64)>, higher_is_better: bool| {
+            let cells: Vec<Option<(String, f64)>> = results.iter().map(cell).collect();
+            if cells.iter().all(Option::is_none) {
+                return;
+            }
+            let text = cells
+                .iter()
+                .map(|c| c.as_ref().map_or("-".to_string(), |c| c.0.clone()))
+                .collect::<Vec<_>>()
+                .join(" | ");
+            let ratio_cell = match (with_ratio, &cells[..]) {
+                (true, [Some(b), Some(p)]) => {
+                    let r = if higher_is_better {
+                        ratio(b.1, p.1)
+                    } else {
+                        ratio(p.1, b.1)
+                    };
+                    format!(" {r} |")
+                }
+                (true, _) => " - |".to_string(),
+                (false, _) => String::new(),
+            };
+            out.push_str(&format!("| {label} | {text} |{ratio_cell}\n"));
+        };
+    row(
+        "(a) completed messages/s, 64 sessions, ?wait",
+        &|f| {
+            f.throughput
+                .as_ref()
+                .map(|t| (format!("{:.0}", t.per_second), t.per_second))
+        },
+        true,
+    );
+    row(
+        "(a) latency p50",
+        &|f| {
+            f.throughput
+                .as_ref()
+                .map(|t| (ms(t.latency.p50), t.latency.p50.as_secs_f64()))
+        },
+        false,
+    );
+    row(
+        "(a) latency p99",
+        &|f| {
+            f.throughput
+                .as_ref()
+                .map(|t| (ms(t.latency.p99), t.latency.p99.as_secs_f64()))
+        },
+        false,
+    );
+    row(
+        "(a) messages completed in the window",
+        &|f| {
+            f.throughput
+                .as_ref()
+                .map(|t| (t.completed.to_string(), t.completed as f64))
+        },
+        true,
+    );
+    row(
+        "(a) errors",
+        &|f| {
+            f.throughput
+                .as_ref()
+                .map(|t| (t.errors.to_string(), t.errors as f64))
+        },
+        false,
+    );
+    row(
+        "(b) accept latency p50 (enqueue, 1 session)",
+        &|f| f.accept.as_ref().map(|a| (ms(a.p50), a.p50.as_secs_f64())),
+        false,
+    );
+    row(
+        "(b) accept requests measured",
+        &|f| {
+            f.accept
+                .as_ref()
+                .map(|a| (a.count.to_string(), a.count as f64))
+        },
+        true,
+    );
+    row(
+        "(b) accept latency p99",
+        &|f| f.accept.as_ref().map(|a| (ms(a.p99), a.p99.as_secs_f64())),
+        false,
+    );
+    row(
+        "(b) accept latency max",
+        &|f| f.accept.as_ref().map(|a| (ms(a.max), a.max.as_secs_f64())),
+        false,
+    );
+    row(
+        "(c) RSS after load",
+        &|f| {
+            f.memory.as_ref().map(|m| {
+                (
+                    format!(
+                        "{:.1} MiB ({} x {})",
+                        m.rss_after_kib as f64 / 1024.0,
+                        m.sessions,
+                        m.interactions
+                    ),
+                    m.rss_after_kib as f64,
+                )
+            })
+        },
+        false,
+    );
+    row(
+        "(c) RSS at start",
+        &|f| {
+            f.memory.as_ref().map(|m| {
+                (
+                    format!("{:.1} MiB", m.rss_before_kib as f64 / 1024.0),
+                    m.rss_before_kib as f64,
+                )
+            })
+        },
+        false,
+    );
+    row(
+        "(c) load time",
+        &|f| {
+            f.memory
+                .as_ref()
+                .map(|m| (format!("{:.1} s", m.load_seconds), m.load_seconds))
+        },
+        false,
+    );
+    out
+}
+
+/// Runs the benchmark and prints a Markdown table to stdout.
+pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    match &options.server {
+        Some(url) => {
+            wait_healthy(url).await?;
+            results.push(measure("server", url, None, &options).await?);
+        }
+        None => {
+            let baton = spawn_baton().await?;
+            results.push(measure("baton", &baton.url, baton.pid(), &options).await?);
+            drop(baton);
+        }
+    }
+    if let Some(peer_dir) = &options.peer_dir {
+        let peer = spawn_peer(peer_dir, &options.peer_python).await?;
+        results.push(measure("seed-py peer", &peer.url, peer.pid(), &options).await?);
+        drop(peer);
+    }
+    println!("{}", report(&results));
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! The store contract, tested on the store API directly so every backend runs the same
+//! suite: each operation is one transaction that checks state, writes it and appends its
+//! events; task writes are fenced by interaction id.
+
+use std::sync::Arc;
+
+use baton::bus::Bus;
+use baton::config::DatabaseLocation;
+use baton::model::{CancelReason, ErrorInfo, EventType, JsonObject, Policy, SessionId, Status};
+use baton::store::{
+    CancelTarget, NewMessage, SqliteOptions, Store, StoreError, TaskEnd, TaskOutput,
+};
+use serde_json::json;
+
+struct Fixture {
+    store: Store,
+    bus: Arc<Bus>,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+fn open_at(dir: tempfile::TempDir) -> Fixture {
+    let path = dir.path().join("store.db");
+    let bus = Arc::new(Bus::default());
+    let store = Store::open(
+        &DatabaseLocation::SqliteFile(path.clone()),
+        SqliteOptions::default(),
+        bus.clone(),
+    )
+    .expect("open store");
+    Fixture {
+        store,
+        bus,
+        _dir: dir,
+        path,
+    }
+}
+
+fn open() -> Fixture {
+    open_at(tempfile::tempdir().expect("tempdir"))
+}
+
+fn sid(s: &str) -> SessionId {
+    SessionId::parse(s).expect("valid session id")
+}
+
+fn message(session: &str, content: &str, policy: Policy) -> NewMessage {
+    NewMessage {
+        session: sid(session),
+        content: content.into(),
+        metadata: JsonObject::new(),
+        policy,
+        idempotency_key: None,
+        queue_limit: 3,
+        default_agent: "default".into(),
+        watch_final: false,
+    }
+}
+
+async fn kinds(store: &Store, session: &str) -> Vec<EventType> {
+    store
+        .events_after(sid(session), 0, 10_000)
+        .await
+        .expect("events")
+        .iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn accept_applies_each_policy() {
+    let f = open();
+    let first = f
+        .store
+        .accept_message(message("s", "one", Policy::Reject))
+        .await
+        .expect("accepted");
+    assert_eq!(first.interaction.status, Status::Running);
+    assert!(first.started.is_some());
+    match f
+        .store
+        .accept_message(message("s", "two", Policy::Reject))
+        .await
+    {
+        Err(StoreError::Busy { running }) => assert_eq!(running, first.interaction.id),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    for i in 0..3 {
+        let q = f
+            .store
+            .accept_message(message("s", &format!("q{i}"), Policy::Enqueue))
+            .await
+            .expect("queued");
+        assert_eq!(q.interaction.status, Status::Queued);
+        assert!(q.started.is_none());
+    }
+    assert!(matches!(
+        f.store
+            .accept_message(message("s", "full", Policy::Enqueue))
+            .await,
+        Err(StoreError::QueueFull { limit: 3 })
+    ));
+    let new = f
+        .store
+        .accept_message(message("s", "now", Policy::Interrupt))
+        .await
+        .expect("interrupt");
+    assert_eq!(new.cancelled.len(), 4);
+    assert_eq!(new.cancelled[0], first.interaction.id);
+    assert_eq!(new.interaction.status, Status::Running);
+    let session = f.store.get_session(sid("s")).await.expect("session");
+    assert_eq!(session.queued, 0);
+    assert_eq!(
+        session.running.map(|i| i.id),
+        Some(new.interaction.id.clone())
+    );
+    let log = kinds(&f.store, "s").await;
+    assert_eq!(log[0], EventType::SessionCreated);
+    assert_eq!(log[1], EventType::TaskStarted);
+    assert_eq!(&log[2..5], &[EventType::InteractionQueued; 3]);
+    assert_eq!(&log[5..9], &[EventType::TaskCancelled; 4]);
+    assert_eq!(log[9], EventType::TaskStarted);
+}
+
+#[tokio::test]
+async fn concurrent_accepts_start_exactly_one() {
+    let f = open();
+    let mut handles = Vec::new();
+    for i in 0..50 {
+        let store = f.store.clone();
+        handles.push(tokio::spawn(async move {
+            store
+                .accept_message(message("race", &format!("m{i}"), Policy::Reject))
+                .await
+        }));
+    }
+    let mut accepted = 0;
+    for h in handles {
+        match h.await.expect("join") {
+            Ok(_) => accepted += 1,
+            Err(StoreError::Busy { .. }) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(accepted, 1);
+}
+
+#[tokio::test]
+async fn task_writes_are_fenced_once_the_interaction_is_not_running() {
+    let f = open();
+    let a = f
+        .store
+        .accept_message(message("s", "a b", Policy::Reject))
+        .await
+        .expect("a");
+    let id = a.interaction.id.clone();
+    f.store
+        .append_outputs(
+            id.clone(),
+            vec![
+                TaskOutput::Delta("a ".into()),
+                TaskOutput::Progress(json!({"step": 1})),
+                TaskOutput::ContextPatch(json!({"x": 1}).as_object().cloned().unwrap_or_default()),
+            ],
+        )
+        .await
+        .expect("append while running");
+    let b = f
+        .store
+        .accept_message(message("s", "b", Policy::Enqueue))
+        .await
+        .expect("b");
+    let cancelled = f
+        .store
+        .cancel(sid("s"), CancelTarget::Running, CancelReason::Cancel, true)
+        .await
+        .expect("cancel");
+    assert_eq!(cancelled.cancelled, vec![id.clone()]);
+    assert_eq!(
+        cancelled.started.map(|t| t.interaction.id),
+        Some(b.interaction.id.clone())
+    );
+    assert!(matches!(
+        f.store
+            .append_outputs(id.clone(), vec![TaskOutput::Delta("late".into())])
+            .await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        f.store
+            .finish(
+                id.clone(),
+                Vec::new(),
+                TaskEnd::Completed { response: None },
+                true,
+            )
+            .await,
+        Err(StoreError::Fenced)
+    ));
+    let stored = f.store.get_interaction(sid("s"), id).await.expect("stored");
+    assert_eq!(stored.status, Status::Cancelled);
+    assert_eq!(stored.response, "a ");
+    assert_eq!(stored.cancel_reason, Some(CancelReason::Cancel));
+    let context = f.store.get_context(sid("s")).await.expect("context");
+    assert_eq!(serde_json::Value::Object(context), json!({"x": 1}));
+}
+
+#[tokio::test]
+async fn finish_records_the_end_and_starts_the_next() {
+    let f = open();
+    let a = f
+        .store
+        .accept_message(message("s", "a", Policy::Reject))
+        .await
+        .expect("a");
+    let b = f
+        .store
+        .accept_message(message("s", "b", Policy::Enqueue))
+        .await
+        .expect("b");
+    let next = f
+        .store
+        .finish(
+            a.interaction.id.clone(),
+            vec![TaskOutput::Delta("a".into())],
+            TaskEnd::Completed {
+                response: Some("A".into()),
+            },
+            true,
+        )
+        .await
+        .expect("finish");
+    assert_eq!(
+        next.map(|t| t.interaction.id),
+        Some(b.interaction.id.clone())
+    );
+    let none = f
+        .store
+        .finish(
+            b.interaction.id.clone(),
+            Vec::new(),
+            TaskEnd::Failed(ErrorInfo {
+                code: "agent_error".into(),
+                message: "boom".into(),
+            }),
+            true,
+        )
+        .await
+        .expect("finish b");
+    assert!(none.is_none());
+    let history = f.store.history(sid("s"), 10).await.expect("history");
+    assert_eq!(history.len(), 1, "failed interactions are not history");
+    assert_eq!(history[0].response, "A");
+    let b = f
+        .store
+        .get_interaction(sid("s"), b.interaction.id)
+        .await
+        .expect("b");
+    assert_eq!(b.status, Status::Failed);
+    assert_eq!(b.error.map(|e| e.code), Some("agent_error".into()));
+}
+
+#[tokio::test]
+async fn clear_is_one_atomic_step() {
+    let f = open();
+    f.store
+        .update_context(
+            sid("s"),
+            json!({"k": 1}).as_object().cloned().unwrap_or_default(),
+            false,
+            "default".into(),
+        )
+        .await
+        .expect("context");
+    let a = f
+        .store
+        .accept_message(message("s", "a", Policy::Reject))
+        .await
+        .expect("a");
+    let b = f
+        .store
+        .accept_message(message("s", "b", Policy::Enqueue))
+        .await
+        .expect("b");
+    let mut sub = f.bus.subscribe(&sid("s"));
+    let cleared = f
+        .store
+        .clear(sid("s"), "default".into())
+        .await
+        .expect("clear");
+    assert_eq!(cleared.epoch, 1);
+    assert_eq!(
+        cleared.cancelled,
+        vec![a.interaction.id.clone(), b.interaction.id.clone()]
+    );
+    // Published in order, after the commit: the two cancellations, then the clear.
+    for expected in [
+        EventType::TaskCancelled,
+        EventType::TaskCancelled,
+        EventType::SessionCleared,
+    ] {
+        assert_eq!(sub.recv().await.expect("event").kind, expected);
+    }
+    assert!(matches!(
+        f.store
+            .append_outputs(
+                a.interaction.id.clone(),
+                vec![TaskOutput::Delta("x".into())]
+            )
+            .await,
+        Err(StoreError::Fenced)
+    ));
+    let page = f
+        .store
+        .list_interactions(sid("s"), None, 10)
+        .await
+        .expect("list");
+    assert!(page.items.is_empty());
+    assert!(f.store.get_context(sid("s")).await.expect("ctx").is_empty());
+    let session = f.store.get_session(sid("s")).await.expect("session");
+    assert_eq!(session.epoch, 1);
+    assert!(matches!(
+        f.store
+            .get_interaction(sid("s"), a.interaction.id.clone())
+            .await,
+        Err(StoreError::InteractionNotFound)
+    ));
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_or_mismatch() {
+    let f = open();
+    let mut m = message("s", "hello", Policy::Reject);
+    m.idempotency_key = Some("k1".into());
+    let first = f.store.accept_message(m.clone()).await.expect("first");
+    assert!(!first.replayed);
+    let again = f.store.accept_message(m.clone()).await.expect("replay");
+    assert!(again.replayed);
+    assert!(again.started.is_none());
+    assert_eq!(again.interaction.id, first.interaction.id);
+    let mut different = m.clone();
+    different.content = "other".into();
+    assert!(matches!(
+        f.store.accept_message(different).await,
+        Err(StoreError::IdempotencyMismatch)
+    ));
+    let mut other_meta = m.clone();
+    other_meta.metadata.insert("a".into(), json!(1));
+    assert!(matches!(
+        f.store.accept_message(other_meta).await,
+        Err(StoreError::IdempotencyMismatch)
+    ));
+    f.store
+        .clear(sid("s"), "default".into())
+        .await
+        .expect("clear");
+    let after_clear = f.store.accept_message(m).await.expect("new after clear");
+    assert!(!after_clear.replayed);
+    assert_ne!(after_clear.interaction.id, first.interaction.id);
+}
+
+#[tokio::test]
+async fn recovery_fails_running_and_starts_queued() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (running, queued) = {
+        let f = open_at(dir);
+        let a = f
+            .store
+            .accept_message(message("s", "a", Policy::Reject))
+            .await
+            .expect("a");
+        let b = f
+            .store
+            .accept_message(message("s", "b", Policy::Enqueue))
+            .await
+            .expect("b");
+        let path = f.path.clone();
+        // Reopen a second store on the same file, as a restart after a crash would.
+        let bus = Arc::new(Bus::default());
+        let reopened = Store::open(
+            &DatabaseLocation::SqliteFile(path),
+            SqliteOptions::default(),
+            bus,
+        )
+        .expect("reopen");
+        let started = reopened.recover().await.expect("recover");
+        assert_eq!(started.len(), 1);
+        assert_eq!(started[0].interaction.id, b.interaction.id);
+        let a_now = reopened
+            .get_interaction(sid("s"), a.interaction.id.clone())
+            .await
+            .expect("a");
+        assert_eq!(a_now.status, Status::Failed);
+        assert_eq!(a_now.error.map(|e| e.code), Some("interrupted".into()));
+        (a.interaction.id, b.interaction.id)
+    };
+    assert_ne!(running, queued);
+}
+
+#[tokio::test]
+async fn a_deleted_session_never_reuses_a_seq() {
+    let f = open();
+    f.store
+        .accept_message(message("s", "a", Policy::Reject))
+        .await
+        .expect("a");
+    let before = f.store.get_session(sid("s")).await.expect("s").last_seq;
+    let cancelled = f.store.delete_session(sid("s")).await.expect("delete");
+    assert_eq!(cancelled.len(), 1);
+    assert!(matches!(
+        f.store.get_session(sid("s")).await,
+        Err(StoreError::SessionNotFound)
+    ));
+    let (session, created) = f
+        .store
+        .put_session(sid("s"), None, None, "default".into())
+        .await
+        .expect("recreate");
+    assert!(created);
+    assert!(
+        session.last_seq > before + 1,
+        "{} vs {before}",
+        session.last_seq
+    );
+    let events = f
+        .store
+        .events_after(sid("s"), 0, 100)
+        .await
+        .expect("events");
+    assert_eq!(events.len(), 1);
+    assert!(events[0].seq > before);
+}
+
+#[tokio::test]
+async fn events_after_pages_in_order() {
+    let f = open();
+    let a = f
+        .store
+        .accept_message(message("s", "a", Policy::Reject))
+        .await
+        .expect("a");
+    let outputs = (0..20)
+        .map(|i| TaskOutput::Delta(format!("{i} ")))
+        .collect();
+    f.store
+        .append_outputs(a.interaction.id, outputs)
+        .await
+        .expect("append");
+    let all = f.store.events_after(sid("s"), 0, 1000).await.expect("all");
+    assert_eq!(all.len(), 22);
+    let tail = f.store.events_after(sid("s"), 10, 5).await.expect("tail");
+    let seqs: Vec<i64> = tail.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![11, 12, 13, 14, 15]);
+    for e in &tail {
+        let envelope: serde_json::Value = serde_json::from_str(&e.envelope).expect("json");
+        assert_eq!(envelope["seq"], e.seq);
+        assert_eq!(envelope["session"], "s");
+    }
+}
