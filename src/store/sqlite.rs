@@ -30,14 +30,15 @@ use crate::model::{
 
 /// Most jobs committed together in one transaction.
 const MAX_BATCH: usize = 512;
-/// How often the WAL is checkpointed (off the writer thread).
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+/// Pause between two checkpoints off the writer thread: short, so the WAL's backlog stays
+/// small whenever the writer has to finish a checkpoint itself.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 /// Past this size the WAL is not restarting (under constant load a checkpoint running beside
 /// the writer never catches up): the writer then finishes the checkpoint itself, between two
 /// batches, so the WAL restarts. The heavy copying was already done off the writer.
-const WAL_RESTART_BYTES: u64 = 16 * 1024 * 1024;
+const WAL_RESTART_BYTES: u64 = 32 * 1024 * 1024;
 /// A restarted WAL file larger than this is truncated to it.
-const WAL_KEEP_BYTES: u64 = 32 * 1024 * 1024;
+const WAL_KEEP_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Schema versions, applied in order at start-up (`PRAGMA user_version` counts them).
 const MIGRATIONS: &[&str] = &[r#"
@@ -72,14 +73,17 @@ CREATE INDEX interactions_by_session ON interactions (session, id);
 CREATE INDEX interactions_queued ON interactions (session, id) WHERE status = 'queued';
 CREATE UNIQUE INDEX interactions_idempotency
     ON interactions (session, idempotency_key) WHERE idempotency_key IS NOT NULL;
+-- Rows in commit order (appends touch only the last pages, whatever the sessions); the
+-- small (session, seq) index serves replays.
 CREATE TABLE events (
+    id             INTEGER PRIMARY KEY,
     session        TEXT NOT NULL,
     seq            INTEGER NOT NULL,
     type           TEXT NOT NULL,
     interaction_id TEXT,
-    envelope       TEXT NOT NULL,
-    PRIMARY KEY (session, seq)
-) WITHOUT ROWID;
+    envelope       TEXT NOT NULL
+);
+CREATE UNIQUE INDEX events_by_session ON events (session, seq);
 -- A deleted session's last seq, so a re-created one never reuses a seq.
 CREATE TABLE retired_sessions (
     id       TEXT PRIMARY KEY,
@@ -794,15 +798,17 @@ impl Writer {
             for delivery in deliveries {
                 delivery(commit_error.clone());
             }
-            if checkpoint_requested.swap(false, Ordering::Relaxed) {
-                // No write transaction is open here, so this checkpoint can complete and the
-                // next transaction restarts the WAL from its beginning.
-                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    Ok(()) => {
+            if checkpoint_requested.load(Ordering::Acquire) {
+                // No write transaction is open here and the checkpointer waits for us, so this
+                // checkpoint can complete and the next transaction restarts the WAL.
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+                    Ok(0) => {
                         stats.checkpoints.fetch_add(1, Ordering::Relaxed);
                     }
+                    Ok(_) => tracing::debug!("WAL checkpoint on the writer was busy"),
                     Err(e) => tracing::warn!(error = %e, "WAL checkpoint on the writer failed"),
                 }
+                checkpoint_requested.store(false, Ordering::Release);
             }
         }
     }
@@ -831,14 +837,24 @@ fn start_checkpointer(
                     stopped.recv_timeout(CHECKPOINT_INTERVAL),
                     Err(RecvTimeoutError::Disconnected)
                 );
+                if finish_requested.load(Ordering::Acquire) {
+                    // The writer has not finished the last one yet: never compete with it.
+                    if done {
+                        break;
+                    }
+                    continue;
+                }
                 // (busy, frames in the log, frames checkpointed)
                 match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                     Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
                 }) {
-                    Ok((log, done)) => {
+                    Ok((log, backfilled)) => {
                         let wal_bytes = std::fs::metadata(&wal_path).map_or(0, |m| m.len());
-                        if log > done || wal_bytes > WAL_RESTART_BYTES {
-                            finish_requested.store(true, Ordering::Relaxed);
+                        tracing::trace!(log, backfilled, wal_bytes, "WAL checkpoint pass");
+                        // Backfilled up to where this pass began, yet the writer has been
+                        // appending since: only the writer can close that gap.
+                        if wal_bytes > WAL_RESTART_BYTES {
+                            finish_requested.store(true, Ordering::Release);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
