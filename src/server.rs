@@ -17,8 +17,9 @@ use crate::config::{Config, DEFAULT_AGENT};
 use crate::engine::{Engine, EngineSettings};
 use crate::store::{SqliteOptions, Store};
 
-/// Builds the engine on the configured store and finishes what a crash left behind.
-pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
+/// Builds the engine on the configured store with these agents and finishes what a crash
+/// left behind.
+pub async fn build_engine(config: &Config, agents: AgentRegistry) -> anyhow::Result<Engine> {
     let bus = Arc::new(Bus::default());
     let location = config.database_location()?;
     let options = SqliteOptions {
@@ -30,7 +31,7 @@ pub async fn build_engine(config: &Config) -> anyhow::Result<Engine> {
     let engine = Engine::new(
         store,
         bus,
-        AgentRegistry::from_config(&config.agents),
+        agents,
         EngineSettings {
             queue_limit: config.queue_limit,
             history_limit: config.history_limit,
@@ -55,7 +56,18 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let engine = build_engine(&config).await?;
+    let agents = AgentRegistry::from_config(&config.agents);
+    serve_with_agents(config, agents, listener, shutdown).await
+}
+
+/// [`serve`] with an agent registry of the caller's (to embed agents written in Rust).
+pub async fn serve_with_agents(
+    config: Config,
+    agents: AgentRegistry,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let engine = build_engine(&config, agents).await?;
     let app = router(AppState {
         engine: engine.clone(),
         max_body_bytes: config.max_body_bytes,
@@ -84,12 +96,18 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// Binds `config.listen` (use port 0 for an ephemeral port) and serves in the background.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let agents = AgentRegistry::from_config(&config.agents);
+        Self::start_with_agents(config, agents).await
+    }
+
+    /// [`ServerHandle::start`] with an agent registry of the caller's.
+    pub async fn start_with_agents(config: Config, agents: AgentRegistry) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(config, listener, async move {
+        let task = tokio::spawn(serve_with_agents(config, agents, listener, async move {
             let _ = stopped.await;
         }));
         Ok(Self {

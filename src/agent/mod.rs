@@ -83,6 +83,11 @@ impl AgentRegistry {
         Self { agents }
     }
 
+    /// Adds (or replaces) an agent: how agents written in Rust are plugged in.
+    pub fn insert(&mut self, name: impl Into<String>, agent: ConfiguredAgent) {
+        self.agents.insert(name.into(), agent);
+    }
+
     pub fn get(&self, name: &str) -> Option<&ConfiguredAgent> {
         self.agents.get(name)
     }

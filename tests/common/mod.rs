@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use baton::agent::AgentRegistry;
 use baton::config::Config;
 use baton::server::ServerHandle;
 use reqwest::header::HeaderMap;
@@ -49,7 +50,7 @@ pub struct TestServer {
     pub db_path: PathBuf,
     pub http: reqwest::Client,
     // Dropped last: the database lives here.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl TestServer {
@@ -65,11 +66,47 @@ impl TestServer {
     }
 
     async fn start_at(config_toml: &str, dir: tempfile::TempDir, db_path: PathBuf) -> Self {
+        let config = Config::from_toml(config_toml).expect("test config parses");
+        let agents = AgentRegistry::from_config(&config.agents);
+        Self::start_with(config_toml, agents, dir, db_path).await
+    }
+
+    /// Starts a server whose agents are `agents` (e.g. test agents written in Rust).
+    pub async fn start_with_agents(config_toml: &str, agents: AgentRegistry) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db_path = dir.path().join("baton.db");
+        Self::start_with(config_toml, agents, dir, db_path).await
+    }
+
+    /// Starts a server on an existing database directory (to restart on the same data).
+    pub async fn restart_in(config_toml: &str, dir: tempfile::TempDir) -> Self {
+        let db_path = dir.path().join("baton.db");
+        Self::start_at(config_toml, dir, db_path).await
+    }
+
+    /// Stops the server and hands back its database directory, for a restart.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(TIMEOUT, handle.stop())
+                .await
+                .expect("server stops in time")
+                .expect("server stops cleanly");
+        }
+        let empty = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, empty)
+    }
+
+    async fn start_with(
+        config_toml: &str,
+        agents: AgentRegistry,
+        dir: tempfile::TempDir,
+        db_path: PathBuf,
+    ) -> Self {
         let mut config = Config::from_toml(config_toml).expect("test config parses");
         config.listen = "127.0.0.1:0".into();
         config.database = format!("sqlite://{}", db_path.display());
         config.validate().expect("test config is valid");
-        let handle = tokio::time::timeout(TIMEOUT, ServerHandle::start(config))
+        let handle = tokio::time::timeout(TIMEOUT, ServerHandle::start_with_agents(config, agents))
             .await
             .expect("server starts in time")
             .expect("server starts");
@@ -84,7 +121,7 @@ impl TestServer {
             url,
             db_path,
             http,
-            _dir: dir,
+            dir,
         }
     }
 
