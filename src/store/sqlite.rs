@@ -389,7 +389,14 @@ impl SqliteStore {
         self.write(move |tx| {
             let session = tx.running_session_of(&id)?;
             let mut row = tx.session(&session)?.ok_or(StoreError::Fenced)?;
-            tx.write_outputs(&mut row, &id, outputs)?;
+            let text = tx.write_outputs(&mut row, &id, outputs)?;
+            if !text.is_empty() {
+                tx.conn
+                    .prepare_cached(
+                        "UPDATE interactions SET response = response || ?2 WHERE id = ?1",
+                    )?
+                    .execute(params![id.as_str(), text])?;
+            }
             tx.save_seq(&row)
         })
         .await
@@ -403,10 +410,16 @@ impl SqliteStore {
         start_next: bool,
     ) -> StoreResult<Option<StartedTask>> {
         self.write(move |tx| {
-            let session = tx.running_session_of(&id)?;
-            let mut row = tx.session(&session)?.ok_or(StoreError::Fenced)?;
-            tx.write_outputs(&mut row, &id, outputs)?;
-            let mut interaction = tx.interaction(&id)?.ok_or(StoreError::Fenced)?;
+            let mut interaction = tx
+                .interaction(&id)?
+                .filter(|i| i.status == Status::Running)
+                .ok_or(StoreError::Fenced)?;
+            let mut row = tx
+                .session(&interaction.session)?
+                .ok_or(StoreError::Fenced)?;
+            // make_final stores the response, deltas included: no separate append.
+            let text = tx.write_outputs(&mut row, &id, outputs)?;
+            interaction.response.push_str(&text);
             let (status, error) = match end {
                 TaskEnd::Completed { response } => {
                     if let Some(response) = response {
@@ -1076,13 +1089,14 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Appends a running task's outputs: one event each, deltas also to the response.
+    /// Emits a running task's outputs, one event each, and applies its context patches.
+    /// Returns the text of its deltas, for the caller to add to the stored response.
     fn write_outputs(
         &mut self,
         row: &mut SessionRow,
         id: &InteractionId,
         outputs: Vec<TaskOutput>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<String> {
         let text: String = outputs
             .iter()
             .filter_map(|o| match o {
@@ -1090,11 +1104,6 @@ impl Tx<'_> {
                 _ => None,
             })
             .collect();
-        if !text.is_empty() {
-            self.conn
-                .prepare_cached("UPDATE interactions SET response = response || ?2 WHERE id = ?1")?
-                .execute(params![id.as_str(), text])?;
-        }
         for output in outputs {
             match output {
                 TaskOutput::Delta(text) => {
@@ -1117,7 +1126,7 @@ impl Tx<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(text)
     }
 
     fn set_context(&mut self, row: &mut SessionRow, context: &JsonObject) -> StoreResult<()> {
@@ -1265,11 +1274,9 @@ impl Tx<'_> {
         self.emit_interaction(row, kind, interaction)
     }
 
-    /// Starts the oldest queued interaction if nothing runs in the session.
+    /// Starts the oldest queued interaction. Callers have just ended (or found no) running
+    /// one; the partial unique index refuses a second runner regardless.
     fn start_next(&mut self, row: &mut SessionRow) -> StoreResult<Option<StartedTask>> {
-        if self.running_id(&row.id)?.is_some() {
-            return Ok(None);
-        }
         let sql = concat!(
             "SELECT ",
             interaction_columns!(),
