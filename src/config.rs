@@ -32,6 +32,14 @@ pub struct Config {
     pub history_limit: u32,
     /// How long shutdown waits for running tasks to record their cancellation, in ms.
     pub shutdown_grace_ms: u64,
+    /// Open WebSocket and SSE connections, in total.
+    pub max_connections: usize,
+    /// Open WebSocket and SSE connections per session.
+    pub max_connections_per_session: usize,
+    /// Seconds between the server's WebSocket pings; a peer silent for two is dropped.
+    pub ws_ping_interval_s: f64,
+    /// Sustained operations per second on one WebSocket (bursts up to twice that).
+    pub ws_ops_per_second: f64,
     /// Configured agents by name.
     pub agents: BTreeMap<String, AgentConfig>,
 }
@@ -51,6 +59,10 @@ impl Default for Config {
             sqlite_synchronous: Synchronous::Normal,
             history_limit: 50,
             shutdown_grace_ms: 5_000,
+            max_connections: 20_000,
+            max_connections_per_session: 5_000,
+            ws_ping_interval_s: 30.0,
+            ws_ops_per_second: 100.0,
             agents,
         }
     }
@@ -180,6 +192,12 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.max_body_bytes < 64 {
             bail!("max_body_bytes must be at least 64");
+        }
+        if !(self.ws_ping_interval_s.is_finite() && self.ws_ping_interval_s >= 0.1) {
+            bail!("ws_ping_interval_s must be at least 0.1");
+        }
+        if !(self.ws_ops_per_second.is_finite() && self.ws_ops_per_second > 0.0) {
+            bail!("ws_ops_per_second must be a positive number");
         }
         for (name, agent) in &self.agents {
             if name.is_empty() {

@@ -11,6 +11,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::agent::AgentRegistry;
+use crate::api::connections::Connections;
+use crate::api::ws::WsSettings;
 use crate::api::{AppState, router};
 use crate::bus::Bus;
 use crate::config::{Config, DEFAULT_AGENT};
@@ -71,6 +73,15 @@ pub async fn serve_with_agents(
     let app = router(AppState {
         engine: engine.clone(),
         max_body_bytes: config.max_body_bytes,
+        connections: Arc::new(Connections::new(
+            config.max_connections,
+            config.max_connections_per_session,
+        )),
+        ws: WsSettings {
+            max_frame_bytes: config.max_body_bytes,
+            ping_interval: Duration::from_secs_f64(config.ws_ping_interval_s),
+            ops_per_second: config.ws_ops_per_second,
+        },
     });
     let stopping = engine.clone();
     axum::serve(listener, app)

@@ -100,6 +100,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         bus.subscriber_count() as u64,
     );
     metric(
+        "connections",
+        "gauge",
+        "Open WebSocket and SSE connections.",
+        state.connections.count() as u64,
+    );
+    metric(
+        "connected_sessions",
+        "gauge",
+        "Sessions with at least one open WebSocket or SSE connection.",
+        state.connections.session_count() as u64,
+    );
+    metric(
         "subscribed_sessions",
         "gauge",
         "Sessions with at least one live subscription.",

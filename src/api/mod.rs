@@ -1,14 +1,22 @@
-//! The transports: HTTP (and, later, WebSocket and SSE) on top of the engine. Nothing here
+//! The transports: HTTP, WebSocket and SSE on top of the engine. Nothing here
 //! touches the store except through the engine.
 
+pub mod connections;
 pub mod error;
 pub mod extract;
+pub mod feed;
 pub mod http;
+pub mod sse;
+pub mod ws;
 
 use axum::Router;
 use axum::routing::{get, post, put};
 
+use std::sync::Arc;
+
 use crate::engine::Engine;
+use connections::Connections;
+use ws::WsSettings;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -16,6 +24,9 @@ pub struct AppState {
     pub engine: Engine,
     /// Largest accepted body, in bytes.
     pub max_body_bytes: usize,
+    /// Open streaming connections and their bounds.
+    pub connections: Arc<Connections>,
+    pub ws: WsSettings,
 }
 
 /// The whole HTTP API, ready to serve.
@@ -42,6 +53,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/sessions/{id}/cancel", post(http::cancel))
         .route("/v1/sessions/{id}/clear", post(http::clear))
+        .route("/v1/sessions/{id}/events", get(sse::events))
+        .route("/v1/sessions/{id}/ws", get(ws::ws))
         .route(
             "/v1/sessions/{id}/context",
             get(http::get_context)

@@ -336,6 +336,16 @@ impl Engine {
         Ok(cleared)
     }
 
+    /// Stored events of the session with `seq > after`, in order, at most `limit`.
+    pub async fn events_after(
+        &self,
+        session: SessionId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::model::Event>, EngineError> {
+        Ok(self.inner.store.events_after(session, after, limit).await?)
+    }
+
     pub async fn get_context(&self, session: SessionId) -> Result<JsonObject, EngineError> {
         Ok(self.inner.store.get_context(session).await?)
     }

@@ -1,0 +1,97 @@
+//! Bounds on streaming connections (WebSocket and SSE), in total and per session, and their
+//! exact count (I6: a guard removes exactly its own connection).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::http::StatusCode;
+
+use super::error::ApiError;
+use crate::model::SessionId;
+
+#[derive(Debug)]
+pub struct Connections {
+    // A std mutex: a map update, never an await.
+    state: Mutex<State>,
+    max_total: usize,
+    max_per_session: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    total: usize,
+    per_session: HashMap<SessionId, usize>,
+}
+
+impl Connections {
+    pub fn new(max_total: usize, max_per_session: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            max_total,
+            max_per_session,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a new connection of `session`, or refuses it past a bound.
+    pub fn open(self: &Arc<Self>, session: &SessionId) -> Result<ConnectionGuard, ApiError> {
+        let mut state = self.state();
+        if state.total >= self.max_total {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("too many connections ({} open)", self.max_total),
+            ));
+        }
+        let count = state.per_session.get(session).copied().unwrap_or(0);
+        if count >= self.max_per_session {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "too many connections to this session ({} open)",
+                    self.max_per_session
+                ),
+            ));
+        }
+        state.per_session.insert(session.clone(), count + 1);
+        state.total += 1;
+        Ok(ConnectionGuard {
+            connections: Arc::clone(self),
+            session: session.clone(),
+        })
+    }
+
+    /// Open streaming connections.
+    pub fn count(&self) -> usize {
+        self.state().total
+    }
+
+    /// Sessions with at least one open streaming connection.
+    pub fn session_count(&self) -> usize {
+        self.state().per_session.len()
+    }
+}
+
+/// One counted connection; dropping it uncounts it.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    connections: Arc<Connections>,
+    session: SessionId,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let mut state = self.connections.state();
+        state.total = state.total.saturating_sub(1);
+        if let Some(count) = state.per_session.get_mut(&self.session) {
+            *count -= 1;
+            if *count == 0 {
+                state.per_session.remove(&self.session);
+            }
+        }
+    }
+}

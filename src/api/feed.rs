@@ -1,0 +1,105 @@
+//! A session's event feed for one streaming client: the stored events after a position
+//! (the replay), then live ones, with no gap and no duplicate at the seam.
+//!
+//! The subscription to the bus is taken *before* the store is read, so every event committed
+//! after that moment arrives live, and every event committed before it is in the replay;
+//! events that are in both are dropped by seq.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::bus::Subscription;
+use crate::engine::{Engine, EngineError};
+use crate::model::{Event, SessionId};
+
+/// Stored events read per page while replaying.
+const REPLAY_PAGE: u32 = 1000;
+
+/// What a feed yields next.
+#[derive(Debug)]
+pub enum FeedItem {
+    Event(Arc<Event>),
+    /// The client fell more than the bus buffer behind; it resumes with `after` = this seq.
+    Lagged {
+        last_sent: i64,
+    },
+    /// The bus is gone (the server is stopping).
+    Closed,
+}
+
+pub struct EventFeed {
+    engine: Engine,
+    session: SessionId,
+    subscription: Subscription,
+    replay: VecDeque<Event>,
+    replaying: bool,
+    last_sent: i64,
+}
+
+impl EventFeed {
+    /// Subscribes to `session`'s live events. Call [`EventFeed::start_after`] next, once the
+    /// position is known (for a WebSocket, after the `hello` was read).
+    pub fn subscribe(engine: &Engine, session: &SessionId) -> Self {
+        Self {
+            engine: engine.clone(),
+            session: session.clone(),
+            subscription: engine.bus().subscribe(session),
+            replay: VecDeque::new(),
+            replaying: false,
+            last_sent: 0,
+        }
+    }
+
+    /// Delivers stored events with `seq > after` (when `replay`), then live ones; without
+    /// `replay`, only live events with `seq > after`.
+    pub fn start_after(&mut self, after: i64, replay: bool) {
+        self.last_sent = after;
+        self.replaying = replay;
+    }
+
+    /// The seq of the last event handed out.
+    pub fn last_sent(&self) -> i64 {
+        self.last_sent
+    }
+
+    pub async fn next(&mut self) -> Result<FeedItem, EngineError> {
+        loop {
+            if let Some(event) = self.replay.pop_front() {
+                if event.seq > self.last_sent {
+                    self.last_sent = event.seq;
+                    return Ok(FeedItem::Event(Arc::new(event)));
+                }
+                continue;
+            }
+            if !self.replaying {
+                break;
+            }
+            let page = self
+                .engine
+                .events_after(self.session.clone(), self.last_sent, REPLAY_PAGE)
+                .await?;
+            if (page.len() as u32) < REPLAY_PAGE {
+                self.replaying = false;
+            }
+            self.replay.extend(page);
+        }
+        loop {
+            match self.subscription.recv().await {
+                Ok(event) if event.seq > self.last_sent => {
+                    self.last_sent = event.seq;
+                    return Ok(FeedItem::Event(event));
+                }
+                // Already replayed (committed before the read, published after the subscribe).
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    return Ok(FeedItem::Lagged {
+                        last_sent: self.last_sent,
+                    });
+                }
+                Err(RecvError::Closed) => return Ok(FeedItem::Closed),
+            }
+        }
+    }
+}

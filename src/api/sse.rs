@@ -1,0 +1,125 @@
+//! `GET /v1/sessions/{id}/events`: the session's events as Server-Sent Events.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use super::connections::ConnectionGuard;
+use super::error::ApiError;
+use super::extract::{QueryParams, SessionPath};
+use super::feed::{EventFeed, FeedItem};
+use crate::model::EventType;
+
+/// Keep-alive comment interval (API.md: every 15 s).
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// Where a stream starts: `after=N` (or `Last-Event-ID: N`) replays `seq > N`; `replay=true`
+/// replays everything retained; neither means only new events.
+pub fn start_position(
+    query: &QueryParams,
+    last_event_id: Option<&str>,
+) -> Result<(Option<i64>, bool), ApiError> {
+    let after = match query.get("after")? {
+        Some(raw) => Some(parse_seq(raw, "after")?),
+        None => match last_event_id {
+            Some(raw) => Some(parse_seq(raw.trim(), "Last-Event-ID")?),
+            None => None,
+        },
+    };
+    let replay = match query.get("replay")? {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return Err(ApiError::invalid_request("replay must be true or false"));
+        }
+    };
+    Ok((after, replay))
+}
+
+fn parse_seq(raw: &str, name: &str) -> Result<i64, ApiError> {
+    match raw.parse::<i64>() {
+        Ok(n) if n >= 0 => Ok(n),
+        _ => Err(ApiError::invalid_request(format!(
+            "{name} must be a non-negative integer (an event seq)"
+        ))),
+    }
+}
+
+struct StreamState {
+    feed: EventFeed,
+    stopping: CancellationToken,
+    finished: bool,
+    _guard: ConnectionGuard,
+}
+
+pub async fn events(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+    query: QueryParams,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let last_event_id = headers
+        .get("last-event-id")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::invalid_request("Last-Event-ID must be ASCII"))
+        })
+        .transpose()?;
+    let (after, replay) = start_position(&query, last_event_id)?;
+    let guard = state.connections.open(&session)?;
+    let mut feed = EventFeed::subscribe(&state.engine, &session);
+    // Reads are 404 on a missing session; read after subscribing so nothing slips between.
+    let current = state.engine.get_session(session).await?;
+    match (after, replay) {
+        (Some(after), _) => feed.start_after(after, true),
+        (None, true) => feed.start_after(0, true),
+        (None, false) => feed.start_after(current.last_seq, false),
+    }
+    let initial = StreamState {
+        feed,
+        stopping: state.engine.stopping(),
+        finished: false,
+        _guard: guard,
+    };
+    let events = stream::unfold(initial, |mut s| async move {
+        if s.finished {
+            return None;
+        }
+        let item = tokio::select! {
+            _ = s.stopping.cancelled() => return None,
+            item = s.feed.next() => item,
+        };
+        let sse = match item {
+            Ok(FeedItem::Event(event)) => {
+                // The session is gone: nothing can follow its last event.
+                s.finished = event.kind == EventType::SessionDeleted;
+                SseEvent::default()
+                    .id(event.seq.to_string())
+                    .event(event.kind.as_str())
+                    .data(&*event.envelope)
+            }
+            Ok(FeedItem::Lagged { last_sent }) => {
+                s.finished = true;
+                SseEvent::default().comment(format!(
+                    "too slow: reconnect with Last-Event-ID: {last_sent} (after={last_sent})"
+                ))
+            }
+            Ok(FeedItem::Closed) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "SSE replay failed");
+                return None;
+            }
+        };
+        Some((Ok::<_, Infallible>(sse), s))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive"))
+        .into_response())
+}

@@ -1,0 +1,464 @@
+//! `GET /v1/sessions/{id}/ws`: the WebSocket protocol of API.md. Each connection is a writer
+//! loop (hello, replay, live events, replies, pings; nothing else writes to the socket) and a
+//! reader task that runs the client's operations one at a time, in order, and hands the
+//! replies to the writer. No lock is held while writing to a socket.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::AppState;
+use super::connections::ConnectionGuard;
+use super::error::ApiError;
+use super::extract::{QueryParams, SessionPath};
+use super::feed::{EventFeed, FeedItem};
+use super::http::validate_content;
+use super::sse::start_position;
+use crate::engine::{Engine, MessageOutcome, MessageRequest};
+use crate::model::{
+    EventType, InteractionId, JsonObject, Policy, Session, SessionId, merge_patch,
+    validate_idempotency_key,
+};
+
+/// Replies waiting for the writer.
+const REPLY_BUFFER: usize = 64;
+/// A frame that cannot be written in this long means a dead or stuck peer.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings of the WebSocket endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct WsSettings {
+    /// Largest inbound frame or message, in bytes.
+    pub max_frame_bytes: usize,
+    /// How often the server pings; a peer silent for two intervals is dropped.
+    pub ping_interval: Duration,
+    /// Sustained client operations per second (bursts up to twice that).
+    pub ops_per_second: f64,
+}
+
+pub async fn ws(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+    query: QueryParams,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let (after, replay) = start_position(&query, None)?;
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::invalid_request(format!("this endpoint needs a WebSocket upgrade: {e}"))
+    })?;
+    let guard = state.connections.open(&session)?;
+    let mut feed = EventFeed::subscribe(&state.engine, &session);
+    // Opening the WebSocket creates the session; hello shows it as of now.
+    let (hello, _) = state
+        .engine
+        .put_session(session.clone(), None, None)
+        .await?;
+    match (after, replay) {
+        (Some(after), _) => feed.start_after(after, true),
+        (None, true) => feed.start_after(0, true),
+        (None, false) => feed.start_after(hello.last_seq, false),
+    }
+    let settings = state.ws;
+    let engine = state.engine.clone();
+    Ok(upgrade
+        .max_message_size(settings.max_frame_bytes)
+        .max_frame_size(settings.max_frame_bytes)
+        .on_upgrade(move |socket| async move {
+            Connection {
+                engine,
+                session,
+                settings,
+                _guard: guard,
+            }
+            .run(socket, hello, feed)
+            .await;
+        })
+        .into_response())
+}
+
+struct Connection {
+    engine: Engine,
+    session: SessionId,
+    settings: WsSettings,
+    _guard: ConnectionGuard,
+}
+
+/// Why the writer loop ended, and how to close.
+enum Ending {
+    Close(u16, String),
+    /// The peer is gone or stuck: drop the TCP connection without a close handshake.
+    Drop,
+}
+
+impl Connection {
+    async fn run(self, socket: WebSocket, hello: Session, mut feed: EventFeed) {
+        let (mut sink, mut stream) = socket.split();
+        let (replies, mut pending) = mpsc::channel::<String>(REPLY_BUFFER);
+        let (heard_tx, mut heard) = tokio::sync::watch::channel(Instant::now());
+        let reader = OpReader {
+            engine: self.engine.clone(),
+            session: self.session.clone(),
+            bucket: TokenBucket::new(self.settings.ops_per_second),
+        };
+        // Owned by this connection: aborted when the writer loop ends.
+        let reader = AbortOnDrop(tokio::spawn(async move {
+            let mut reader = reader;
+            while let Some(Ok(message)) = stream.next().await {
+                let _ = heard_tx.send(Instant::now());
+                let reply = match message {
+                    Message::Text(text) => reader.handle(text.as_str()).await,
+                    Message::Binary(_) => Some(error_reply(
+                        Value::Null,
+                        &ApiError::invalid_request(
+                            "binary frames are not supported; send JSON text",
+                        ),
+                    )),
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => None,
+                };
+                if let Some(reply) = reply
+                    && replies.send(reply).await.is_err()
+                {
+                    break;
+                }
+            }
+        }));
+
+        let hello = json!({"kind": "hello", "session": hello}).to_string();
+        let stopping = self.engine.stopping();
+        let mut ping = tokio::time::interval(self.settings.ping_interval);
+        ping.tick().await;
+        let ending = 'writer: {
+            if send(&mut sink, Message::Text(hello.into())).await.is_err() {
+                break 'writer Ending::Drop;
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stopping.cancelled() => {
+                        break 'writer Ending::Close(1001, "server shutting down".into());
+                    }
+                    reply = pending.recv() => {
+                        let Some(reply) = reply else {
+                            // The reader ended: the client closed or the stream failed.
+                            break 'writer Ending::Close(1000, String::new());
+                        };
+                        if send(&mut sink, Message::Text(reply.into())).await.is_err() {
+                            break 'writer Ending::Drop;
+                        }
+                    }
+                    item = feed.next() => match item {
+                        Ok(FeedItem::Event(event)) => {
+                            let frame = event_frame(&event.envelope);
+                            if send(&mut sink, Message::Text(frame.into())).await.is_err() {
+                                break 'writer Ending::Drop;
+                            }
+                            if event.kind == EventType::SessionDeleted {
+                                break 'writer Ending::Close(1000, "session deleted".into());
+                            }
+                        }
+                        Ok(FeedItem::Lagged { last_sent }) => {
+                            break 'writer Ending::Close(1013, format!("after={last_sent}"));
+                        }
+                        Ok(FeedItem::Closed) => {
+                            break 'writer Ending::Close(1001, "server shutting down".into());
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "WebSocket replay failed");
+                            break 'writer Ending::Close(1011, "replay failed".into());
+                        }
+                    },
+                    _ = ping.tick() => {
+                        if heard.borrow_and_update().elapsed() > self.settings.ping_interval * 2 {
+                            break 'writer Ending::Drop;
+                        }
+                        if send(&mut sink, Message::Ping(Default::default())).await.is_err() {
+                            break 'writer Ending::Drop;
+                        }
+                    }
+                }
+            }
+        };
+        drop(reader);
+        if let Ending::Close(code, reason) = ending {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            };
+            let _ = send(&mut sink, Message::Close(Some(frame))).await;
+        }
+    }
+}
+
+async fn send<S>(sink: &mut S, message: Message) -> Result<(), ()>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// `{"kind":"event", ...envelope}` without re-serialising the envelope.
+fn event_frame(envelope: &str) -> String {
+    let mut frame = String::with_capacity(envelope.len() + 16);
+    frame.push_str("{\"kind\":\"event\",");
+    frame.push_str(envelope.strip_prefix('{').unwrap_or(envelope));
+    frame
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Refills `rate` tokens per second up to `2 × rate`.
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            tokens: rate * 2.0,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let capacity = self.rate * 2.0;
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(capacity);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageOp {
+    content: String,
+    #[serde(default)]
+    policy: Option<Policy>,
+    #[serde(default)]
+    metadata: Option<JsonObject>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelOp {
+    #[serde(default)]
+    interaction_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContextOp {
+    #[serde(default)]
+    set: Option<JsonObject>,
+    #[serde(default)]
+    patch: Option<JsonObject>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyOp {}
+
+/// Runs client operations, one at a time.
+struct OpReader {
+    engine: Engine,
+    session: SessionId,
+    bucket: TokenBucket,
+}
+
+fn error_reply(reference: Value, error: &ApiError) -> String {
+    let mut body = error.body();
+    let error = body
+        .get_mut("error")
+        .map(Value::take)
+        .unwrap_or(Value::Null);
+    json!({"kind": "reply", "ref": reference, "ok": false, "error": error}).to_string()
+}
+
+fn ok_reply(reference: Value, data: Value) -> String {
+    json!({"kind": "reply", "ref": reference, "ok": true, "data": data}).to_string()
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    fields: serde_json::Map<String, Value>,
+) -> Result<T, ApiError> {
+    serde_json::from_value(Value::Object(fields))
+        .map_err(|e| ApiError::invalid_request(format!("invalid operation: {e}")))
+}
+
+impl OpReader {
+    /// The frame to send back for one text frame (a reply or a pong).
+    async fn handle(&mut self, text: &str) -> Option<String> {
+        let mut fields = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(fields)) => fields,
+            Ok(_) => {
+                return Some(error_reply(
+                    Value::Null,
+                    &ApiError::invalid_request("a frame must be a JSON object with an op"),
+                ));
+            }
+            Err(e) => {
+                return Some(error_reply(
+                    Value::Null,
+                    &ApiError::invalid_request(format!("malformed JSON: {e}")),
+                ));
+            }
+        };
+        let reference = match fields.remove("ref") {
+            None | Some(Value::Null) => Value::Null,
+            Some(r @ (Value::String(_) | Value::Number(_))) => r,
+            Some(_) => {
+                return Some(error_reply(
+                    Value::Null,
+                    &ApiError::invalid_request("ref must be a string or a number"),
+                ));
+            }
+        };
+        let op = match fields.remove("op") {
+            Some(Value::String(op)) => op,
+            _ => {
+                return Some(error_reply(
+                    reference,
+                    &ApiError::invalid_request("every frame needs an op (a string)"),
+                ));
+            }
+        };
+        if !self.bucket.take() {
+            let error = ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many operations on this connection; slow down",
+            );
+            return Some(error_reply(reference, &error));
+        }
+        if op == "ping" {
+            return Some(match parse::<EmptyOp>(fields) {
+                Ok(_) => json!({"kind": "pong", "ref": reference}).to_string(),
+                Err(e) => error_reply(reference, &e),
+            });
+        }
+        let result = match op.as_str() {
+            "message" => self.message(fields).await,
+            "cancel" => self.cancel(fields).await,
+            "clear" => self.clear(fields).await,
+            "context" => self.context(fields).await,
+            other => Err(ApiError::invalid_request(format!(
+                "unknown op {other:?}; expected message, cancel, clear, context or ping"
+            ))),
+        };
+        Some(match result {
+            Ok(data) => ok_reply(reference, data),
+            Err(e) => error_reply(reference, &e),
+        })
+    }
+
+    async fn message(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+        let op: MessageOp = parse(fields)?;
+        validate_content(&op.content)?;
+        let is_clear = op.content.trim() == "/clear";
+        let key = match op.idempotency_key {
+            Some(key) if !is_clear => {
+                validate_idempotency_key(&key).map_err(|e| ApiError::invalid_request(e.0))?;
+                Some(key)
+            }
+            _ => None,
+        };
+        let outcome = self
+            .engine
+            .send_message(MessageRequest {
+                session: self.session.clone(),
+                content: op.content,
+                policy: op.policy.unwrap_or_default(),
+                metadata: op.metadata.unwrap_or_default(),
+                idempotency_key: key,
+                wait: false,
+            })
+            .await?;
+        Ok(match outcome {
+            MessageOutcome::Cleared(cleared) => {
+                json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled})
+            }
+            MessageOutcome::Accepted(accepted) => json!(accepted.interaction),
+        })
+    }
+
+    async fn cancel(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+        let op: CancelOp = parse(fields)?;
+        let target = match op.interaction_id {
+            Some(raw) => Some(
+                InteractionId::parse(&raw)
+                    .map_err(|_| ApiError::not_found("interaction not found in this session"))?,
+            ),
+            None => None,
+        };
+        let cancelled = self.engine.cancel(self.session.clone(), target).await?;
+        Ok(json!({ "cancelled": cancelled }))
+    }
+
+    async fn clear(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+        let _: EmptyOp = parse(fields)?;
+        let cleared = self.engine.clear(self.session.clone()).await?;
+        Ok(json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled}))
+    }
+
+    async fn context(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+        let op: ContextOp = parse(fields)?;
+        let context = match (op.set, op.patch) {
+            (None, None) => {
+                return Err(ApiError::invalid_request(
+                    "a context op needs set (an object) or patch (an object)",
+                ));
+            }
+            (Some(set), None) => {
+                self.engine
+                    .update_context(self.session.clone(), set, false)
+                    .await?
+            }
+            (None, Some(patch)) => {
+                self.engine
+                    .update_context(self.session.clone(), patch, true)
+                    .await?
+            }
+            (Some(set), Some(patch)) => {
+                // Both: the patch applies to the new value, in one write.
+                let mut value = Value::Object(set);
+                merge_patch(&mut value, &Value::Object(patch));
+                let Value::Object(context) = value else {
+                    return Err(ApiError::internal());
+                };
+                self.engine
+                    .update_context(self.session.clone(), context, false)
+                    .await?
+            }
+        };
+        Ok(Value::Object(context))
+    }
+}
