@@ -35,7 +35,12 @@ pub struct BenchOptions {
     /// Sessions and interactions per session of the memory scenario (0 sessions: skipped).
     pub memory_sessions: usize,
     pub memory_interactions: usize,
-    /// Which scenarios to run (`throughput`, `accept`, `memory`); empty means all.
+    /// WebSocket subscribers of the fan-out scenario (0 skips it).
+    pub fanout_subscribers: usize,
+    /// Idle WebSocket connections of the idle-memory scenario (0 skips it).
+    pub idle_connections: usize,
+    /// Which scenarios to run (`throughput`, `accept`, `memory`, `fanout`, `idle`); empty
+    /// means all.
     pub only: Vec<String>,
 }
 
@@ -46,6 +51,23 @@ struct Figures {
     throughput: Option<Throughput>,
     accept: Option<Latencies>,
     memory: Option<Memory>,
+    fanout: Option<Fanout>,
+    idle: Option<Idle>,
+}
+
+#[derive(Debug, Clone)]
+struct Fanout {
+    subscribers: usize,
+    deliveries_per_second: f64,
+    /// Event creation (`at`, millisecond precision) to receipt.
+    latency: Latencies,
+}
+
+#[derive(Debug, Clone)]
+struct Idle {
+    connections: usize,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -73,8 +95,10 @@ struct Memory {
     load_seconds: f64,
 }
 
-const BENCH_CONFIG: &str =
-    "queue_limit = 100000\n\n[agents.default]\nkind = \"echo\"\ndelay_ms = 0\n";
+/// `default` answers at once; `stream` streams a word per millisecond (the fan-out scenario).
+const BENCH_CONFIG: &str = "queue_limit = 100000\n\n\
+    [agents.default]\nkind = \"echo\"\ndelay_ms = 0\n\n\
+    [agents.stream]\nkind = \"echo\"\ndelay_ms = 1\n";
 const CONTENT: &str = "hello from the baton benchmark";
 
 impl Latencies {
@@ -364,6 +388,148 @@ async fn memory(
     })
 }
 
+/// One session, `subscribers` WebSockets on it, producers streaming echo deltas into it.
+async fn fanout(url: &str, subscribers: usize, duration: Duration) -> anyhow::Result<Fanout> {
+    use futures_util::StreamExt;
+    let ws_url = format!(
+        "{}/v1/sessions/bench-fanout/ws",
+        url.replacen("http://", "ws://", 1)
+    );
+    // The agent streams a word every millisecond: a live stream, not a backlog.
+    let created = http_client(1)?
+        .put(format!("{url}/v1/sessions/bench-fanout"))
+        .json(&serde_json::json!({"agent": "stream"}))
+        .send()
+        .await?;
+    if !created.status().is_success() {
+        bail!("creating the fan-out session answered {}", created.status());
+    }
+    let start = Instant::now() + Duration::from_secs(1);
+    let end = start + duration;
+    let mut sockets = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        let (socket, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+            .await
+            .context("connecting a subscriber")?;
+        sockets.push(socket);
+    }
+    let mut readers = Vec::with_capacity(subscribers);
+    for mut socket in sockets {
+        readers.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::new();
+            let mut count = 0u64;
+            let stop = tokio::time::sleep_until((end + Duration::from_millis(500)).into());
+            tokio::pin!(stop);
+            loop {
+                let message = tokio::select! {
+                    _ = &mut stop => break,
+                    m = socket.next() => m,
+                };
+                let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = message else {
+                    if message.is_none() {
+                        break;
+                    }
+                    continue;
+                };
+                let received = crate::model::Millis::now();
+                let now = Instant::now();
+                if now < start || now > end {
+                    continue;
+                }
+                // `"at":"…"` sits right after the type in every envelope.
+                if let Some(at) = text
+                    .find("\"at\":\"")
+                    .and_then(|i| text.get(i + 6..i + 30))
+                    .and_then(crate::model::Millis::parse_rfc3339)
+                {
+                    count += 1;
+                    latencies.push(u32::try_from((received.0 - at.0).max(0)).unwrap_or(u32::MAX));
+                }
+            }
+            (count, latencies)
+        }));
+    }
+    // Producers: enqueue messages of 20 words, as fast as the session takes them.
+    let http = http_client(4)?;
+    let content = (0..20)
+        .map(|i| format!("word{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let body = serde_json::json!({"content": content, "policy": "enqueue"}).to_string();
+    let target = format!("{url}/v1/sessions/bench-fanout/messages?wait=30");
+    let mut producers = Vec::new();
+    for _ in 0..4 {
+        let http = http.clone();
+        let body = body.clone();
+        let target = target.clone();
+        producers.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                let sent = http
+                    .post(&target)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                if let Ok(r) = sent {
+                    let _ = r.bytes().await;
+                }
+            }
+        }));
+    }
+    for producer in producers {
+        producer.await?;
+    }
+    let mut total = 0;
+    let mut all = Vec::new();
+    for reader in readers {
+        let (count, latencies) = reader.await?;
+        total += count;
+        all.extend(
+            latencies
+                .into_iter()
+                .map(|ms| Duration::from_millis(u64::from(ms))),
+        );
+    }
+    Ok(Fanout {
+        subscribers,
+        deliveries_per_second: total as f64 / duration.as_secs_f64(),
+        latency: Latencies::from(all).context("no event was delivered")?,
+    })
+}
+
+/// Opens `connections` WebSockets (spread over 100 sessions) and leaves them idle.
+async fn idle(url: &str, pid: u32, connections: usize) -> anyhow::Result<Idle> {
+    let ws_base = url.replacen("http://", "ws://", 1);
+    // Create the sessions first, so the figure is about connections only.
+    for s in 0..100 {
+        let (socket, _) =
+            tokio_tungstenite::connect_async(format!("{ws_base}/v1/sessions/bench-idle-{s}/ws"))
+                .await
+                .context("creating a session")?;
+        drop(socket);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before_kib = rss_kib(pid).context("reading the server's RSS")?;
+    let mut sockets = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let (socket, _) = tokio_tungstenite::connect_async(format!(
+            "{ws_base}/v1/sessions/bench-idle-{}/ws",
+            i % 100
+        ))
+        .await
+        .with_context(|| format!("opening idle connection {i}"))?;
+        sockets.push(socket);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after_kib = rss_kib(pid).context("reading the server's RSS")?;
+    drop(sockets);
+    Ok(Idle {
+        connections,
+        rss_before_kib,
+        rss_after_kib,
+    })
+}
+
 async fn measure(
     name: &str,
     url: &str,
@@ -413,6 +579,30 @@ async fn measure(
             )
             .await?,
         );
+    }
+    if wants("fanout") && options.fanout_subscribers > 0 {
+        eprintln!(
+            "[{name}] fan-out: {} WebSocket subscribers on one session, {} s",
+            options.fanout_subscribers, options.duration_s
+        );
+        figures.fanout = Some(
+            fanout(
+                url,
+                options.fanout_subscribers,
+                Duration::from_secs_f64(options.duration_s),
+            )
+            .await?,
+        );
+    }
+    if wants("idle")
+        && options.idle_connections > 0
+        && let Some(pid) = pid
+    {
+        eprintln!(
+            "[{name}] idle: {} WebSocket connections",
+            options.idle_connections
+        );
+        figures.idle = Some(idle(url, pid, options.idle_connections).await?);
     }
     Ok(figures)
 }
@@ -572,6 +762,62 @@ fn report(results: &[Figures]) -> String {
             f.memory
                 .as_ref()
                 .map(|m| (format!("{:.1} s", m.load_seconds), m.load_seconds))
+        },
+        false,
+    );
+    row(
+        "(d) fan-out deliveries/s (1 session)",
+        &|f| {
+            f.fanout.as_ref().map(|x| {
+                (
+                    format!(
+                        "{:.0} ({} subscribers)",
+                        x.deliveries_per_second, x.subscribers
+                    ),
+                    x.deliveries_per_second,
+                )
+            })
+        },
+        true,
+    );
+    row(
+        "(d) delivery latency p50",
+        &|f| {
+            f.fanout
+                .as_ref()
+                .map(|x| (ms(x.latency.p50), x.latency.p50.as_secs_f64()))
+        },
+        false,
+    );
+    row(
+        "(d) delivery latency p99",
+        &|f| {
+            f.fanout
+                .as_ref()
+                .map(|x| (ms(x.latency.p99), x.latency.p99.as_secs_f64()))
+        },
+        false,
+    );
+    row(
+        "(e) server memory per idle WebSocket",
+        &|f| {
+            f.idle.as_ref().map(|x| {
+                let per = x.rss_after_kib.saturating_sub(x.rss_before_kib) as f64
+                    / x.connections.max(1) as f64;
+                (format!("{per:.1} KiB ({} connections)", x.connections), per)
+            })
+        },
+        false,
+    );
+    row(
+        "(e) RSS with the idle connections",
+        &|f| {
+            f.idle.as_ref().map(|x| {
+                (
+                    format!("{:.1} MiB", x.rss_after_kib as f64 / 1024.0),
+                    x.rss_after_kib as f64,
+                )
+            })
         },
         false,
     );

@@ -183,6 +183,16 @@ impl Subscription {
     }
 }
 
+impl Subscription {
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Arc<Event>, broadcast::error::TryRecvError> {
+        match self.receiver.as_mut() {
+            Some(receiver) => receiver.try_recv(),
+            None => Err(broadcast::error::TryRecvError::Closed),
+        }
+    }
+}
+
 impl Drop for Subscription {
     fn drop(&mut self) {
         drop(self.receiver.take());

@@ -12,7 +12,7 @@
 //! - [`agent`]: the agent contract and the built-in agents.
 //! - [`api`]: the HTTP transport and its error model.
 //! - [`server`]: wiring and graceful shutdown.
-//! - [`client`]: the HTTP client used by the CLI.
+//! - [`client`]: HTTP and WebSocket clients of the contract; [`cli`]: the CLI's commands.
 //! - [`bench`]: the load generator (`baton bench`).
 //!
 //! Data flows one way: transport → engine → store → bus → transport.
@@ -21,6 +21,7 @@ pub mod agent;
 pub mod api;
 pub mod bench;
 pub mod bus;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use baton::client::{Client, DEFAULT_SERVER, ServerError};
+use baton::client::{DEFAULT_SERVER, ServerError};
 use baton::config::{Config, Overrides};
 
 #[derive(Parser)]
@@ -35,13 +35,34 @@ enum Command {
         #[arg(long)]
         database: Option<String>,
     },
-    /// Send a message, wait for it and print the response.
+    /// Send a message, stream the reply to stdout; non-zero exit unless it completed.
     Send {
         session: String,
         text: String,
         /// reject | enqueue | interrupt
         #[arg(long, default_value = "reject")]
         policy: String,
+        #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+    },
+    /// Chat with a session's agent interactively (/clear, /cancel, /quit).
+    Chat {
+        session: String,
+        /// Switch the session to this agent first.
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+    },
+    /// Print the session's events as JSON lines, following live.
+    Watch {
+        session: String,
+        /// Start after this event seq (replays the stored ones after it).
+        #[arg(long)]
+        after: Option<i64>,
+        /// Replay every retained event first.
+        #[arg(long)]
+        replay: bool,
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
     },
@@ -71,7 +92,13 @@ enum Command {
         /// Interactions per session of the memory scenario.
         #[arg(long, default_value_t = 10)]
         memory_interactions: usize,
-        /// Run only these scenarios: throughput, accept, memory (repeatable).
+        /// WebSocket subscribers of the fan-out scenario (0 skips it).
+        #[arg(long, default_value_t = 1000)]
+        fanout_subscribers: usize,
+        /// Idle WebSocket connections of the idle-memory scenario (0 skips it).
+        #[arg(long, default_value_t = 10_000)]
+        idle_connections: usize,
+        /// Run only these scenarios: throughput, accept, memory, fanout, idle (repeatable).
         #[arg(long)]
         only: Vec<String>,
     },
@@ -144,7 +171,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             text,
             policy,
             server,
-        } => send(&Client::new(&server)?, &session, &text, &policy).await,
+        } => baton::cli::send(&server, &session, &text, &policy).await,
+        Command::Chat {
+            session,
+            agent,
+            server,
+        } => baton::cli::chat(&server, &session, agent.as_deref()).await,
+        Command::Watch {
+            session,
+            after,
+            replay,
+            server,
+        } => baton::cli::watch(&server, &session, after, replay).await,
         Command::Bench {
             server,
             peer,
@@ -154,6 +192,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             accept_requests,
             memory_sessions,
             memory_interactions,
+            fanout_subscribers,
+            idle_connections,
             only,
         } => {
             baton::bench::run(baton::bench::BenchOptions {
@@ -165,6 +205,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 accept_requests,
                 memory_sessions,
                 memory_interactions,
+                fanout_subscribers,
+                idle_connections,
                 only,
             })
             .await?;
@@ -174,61 +216,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             session,
             json,
             server,
-        } => {
-            let client = Client::new(&server)?;
-            for interaction in client.history(&session).await? {
-                if json {
-                    println!("{interaction}");
-                } else {
-                    println!(
-                        "[{}] {} > {}\n{}\n",
-                        interaction["created_at"].as_str().unwrap_or(""),
-                        interaction["status"].as_str().unwrap_or(""),
-                        interaction["content"].as_str().unwrap_or(""),
-                        interaction["response"].as_str().unwrap_or(""),
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-/// Posts, waits until the interaction is final, prints the response; non-zero unless it
-/// completed.
-async fn send(
-    client: &Client,
-    session: &str,
-    text: &str,
-    policy: &str,
-) -> anyhow::Result<ExitCode> {
-    let (_, body) = client
-        .send_message(session, text, policy, Some(300))
-        .await?;
-    if body.get("epoch").is_some() {
-        println!("cleared (epoch {})", body["epoch"]);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut interaction = body;
-    let id = interaction["id"].as_str().unwrap_or_default().to_string();
-    while matches!(interaction["status"].as_str(), Some("queued" | "running")) {
-        interaction = client.get_interaction(session, &id).await?;
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    match interaction["status"].as_str() {
-        Some("completed") => {
-            println!("{}", interaction["response"].as_str().unwrap_or(""));
-            Ok(ExitCode::SUCCESS)
-        }
-        Some(status) => {
-            let reason = interaction["error"]["message"]
-                .as_str()
-                .or(interaction["cancel_reason"].as_str())
-                .unwrap_or("");
-            eprintln!("error: interaction {id} {status}: {reason}");
-            Ok(ExitCode::FAILURE)
-        }
-        None => anyhow::bail!("unexpected answer: {interaction}"),
+        } => baton::cli::history(&server, &session, json).await,
     }
 }
 

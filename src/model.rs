@@ -138,6 +138,36 @@ impl Millis {
     }
 }
 
+impl Millis {
+    /// Parses the UTC form [`Millis::to_rfc3339`] writes (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
+    pub fn parse_rfc3339(text: &str) -> Option<Self> {
+        let b = text.as_bytes();
+        if b.len() != 24
+            || b[4] != b'-'
+            || b[7] != b'-'
+            || b[10] != b'T'
+            || b[19] != b'.'
+            || b[23] != b'Z'
+        {
+            return None;
+        }
+        let num = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
+        let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (hh, mm, ss, ms) = (num(11..13)?, num(14..16)?, num(17..19)?, num(20..23)?);
+        // Days from civil (Howard Hinnant), the inverse of `civil_from_days`.
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        Some(Millis(
+            ((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000) + ms,
+        ))
+    }
+}
+
 impl Serialize for Millis {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_rfc3339())
@@ -428,6 +458,13 @@ mod tests {
             Millis(951_782_400_000).to_rfc3339(),
             "2000-02-29T00:00:00.000Z"
         );
+        for ms in [0, 951_782_400_000, 1_795_852_800_123, 1_709_251_199_999] {
+            assert_eq!(
+                Millis::parse_rfc3339(&Millis(ms).to_rfc3339()),
+                Some(Millis(ms))
+            );
+        }
+        assert_eq!(Millis::parse_rfc3339("2026-11-28 08:00:00.123Z"), None);
     }
 
     #[test]

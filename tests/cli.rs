@@ -121,3 +121,133 @@ async fn send_reports_a_cancelled_interaction_as_a_failure() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
     server.stop().await;
 }
+
+/// Reads the child's output until `needle` shows up (or panics after the timeout).
+fn read_until(output: &std::sync::mpsc::Receiver<String>, seen: &mut String, needle: &str) {
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match output.recv_timeout(left) {
+            Ok(chunk) => seen.push_str(&chunk),
+            Err(_) => panic!("{needle:?} never appeared; output so far: {seen:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_in_a_terminal_streams_replies_and_handles_commands() {
+    use std::io::{Read, Write};
+    let server = TestServer::start_default().await;
+    // `script` runs the chat on a pseudo-terminal, as a person at a terminal would.
+    let command = format!(
+        "{} chat tty --agent slow --server {}",
+        env!("CARGO_BIN_EXE_baton"),
+        server.url
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env("BATON_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script is installed (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let result = tokio::task::spawn_blocking(move || {
+        read_until(&output, &mut seen, "baton chat: session tty (agent slow)");
+        stdin.write_all(b"hello from a terminal\n").expect("type");
+        read_until(&output, &mut seen, "agent> hello from a terminal");
+        stdin.write_all(b"/clear\n").expect("type");
+        read_until(&output, &mut seen, "[cleared: epoch 1]");
+        stdin.write_all(b"/quit\n").expect("type");
+        seen
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen = result.expect("the chat behaved");
+    // Streamed once: the reply is not printed twice.
+    assert_eq!(
+        seen.matches("agent> hello from a terminal").count(),
+        1,
+        "{seen}"
+    );
+    let list = server.get("/v1/sessions/tty/interactions").await;
+    assert_eq!(list.body["interactions"], serde_json::json!([]), "cleared");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_the_event_stream_as_json_lines() {
+    let server = TestServer::start_default().await;
+    let done = server
+        .post(
+            "/v1/sessions/w/messages?wait=10",
+            &serde_json::json!({"content": "a b"}),
+        )
+        .await;
+    assert_eq!(done.status, 200);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["watch", "w", "--replay", "--server", &server.url])
+        .env("BATON_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(format!("{line}\n")).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let (output, mut seen) = tokio::task::spawn_blocking(move || {
+        read_until(&output, &mut seen, "task.completed");
+        (output, seen)
+    })
+    .await
+    .expect("watch replays");
+    let deleted = server.delete("/v1/sessions/w").await;
+    assert_eq!(deleted.status, 204);
+    let seen = tokio::task::spawn_blocking(move || {
+        read_until(&output, &mut seen, "session.deleted");
+        seen
+    })
+    .await
+    .expect("watch output");
+    let status = child
+        .wait()
+        .expect("watch exits after the session is deleted");
+    assert!(status.success());
+    let events: Vec<serde_json::Value> = seen
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"session.created"));
+    assert!(kinds.contains(&"task.completed"));
+    assert_eq!(kinds.last(), Some(&"session.deleted"));
+    let seqs: Vec<i64> = events.iter().filter_map(|e| e["seq"].as_i64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    server.stop().await;
+}

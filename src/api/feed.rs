@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::bus::Subscription;
 use crate::engine::{Engine, EngineError};
@@ -62,6 +62,28 @@ impl EventFeed {
     /// The seq of the last event handed out.
     pub fn last_sent(&self) -> i64 {
         self.last_sent
+    }
+
+    /// A live event that is already waiting, without waiting (to batch socket writes).
+    pub fn try_next(&mut self) -> Option<FeedItem> {
+        if self.replaying || !self.replay.is_empty() {
+            return None;
+        }
+        loop {
+            match self.subscription.try_recv() {
+                Ok(event) if event.seq > self.last_sent => {
+                    self.last_sent = event.seq;
+                    return Some(FeedItem::Event(event));
+                }
+                Ok(_) => {}
+                Err(TryRecvError::Lagged(_)) => {
+                    return Some(FeedItem::Lagged {
+                        last_sent: self.last_sent,
+                    });
+                }
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+            }
+        }
     }
 
     pub async fn next(&mut self) -> Result<FeedItem, EngineError> {

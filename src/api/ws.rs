@@ -30,6 +30,14 @@ use crate::model::{
 
 /// Replies waiting for the writer.
 const REPLY_BUFFER: usize = 64;
+/// Initial read buffer of a connection.
+const READ_BUFFER: usize = 4 * 1024;
+/// Frames are written out once this much is buffered (and at every flush).
+const WRITE_BUFFER: usize = 64 * 1024;
+/// A peer that lets this much pile up is stuck: its connection fails.
+const MAX_WRITE_BUFFER: usize = 16 * 1024 * 1024;
+/// Events written between two flushes at most.
+const MAX_BURST: usize = 256;
 /// A frame that cannot be written in this long means a dead or stuck peer.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -71,6 +79,11 @@ pub async fn ws(
     Ok(upgrade
         .max_message_size(settings.max_frame_bytes)
         .max_frame_size(settings.max_frame_bytes)
+        // tungstenite's default 128 KiB read buffer per connection would dominate the memory
+        // of idle connections; client frames are small ops, and the buffer grows if needed.
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             Connection {
                 engine,
@@ -156,13 +169,32 @@ impl Connection {
                         }
                     }
                     item = feed.next() => match item {
-                        Ok(FeedItem::Event(event)) => {
-                            let frame = event_frame(&event.envelope);
-                            if send(&mut sink, Message::Text(frame.into())).await.is_err() {
+                        Ok(FeedItem::Event(mut event)) => {
+                            // Write every event already waiting, then flush once: one
+                            // syscall for a burst instead of one per event.
+                            let mut burst = 0;
+                            let ended = loop {
+                                let frame = event_frame(&event.envelope);
+                                if feed_frame(&mut sink, Message::Text(frame.into())).await.is_err() {
+                                    break Some(Ending::Drop);
+                                }
+                                if event.kind == EventType::SessionDeleted {
+                                    break Some(Ending::Close(1000, "session deleted".into()));
+                                }
+                                burst += 1;
+                                match (burst < MAX_BURST).then(|| feed.try_next()).flatten() {
+                                    Some(FeedItem::Event(next)) => event = next,
+                                    Some(FeedItem::Lagged { last_sent }) => {
+                                        break Some(Ending::Close(1013, format!("after={last_sent}")));
+                                    }
+                                    Some(FeedItem::Closed) | None => break None,
+                                }
+                            };
+                            if flush(&mut sink).await.is_err() {
                                 break 'writer Ending::Drop;
                             }
-                            if event.kind == EventType::SessionDeleted {
-                                break 'writer Ending::Close(1000, "session deleted".into());
+                            if let Some(ending) = ended {
+                                break 'writer ending;
                             }
                         }
                         Ok(FeedItem::Lagged { last_sent }) => {
@@ -203,6 +235,27 @@ where
     S: futures_util::Sink<Message> + Unpin,
 {
     match tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Queues a frame without flushing (the caller flushes after a burst).
+async fn feed_frame<S>(sink: &mut S, message: Message) -> Result<(), ()>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(SEND_TIMEOUT, sink.feed(message)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+async fn flush<S>(sink: &mut S) -> Result<(), ()>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    match tokio::time::timeout(SEND_TIMEOUT, sink.flush()).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }

@@ -1,4 +1,7 @@
-//! A small HTTP client of the wire contract, used by the CLI and the benchmark.
+//! Clients of the wire contract, used by the CLI and the benchmark: HTTP here, the
+//! WebSocket protocol in [`stream`].
+
+pub mod stream;
 
 use std::time::Duration;
 
@@ -45,6 +48,23 @@ impl Client {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `PUT /v1/sessions/{id}` with an agent.
+    pub async fn put_session_agent(&self, session: &str, agent: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .put(self.url(&format!("/v1/sessions/{session}")))
+            .json(&json!({ "agent": agent }))
+            .send()
+            .await
+            .with_context(|| format!("connecting to {}", self.base))?;
+        Ok(Self::decode(response).await?.1)
     }
 
     async fn decode(response: reqwest::Response) -> anyhow::Result<(StatusCode, Value)> {
