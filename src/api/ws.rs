@@ -104,6 +104,12 @@ struct Connection {
     _guard: ConnectionGuard,
 }
 
+/// What the reader hands to the writer.
+enum Outbound {
+    Text(String),
+    Close(u16, String),
+}
+
 /// Why the writer loop ended, and how to close.
 enum Ending {
     Close(u16, String),
@@ -114,7 +120,7 @@ enum Ending {
 impl Connection {
     async fn run(self, socket: WebSocket, hello: Session, mut feed: EventFeed) {
         let (mut sink, mut stream) = socket.split();
-        let (replies, mut pending) = mpsc::channel::<String>(REPLY_BUFFER);
+        let (replies, mut pending) = mpsc::channel::<Outbound>(REPLY_BUFFER);
         let (heard_tx, mut heard) = tokio::sync::watch::channel(Instant::now());
         let reader = OpReader {
             engine: self.engine.clone(),
@@ -124,7 +130,22 @@ impl Connection {
         // Owned by this connection: aborted when the writer loop ends.
         let reader = AbortOnDrop(tokio::spawn(async move {
             let mut reader = reader;
-            while let Some(Ok(message)) = stream.next().await {
+            while let Some(message) = stream.next().await {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(e) => {
+                        // A frame past the size limit is the one error worth telling the peer.
+                        let inner = e.into_inner();
+                        if matches!(
+                            inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
+                            Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+                        ) {
+                            let close = Outbound::Close(1009, "frame too large".into());
+                            let _ = replies.send(close).await;
+                        }
+                        break;
+                    }
+                };
                 let _ = heard_tx.send(Instant::now());
                 let reply = match message {
                     Message::Text(text) => reader.handle(text.as_str()).await,
@@ -138,7 +159,7 @@ impl Connection {
                     Message::Ping(_) | Message::Pong(_) => None,
                 };
                 if let Some(reply) = reply
-                    && replies.send(reply).await.is_err()
+                    && replies.send(Outbound::Text(reply)).await.is_err()
                 {
                     break;
                 }
@@ -159,15 +180,18 @@ impl Connection {
                     _ = stopping.cancelled() => {
                         break 'writer Ending::Close(1001, "server shutting down".into());
                     }
-                    reply = pending.recv() => {
-                        let Some(reply) = reply else {
-                            // The reader ended: the client closed or the stream failed.
-                            break 'writer Ending::Close(1000, String::new());
-                        };
-                        if send(&mut sink, Message::Text(reply.into())).await.is_err() {
-                            break 'writer Ending::Drop;
+                    reply = pending.recv() => match reply {
+                        Some(Outbound::Text(reply)) => {
+                            if send(&mut sink, Message::Text(reply.into())).await.is_err() {
+                                break 'writer Ending::Drop;
+                            }
                         }
-                    }
+                        Some(Outbound::Close(code, reason)) => {
+                            break 'writer Ending::Close(code, reason);
+                        }
+                        // The reader ended: the client closed or the stream failed.
+                        None => break 'writer Ending::Close(1000, String::new()),
+                    },
                     item = feed.next() => match item {
                         Ok(FeedItem::Event(mut event)) => {
                             // Write every event already waiting, then flush once: one
