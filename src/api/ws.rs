@@ -36,6 +36,8 @@ const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 64 * 1024;
 /// A peer that lets this much pile up is stuck: its connection fails.
 const MAX_WRITE_BUFFER: usize = 16 * 1024 * 1024;
+/// After sending a close frame, how long to wait for the peer's.
+const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 /// Events written between two flushes at most.
 const MAX_BURST: usize = 256;
 /// A frame that cannot be written in this long means a dead or stuck peer.
@@ -147,6 +149,13 @@ impl Connection {
                     }
                 };
                 let _ = heard_tx.send(Instant::now());
+                if replies.is_closed() {
+                    // The writer is closing: read on (and discard) until the peer's close.
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                    continue;
+                }
                 let reply = match message {
                     Message::Text(text) => reader.handle(text.as_str()).await,
                     Message::Binary(_) => Some(error_reply(
@@ -158,10 +167,9 @@ impl Connection {
                     Message::Close(_) => break,
                     Message::Ping(_) | Message::Pong(_) => None,
                 };
-                if let Some(reply) = reply
-                    && replies.send(Outbound::Text(reply)).await.is_err()
-                {
-                    break;
+                if let Some(reply) = reply {
+                    // An error means the writer is closing; the loop then only drains.
+                    let _ = replies.send(Outbound::Text(reply)).await;
                 }
             }
         }));
@@ -243,14 +251,22 @@ impl Connection {
                 }
             }
         };
-        drop(reader);
+        // From here on the reader only drains: its replies have nowhere to go.
+        drop(pending);
+        let mut reader = reader;
         if let Ending::Close(code, reason) = ending {
             let frame = CloseFrame {
                 code,
                 reason: Utf8Bytes::from(reason),
             };
-            let _ = send(&mut sink, Message::Close(Some(frame))).await;
+            if send(&mut sink, Message::Close(Some(frame))).await.is_ok() {
+                // Closing a socket with unread input makes the kernel reset it and discard
+                // what is still in flight (the close frame included): read until the peer's
+                // close, or give up after a while.
+                let _ = tokio::time::timeout(CLOSE_DRAIN, &mut reader.0).await;
+            }
         }
+        drop(reader);
     }
 }
 
