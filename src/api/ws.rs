@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -270,35 +270,25 @@ impl Connection {
     }
 }
 
-async fn send<S>(sink: &mut S, message: Message) -> Result<(), ()>
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    match tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await {
+/// A socket operation bounded by [`SEND_TIMEOUT`]; any failure or timeout is `Err`.
+async fn within_send_timeout<E>(operation: impl Future<Output = Result<(), E>>) -> Result<(), ()> {
+    match tokio::time::timeout(SEND_TIMEOUT, operation).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
+}
+
+async fn send<S: Sink<Message> + Unpin>(sink: &mut S, message: Message) -> Result<(), ()> {
+    within_send_timeout(sink.send(message)).await
 }
 
 /// Queues a frame without flushing (the caller flushes after a burst).
-async fn feed_frame<S>(sink: &mut S, message: Message) -> Result<(), ()>
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    match tokio::time::timeout(SEND_TIMEOUT, sink.feed(message)).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
-    }
+async fn feed_frame<S: Sink<Message> + Unpin>(sink: &mut S, message: Message) -> Result<(), ()> {
+    within_send_timeout(sink.feed(message)).await
 }
 
-async fn flush<S>(sink: &mut S) -> Result<(), ()>
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    match tokio::time::timeout(SEND_TIMEOUT, sink.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
-    }
+async fn flush<S: Sink<Message> + Unpin>(sink: &mut S) -> Result<(), ()> {
+    within_send_timeout(sink.flush()).await
 }
 
 /// `{"kind":"event", ...envelope}` without re-serialising the envelope.
