@@ -393,6 +393,44 @@ delay_ms = 0
     assert_eq!(metric(&server, "baton_connections").await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_count_toward_the_rate_limit() {
+    let server = TestServer::start(
+        r#"
+ws_ops_per_second = 5
+
+[agents.default]
+kind = "echo"
+delay_ms = 0
+"#,
+    )
+    .await;
+    let mut ws = Ws::connect(&server, "rate-bad", "").await;
+    const BURST: usize = 40;
+    for _ in 0..BURST {
+        ws.send_text("not json").await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..BURST {
+        let frame = ws.next_json().await;
+        assert_eq!(frame["kind"], "reply", "{frame}");
+        assert_eq!(frame["ok"], false, "{frame}");
+        assert_eq!(frame["ref"], Value::Null, "{frame}");
+        codes.push(
+            frame["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert!(codes.iter().any(|c| c == "invalid_request"), "{codes:?}");
+    assert!(
+        codes.iter().any(|c| c == "rate_limited"),
+        "a burst of {BURST} malformed frames at 5/s is limited: {codes:?}"
+    );
+    assert_eq!(metric(&server, "baton_connections").await, 1);
+}
+
 /// A frame over `max_body_bytes` (API.md does not say what happens). Observed behaviour: the
 /// server closes the connection with `1009` ("frame too large"). The client may instead see
 /// the connection reset (ECONNRESET) without that close frame: the server closes the socket

@@ -400,6 +400,20 @@ fn parse<T: serde::de::DeserializeOwned>(
 impl OpReader {
     /// The frame to send back for one text frame (a reply or a pong).
     async fn handle(&mut self, text: &str) -> Option<String> {
+        // Every text frame counts, malformed ones included.
+        if !self.bucket.take() {
+            let reference = serde_json::from_str::<Value>(text)
+                .ok()
+                .and_then(|frame| frame.get("ref").cloned())
+                .filter(|r| r.is_string() || r.is_number())
+                .unwrap_or(Value::Null);
+            let error = ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many operations on this connection; slow down",
+            );
+            return Some(error_reply(reference, &error));
+        }
         let mut fields = match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(fields)) => fields,
             Ok(_) => {
@@ -434,14 +448,6 @@ impl OpReader {
                 ));
             }
         };
-        if !self.bucket.take() {
-            let error = ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many operations on this connection; slow down",
-            );
-            return Some(error_reply(reference, &error));
-        }
         if op == "ping" {
             return Some(match parse::<EmptyOp>(fields) {
                 Ok(_) => json!({"kind": "pong", "ref": reference}).to_string(),
