@@ -391,6 +391,17 @@ pub async fn patch_context(
     Ok(Json(context).into_response())
 }
 
+/// The OpenAPI 3 description of the HTTP API (a static document, checked to parse in tests).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+pub async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
