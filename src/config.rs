@@ -84,12 +84,16 @@ pub enum Synchronous {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum AgentConfig {
     Echo(EchoConfig),
+    Command(CommandConfig),
+    Openai(OpenaiConfig),
 }
 
 impl AgentConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             AgentConfig::Echo(_) => "echo",
+            AgentConfig::Command(_) => "command",
+            AgentConfig::Openai(_) => "openai",
         }
     }
 
@@ -97,7 +101,63 @@ impl AgentConfig {
     pub fn timeout_s(&self) -> Option<f64> {
         match self {
             AgentConfig::Echo(c) => c.timeout_s,
+            AgentConfig::Command(c) => c.timeout_s,
+            AgentConfig::Openai(c) => c.timeout_s,
         }
+    }
+
+    /// Completed interactions handed to the agent as history, when it overrides `history_limit`.
+    pub fn max_history(&self) -> Option<u32> {
+        match self {
+            AgentConfig::Echo(_) => None,
+            AgentConfig::Command(c) => c.max_history,
+            AgentConfig::Openai(c) => c.max_history,
+        }
+    }
+
+    fn validate(&self, name: &str) -> anyhow::Result<()> {
+        if let Some(t) = self.timeout_s()
+            && !(t.is_finite() && t > 0.0)
+        {
+            bail!("agents.{name}.timeout_s must be a positive number of seconds");
+        }
+        match self {
+            AgentConfig::Echo(_) => {}
+            AgentConfig::Command(c) => {
+                if c.program.trim().is_empty() {
+                    bail!("agents.{name}.program must name a program");
+                }
+                if c.max_line_bytes < 64 {
+                    bail!("agents.{name}.max_line_bytes must be at least 64");
+                }
+                if c.max_output_bytes < c.max_line_bytes {
+                    bail!("agents.{name}.max_output_bytes must be at least max_line_bytes");
+                }
+                if let Some(cwd) = &c.cwd
+                    && !cwd.is_dir()
+                {
+                    bail!("agents.{name}.cwd {}: not a directory", cwd.display());
+                }
+            }
+            AgentConfig::Openai(c) => {
+                let url = c.base_url.trim();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!("agents.{name}.base_url {url:?}: expected an http:// or https:// URL");
+                }
+                if c.model.trim().is_empty() {
+                    bail!("agents.{name}.model must name a model");
+                }
+                if let Some(t) = c.temperature
+                    && !(t.is_finite() && (0.0..=2.0).contains(&t))
+                {
+                    bail!("agents.{name}.temperature must be between 0 and 2");
+                }
+                if !(c.connect_timeout_s.is_finite() && c.connect_timeout_s > 0.0) {
+                    bail!("agents.{name}.connect_timeout_s must be a positive number of seconds");
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -110,6 +170,126 @@ pub struct EchoConfig {
     pub delay_ms: u64,
     #[serde(default)]
     pub timeout_s: Option<f64>,
+}
+
+/// A program run once per task, speaking the JSON-lines protocol on stdin/stdout.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandConfig {
+    /// The program, run without a shell (looked up in `PATH` when it has no `/`).
+    pub program: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Variables set for the program on top of the server's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the program (default: the server's).
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// Between SIGTERM to the process group and SIGKILL, in milliseconds.
+    #[serde(default = "CommandConfig::default_kill_grace_ms")]
+    pub kill_grace_ms: u64,
+    /// Longest stdout line accepted, in bytes.
+    #[serde(default = "CommandConfig::default_max_line_bytes")]
+    pub max_line_bytes: usize,
+    /// Most stdout bytes one task may produce.
+    #[serde(default = "CommandConfig::default_max_output_bytes")]
+    pub max_output_bytes: usize,
+    /// Overrides the server's `history_limit` for this agent.
+    #[serde(default)]
+    pub max_history: Option<u32>,
+}
+
+impl CommandConfig {
+    fn default_kill_grace_ms() -> u64 {
+        2_000
+    }
+    fn default_max_line_bytes() -> usize {
+        1024 * 1024
+    }
+    fn default_max_output_bytes() -> usize {
+        16 * 1024 * 1024
+    }
+
+    /// A config with every optional key at its default.
+    pub fn new(program: impl Into<String>, args: Vec<String>) -> Self {
+        Self {
+            program: program.into(),
+            args,
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout_s: None,
+            kill_grace_ms: Self::default_kill_grace_ms(),
+            max_line_bytes: Self::default_max_line_bytes(),
+            max_output_bytes: Self::default_max_output_bytes(),
+            max_history: None,
+        }
+    }
+}
+
+/// An OpenAI-compatible chat completions endpoint, streamed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenaiConfig {
+    /// E.g. `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`.
+    pub base_url: String,
+    pub model: String,
+    /// The environment variable holding the API key (the key itself never goes in the config).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// System prompt; `{{context}}` becomes the session's context as JSON and
+    /// `{{context.KEY}}` one of its values.
+    #[serde(default)]
+    pub system: Option<String>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// Completed interactions sent as history (overrides the server's `history_limit`).
+    #[serde(default)]
+    pub max_history: Option<u32>,
+    /// Retries, with backoff, of a request that failed before its first token.
+    #[serde(default = "OpenaiConfig::default_retries")]
+    pub retries: u32,
+    /// First retry delay in milliseconds; doubled at each retry.
+    #[serde(default = "OpenaiConfig::default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// Longest wait to connect to the endpoint.
+    #[serde(default = "OpenaiConfig::default_connect_timeout_s")]
+    pub connect_timeout_s: f64,
+}
+
+impl OpenaiConfig {
+    fn default_retries() -> u32 {
+        2
+    }
+    fn default_retry_backoff_ms() -> u64 {
+        250
+    }
+    fn default_connect_timeout_s() -> f64 {
+        10.0
+    }
+
+    /// A config with every optional key at its default.
+    pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            model: model.into(),
+            api_key_env: None,
+            system: None,
+            temperature: None,
+            max_tokens: None,
+            timeout_s: None,
+            max_history: None,
+            retries: Self::default_retries(),
+            retry_backoff_ms: Self::default_retry_backoff_ms(),
+            connect_timeout_s: Self::default_connect_timeout_s(),
+        }
+    }
 }
 
 /// Overrides given on the command line.
@@ -203,11 +383,7 @@ impl Config {
             if name.is_empty() {
                 bail!("an agent name must not be empty");
             }
-            if let Some(t) = agent.timeout_s()
-                && !(t.is_finite() && t > 0.0)
-            {
-                bail!("agents.{name}.timeout_s must be a positive number of seconds");
-            }
+            agent.validate(name)?;
         }
         self.database_location()?;
         Ok(())

@@ -58,7 +58,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let agents = AgentRegistry::from_config(&config.agents);
+    let agents = AgentRegistry::from_config(&config.agents)?;
     serve_with_agents(config, agents, listener, shutdown).await
 }
 
@@ -107,7 +107,7 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// Binds `config.listen` (use port 0 for an ephemeral port) and serves in the background.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        let agents = AgentRegistry::from_config(&config.agents);
+        let agents = AgentRegistry::from_config(&config.agents)?;
         Self::start_with_agents(config, agents).await
     }
 

@@ -60,7 +60,7 @@ impl Agent for TestAgent {
 
 fn registry() -> AgentRegistry {
     let config = baton::config::Config::from_toml(BASE_CONFIG).expect("config");
-    let mut agents = AgentRegistry::from_config(&config.agents);
+    let mut agents = AgentRegistry::from_config(&config.agents).expect("agents");
     for (name, behaviour) in [
         ("panics", Behaviour::Panic),
         ("fails", Behaviour::Fail),
@@ -71,6 +71,7 @@ fn registry() -> AgentRegistry {
             ConfiguredAgent {
                 kind: "test",
                 timeout: None,
+                max_history: None,
                 executor: Arc::new(TestAgent(behaviour)),
             },
         );

@@ -248,7 +248,8 @@ async fn finish_records_the_end_and_starts_the_next() {
         .await
         .expect("finish b");
     assert!(none.is_none());
-    let history = f.store.history(sid("s"), 10).await.expect("history");
+    let (session, history) = f.store.task_inputs(sid("s"), 10).await.expect("history");
+    assert_eq!(session.id.as_str(), "s");
     assert_eq!(history.len(), 1, "failed interactions are not history");
     assert_eq!(history[0].response, "A");
     let b = f

@@ -1,7 +1,9 @@
 //! The agent contract: an agent turns an interaction (plus history and context) into a stream
 //! of outputs and an end. Agents are called only by the engine's runner.
 
+mod command;
 mod echo;
+mod openai;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,19 +12,24 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use command::CommandAgent;
 pub use echo::EchoAgent;
+pub use openai::OpenaiAgent;
 
 use crate::config::AgentConfig;
-use crate::model::{ErrorInfo, Interaction, JsonObject};
+use crate::model::{ErrorInfo, Interaction, JsonObject, Session};
 use crate::store::TaskOutput;
 
 /// What an agent is given for one task.
 #[derive(Debug, Clone)]
 pub struct AgentRequest {
     pub interaction: Interaction,
+    /// The session as it was when the task started (only when the agent asks for history).
+    pub session: Option<Session>,
     /// Completed interactions of the current epoch, oldest first (empty unless the agent
     /// asks for history).
     pub history: Vec<Interaction>,
+    /// The session's context (empty unless the agent asks for history).
     pub context: JsonObject,
 }
 
@@ -48,6 +55,12 @@ pub trait Agent: Send + Sync + 'static {
         outputs: OutputSink,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, AgentResult>;
+
+    /// Resolves once whatever the agent still does after its tasks ended (stopping
+    /// processes, say) is done; awaited at shutdown.
+    fn drain(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A configured agent: its kind, its timeout and the executor.
@@ -55,6 +68,8 @@ pub trait Agent: Send + Sync + 'static {
 pub struct ConfiguredAgent {
     pub kind: &'static str,
     pub timeout: Option<std::time::Duration>,
+    /// Overrides the server's `history_limit` for this agent.
+    pub max_history: Option<u32>,
     pub executor: Arc<dyn Agent>,
 }
 
@@ -65,22 +80,29 @@ pub struct AgentRegistry {
 }
 
 impl AgentRegistry {
-    pub fn from_config(agents: &BTreeMap<String, AgentConfig>) -> Self {
-        let agents = agents
-            .iter()
-            .map(|(name, config)| {
-                let executor: Arc<dyn Agent> = match config {
-                    AgentConfig::Echo(echo) => Arc::new(EchoAgent::new(echo.delay_ms)),
-                };
-                let configured = ConfiguredAgent {
-                    kind: config.kind(),
-                    timeout: config.timeout_s().map(std::time::Duration::from_secs_f64),
-                    executor,
-                };
-                (name.clone(), configured)
-            })
-            .collect();
-        Self { agents }
+    pub fn from_config(agents: &BTreeMap<String, AgentConfig>) -> anyhow::Result<Self> {
+        let mut registry = Self::default();
+        for (name, config) in agents {
+            let executor: Arc<dyn Agent> = match config {
+                AgentConfig::Echo(echo) => Arc::new(EchoAgent::new(echo.delay_ms)),
+                AgentConfig::Command(command) => Arc::new(CommandAgent::new(name, command)?),
+                AgentConfig::Openai(openai) => Arc::new(OpenaiAgent::new(name, openai)?),
+            };
+            let configured = ConfiguredAgent {
+                kind: config.kind(),
+                timeout: config.timeout_s().map(std::time::Duration::from_secs_f64),
+                max_history: config.max_history(),
+                executor,
+            };
+            registry.insert(name.clone(), configured);
+        }
+        Ok(registry)
+    }
+
+    /// Waits until every agent finished its after-task work (see [`Agent::drain`]).
+    pub async fn drain(&self) {
+        let drains: Vec<_> = self.agents.values().map(|a| a.executor.drain()).collect();
+        futures_util::future::join_all(drains).await;
     }
 
     /// Adds (or replaces) an agent: how agents written in Rust are plugged in.

@@ -205,6 +205,18 @@ pub async fn put_session(
     Ok((status, Json(session)).into_response())
 }
 
+/// `GET /v1/agents`: names and kinds only; settings may hold secrets and never leave.
+pub async fn list_agents(State(state): State<AppState>) -> Response {
+    let default = state.engine.default_agent();
+    let agents: Vec<Value> = state
+        .engine
+        .agents()
+        .iter()
+        .map(|(name, agent)| json!({"name": name, "kind": agent.kind, "default": name == default}))
+        .collect();
+    Json(json!({ "agents": agents })).into_response()
+}
+
 pub async fn get_session(State(state): State<AppState>, SessionPath(id): SessionPath) -> ApiResult {
     Ok(Json(state.engine.get_session(id).await?).into_response())
 }

@@ -36,6 +36,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(http::readyz))
         .route("/metrics", get(http::metrics))
         .route("/openapi.json", get(http::openapi))
+        .route("/v1/agents", get(http::list_agents))
         .route("/v1/sessions", get(http::list_sessions))
         .route(
             "/v1/sessions/{id}",

@@ -24,6 +24,9 @@ use crate::store::{
     Accepted, CancelTarget, Cleared, NewMessage, Page, StartedTask, Store, StoreError,
 };
 
+/// Longest shutdown waits for agents to stop what their cancelled tasks left running.
+const AGENT_DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
 /// Errors of engine operations, matched by the transports.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -121,6 +124,11 @@ impl Engine {
 
     pub fn agents(&self) -> &AgentRegistry {
         &self.inner.agents
+    }
+
+    /// The agent of sessions that name none.
+    pub fn default_agent(&self) -> &str {
+        &self.inner.settings.default_agent
     }
 
     pub fn counters(&self) -> &Counters {
@@ -422,6 +430,14 @@ impl Engine {
             .is_err()
         {
             tracing::warn!("task runners still busy at the end of the shutdown grace period");
+        }
+        // Agents may still be stopping processes of the tasks just cancelled; each stop is
+        // bounded by its agent's kill grace period.
+        if tokio::time::timeout(AGENT_DRAIN_LIMIT, self.inner.agents.drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!("agents still stopping processes after {AGENT_DRAIN_LIMIT:?}");
         }
     }
 }

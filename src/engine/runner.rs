@@ -114,7 +114,11 @@ async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &Cancellatio
         );
     };
     let deadline = agent.timeout.map(|t| Instant::now() + t);
-    let request = match build_request(inner, &task, agent.executor.wants_history()).await {
+    let history_limit = agent
+        .executor
+        .wants_history()
+        .then(|| agent.max_history.unwrap_or(inner.settings.history_limit));
+    let request = match build_request(inner, &task, history_limit).await {
         Ok(request) => request,
         Err(e) => {
             return Stop::Ended(
@@ -193,21 +197,24 @@ fn agent_end(joined: Result<AgentResult, tokio::task::JoinError>) -> TaskEnd {
 async fn build_request(
     inner: &Arc<Inner>,
     task: &StartedTask,
-    with_history: bool,
+    history_limit: Option<u32>,
 ) -> Result<AgentRequest, StoreError> {
-    let session = task.interaction.session.clone();
-    let (history, context) = if with_history {
-        let history = inner
-            .store
-            .history(session.clone(), inner.settings.history_limit)
-            .await?;
-        (history, inner.store.get_context(session).await?)
-    } else {
-        (Vec::new(), JsonObject::new())
+    let Some(limit) = history_limit else {
+        return Ok(AgentRequest {
+            interaction: task.interaction.clone(),
+            session: None,
+            history: Vec::new(),
+            context: JsonObject::new(),
+        });
     };
+    let (session, history) = inner
+        .store
+        .task_inputs(task.interaction.session.clone(), limit)
+        .await?;
     Ok(AgentRequest {
         interaction: task.interaction.clone(),
+        context: session.context.clone(),
+        session: Some(session),
         history,
-        context,
     })
 }

@@ -309,9 +309,14 @@ impl Store {
         self.backend.get_interaction(session, id).await
     }
 
-    /// The last `limit` completed interactions of the current epoch, oldest first.
-    pub async fn history(&self, session: SessionId, limit: u32) -> StoreResult<Vec<Interaction>> {
-        self.backend.history(session, limit).await
+    /// What a task's agent is given, read in one snapshot: the session (with its context)
+    /// and the last `limit` completed interactions of the current epoch, oldest first.
+    pub async fn task_inputs(
+        &self,
+        session: SessionId,
+        limit: u32,
+    ) -> StoreResult<(Session, Vec<Interaction>)> {
+        self.backend.task_inputs(session, limit).await
     }
 
     /// Stored events with `seq > after`, in order, at most `limit`.

@@ -589,12 +589,13 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn history(
+    pub(super) async fn task_inputs(
         &self,
         session: SessionId,
         limit: u32,
-    ) -> StoreResult<Vec<Interaction>> {
+    ) -> StoreResult<(Session, Vec<Interaction>)> {
         self.read(move |conn| {
+            let found = select_session(conn, &session)?.ok_or(StoreError::SessionNotFound)?;
             let sql = concat!(
                 "SELECT ",
                 interaction_columns!(),
@@ -607,7 +608,7 @@ impl SqliteStore {
             })?;
             let mut items = rows.collect::<Result<Vec<_>, _>>()?;
             items.reverse();
-            Ok(items)
+            Ok((found, items))
         })
         .await
     }

@@ -68,7 +68,7 @@ impl TestServer {
 
     async fn start_at(config_toml: &str, dir: tempfile::TempDir, db_path: PathBuf) -> Self {
         let config = Config::from_toml(config_toml).expect("test config parses");
-        let agents = AgentRegistry::from_config(&config.agents);
+        let agents = AgentRegistry::from_config(&config.agents).expect("agents");
         Self::start_with(config_toml, agents, dir, db_path).await
     }
 
