@@ -452,6 +452,51 @@ delay_ms = 100
     }
 
     #[test]
+    fn design_example_agents_parse() {
+        let c = Config::from_toml(
+            r#"
+[agents.py]
+kind = "command"
+program = "python3"
+args = ["agents/my_agent.py"]
+timeout_s = 600
+
+[agents.llm]
+kind = "openai"
+base_url = "http://127.0.0.1:11434/v1"
+model = "llama3.2"
+api_key_env = "OPENAI_API_KEY"
+"#,
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        let AgentConfig::Command(py) = &c.agents["py"] else {
+            panic!("py is a command agent");
+        };
+        assert_eq!(py.args, ["agents/my_agent.py"]);
+        assert_eq!(py.kill_grace_ms, 2_000);
+        let AgentConfig::Openai(llm) = &c.agents["llm"] else {
+            panic!("llm is an openai agent");
+        };
+        assert_eq!(llm.model, "llama3.2");
+        assert_eq!(llm.retries, 2);
+        assert!(
+            Config::from_toml(
+                "[agents.x]\nkind = \"openai\"\nbase_url = \"ftp://x\"\nmodel = \"m\""
+            )
+            .expect("parses")
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Config::from_toml("[agents.x]\nkind = \"command\"\nprogram = \"\"")
+                .expect("parses")
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_kinds_are_errors() {
         assert!(Config::from_toml("lisen = \"x\"").is_err());
         assert!(Config::from_toml("[agents.a]\nkind = \"nope\"").is_err());

@@ -1,27 +1,608 @@
-//! Placeholder until the command agent lands (replaced before this work is submitted).
+//! The `command` agent: one process per task, spawned without a shell in a process group of
+//! its own. Its stdin gets the request as one JSON object, then is closed; each line of its
+//! stdout is one JSON output:
+//!
+//! - `{"type": "delta", "text": "..."}` appends to the response;
+//! - `{"type": "progress", "data": <any JSON>}` reports progress;
+//! - `{"type": "context", "patch": {...}}` merge-patches the session's context (RFC 7396);
+//! - `{"type": "result", "response"?: "..."}` ends the task (`response` replaces the deltas);
+//! - `{"type": "error", "message": "...", "code"?: "..."}` fails it.
+//!
+//! Blank lines are skipped and unknown fields ignored. The task fails with code
+//! `agent_protocol` on a line that is not one of those (naming its number), `output_limit`
+//! past `max_output_bytes`, and `agent_error` when the program cannot start, reports an error,
+//! or exits non-zero without a result (with the tail of its stderr). Exiting with status 0
+//! without a result completes the task with the concatenated deltas.
+//!
+//! However the task ends, the process group is stopped: SIGTERM, then SIGKILL after
+//! `kill_grace_ms`, and the process is always reaped. After a `result` the program first gets
+//! the grace period to exit on its own.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{Agent, AgentRequest, AgentResult, OutputSink};
 use crate::config::CommandConfig;
+use crate::model::{ErrorInfo, Interaction, JsonObject, Session};
+use crate::store::TaskOutput;
 
-/// The command agent.
-pub struct CommandAgent;
+/// The last bytes of stderr kept for the error message of a failed task.
+const STDERR_TAIL_BYTES: usize = 2048;
+/// Stderr lines logged per task (the rest are counted, not logged).
+const STDERR_LOG_LINES: usize = 100;
+/// Longest stderr line logged, in bytes.
+const STDERR_LOG_LINE_BYTES: usize = 1024;
+/// How much of an offending stdout line an error message quotes.
+const QUOTE_BYTES: usize = 200;
+/// After the process exited, how long its stdout may stay open (held by a child of its own).
+const STDOUT_DRAIN: Duration = Duration::from_millis(500);
+
+/// Runs a program per task, speaking the JSON-lines protocol.
+pub struct CommandAgent {
+    name: Arc<str>,
+    program: OsString,
+    args: Vec<OsString>,
+    env: BTreeMap<String, String>,
+    cwd: Option<PathBuf>,
+    limits: Limits,
+    kill_grace: Duration,
+    /// Stopping processes outlive their tasks; shutdown waits for them.
+    stoppers: TaskTracker,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    line: usize,
+    output: usize,
+}
 
 impl CommandAgent {
-    pub fn new(name: &str, _config: &CommandConfig) -> anyhow::Result<Self> {
-        anyhow::bail!("agents.{name}: kind command is not built yet")
+    pub fn new(name: &str, config: &CommandConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            name: name.into(),
+            program: config.program.clone().into(),
+            args: config.args.iter().map(OsString::from).collect(),
+            env: config.env.clone(),
+            cwd: config.cwd.clone(),
+            limits: Limits {
+                line: config.max_line_bytes,
+                output: config.max_output_bytes,
+            },
+            kill_grace: Duration::from_millis(config.kill_grace_ms),
+            stoppers: TaskTracker::new(),
+        })
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .envs(&self.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group, so a signal reaches whatever the program started too.
+            .process_group(0);
+        if let Some(cwd) = &self.cwd {
+            command.current_dir(cwd);
+        }
+        command
+    }
+}
+
+/// What the program reads on stdin.
+#[derive(Serialize)]
+struct StdinRequest<'a> {
+    session: Option<&'a Session>,
+    interaction: &'a Interaction,
+    history: &'a [Interaction],
+    context: &'a JsonObject,
+}
+
+/// One line of the program's stdout.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum OutputLine {
+    Delta {
+        text: String,
+    },
+    Progress {
+        data: Value,
+    },
+    Context {
+        patch: JsonObject,
+    },
+    Result {
+        #[serde(default)]
+        response: Option<String>,
+    },
+    Error {
+        message: String,
+        #[serde(default)]
+        code: Option<String>,
+    },
+}
+
+fn agent_error(message: String) -> ErrorInfo {
+    ErrorInfo {
+        code: "agent_error".into(),
+        message,
+    }
+}
+
+fn protocol_error(line: u64, message: impl std::fmt::Display) -> ErrorInfo {
+    ErrorInfo {
+        code: "agent_protocol".into(),
+        message: format!("stdout line {line}: {message}"),
     }
 }
 
 impl Agent for CommandAgent {
+    fn wants_history(&self) -> bool {
+        true
+    }
+
     fn run(
         &self,
-        _r: AgentRequest,
-        _o: OutputSink,
-        _c: CancellationToken,
+        request: AgentRequest,
+        outputs: OutputSink,
+        cancel: CancellationToken,
     ) -> BoxFuture<'static, AgentResult> {
-        unimplemented!()
+        let mut command = self.command();
+        let program = self.program.to_string_lossy().into_owned();
+        let name = Arc::clone(&self.name);
+        let limits = self.limits;
+        let grace = self.kill_grace;
+        let stoppers = self.stoppers.clone();
+        async move {
+            // Cancelled between the start's commit and now: the program never runs.
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let mut payload = serde_json::to_vec(&StdinRequest {
+                session: request.session.as_ref(),
+                interaction: &request.interaction,
+                history: &request.history,
+                context: &request.context,
+            })
+            .map_err(|e| agent_error(format!("encoding the request: {e}")))?;
+            payload.push(b'\n');
+            let child = command
+                .spawn()
+                .map_err(|e| agent_error(format!("cannot start {program:?}: {e}")))?;
+            let mut process = Process::new(child, grace, stoppers);
+            let child = process.child.as_mut().expect("just spawned");
+            let (stdin, stdout, stderr) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take());
+            let (Some(stdin), Some(stdout), Some(stderr)) = (stdin, stdout, stderr) else {
+                return Err(agent_error("the program's pipes are missing".into()));
+            };
+            // Neither write nor read may block the other: a program is free to write before
+            // it reads, or never to read at all.
+            tokio::spawn(write_stdin(stdin, payload));
+            let stderr_tail = Arc::new(Mutex::new(Vec::new()));
+            let log = StderrLog {
+                agent: name,
+                interaction: request.interaction.id.to_string(),
+            };
+            tokio::spawn(read_stderr(stderr, Arc::clone(&stderr_tail), log));
+            let mut lines = LineReader::new(stdout, limits);
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Ok(None),
+                end = converse(&mut process, &mut lines, &outputs) => match end {
+                    Conversation::Result(response) => {
+                        process.graceful = true;
+                        Ok(response)
+                    }
+                    Conversation::Failed(error) => Err(error),
+                    Conversation::RunnerGone => Ok(None),
+                    Conversation::Exited(status) => exit_result(status, &stderr_tail),
+                },
+            }
+        }
+        .boxed()
+    }
+
+    fn drain(&self) -> BoxFuture<'static, ()> {
+        let stoppers = self.stoppers.clone();
+        async move {
+            stoppers.close();
+            stoppers.wait().await;
+        }
+        .boxed()
+    }
+}
+
+/// How the exchange with the program ended.
+enum Conversation {
+    Result(Option<String>),
+    Failed(ErrorInfo),
+    /// The output sink is closed: the task was cancelled.
+    RunnerGone,
+    /// The program exited and its stdout is done, without a result.
+    Exited(ExitStatus),
+}
+
+/// Reads the program's output lines until a result, an error, or its exit.
+async fn converse(
+    process: &mut Process,
+    lines: &mut LineReader,
+    outputs: &OutputSink,
+) -> Conversation {
+    let mut exited: Option<ExitStatus> = None;
+    let drain_deadline = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(drain_deadline);
+    loop {
+        let child = process
+            .child
+            .as_mut()
+            .expect("the child is kept until the end");
+        tokio::select! {
+            line = lines.next() => {
+                let output = match line {
+                    Ok(Some(line)) => line,
+                    Ok(None) => break,
+                    Err(error) => return Conversation::Failed(error),
+                };
+                let output = match output {
+                    OutputLine::Delta { text } if text.is_empty() => continue,
+                    OutputLine::Delta { text } => TaskOutput::Delta(text),
+                    OutputLine::Progress { data } => TaskOutput::Progress(data),
+                    OutputLine::Context { patch } => TaskOutput::ContextPatch(patch),
+                    OutputLine::Result { response } => return Conversation::Result(response),
+                    OutputLine::Error { message, code } => {
+                        return Conversation::Failed(ErrorInfo {
+                            code: code.unwrap_or_else(|| "agent_error".into()),
+                            message,
+                        });
+                    }
+                };
+                if outputs.send(output).await.is_err() {
+                    return Conversation::RunnerGone;
+                }
+            }
+            status = child.wait(), if exited.is_none() => {
+                match status {
+                    Ok(status) => {
+                        process.reaped = true;
+                        exited = Some(status);
+                        drain_deadline.as_mut().reset(tokio::time::Instant::now() + STDOUT_DRAIN);
+                    }
+                    Err(e) => return Conversation::Failed(agent_error(format!("waiting for the program: {e}"))),
+                }
+            }
+            _ = &mut drain_deadline, if exited.is_some() => break,
+        }
+    }
+    // Stdout is closed (or held open only by a leftover child): wait for the exit status.
+    let status = match exited {
+        Some(status) => status,
+        None => {
+            let child = process
+                .child
+                .as_mut()
+                .expect("the child is kept until the end");
+            match child.wait().await {
+                Ok(status) => {
+                    process.reaped = true;
+                    status
+                }
+                Err(e) => {
+                    return Conversation::Failed(agent_error(format!(
+                        "waiting for the program: {e}"
+                    )));
+                }
+            }
+        }
+    };
+    Conversation::Exited(status)
+}
+
+fn exit_result(status: ExitStatus, stderr_tail: &Mutex<Vec<u8>>) -> AgentResult {
+    if status.success() {
+        return Ok(None);
+    }
+    let how = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, None) => "ended abnormally".to_string(),
+    };
+    let tail = stderr_tail.lock().map(|t| t.clone()).unwrap_or_default();
+    let tail = String::from_utf8_lossy(&tail);
+    let tail = tail.trim();
+    let message = if tail.is_empty() {
+        format!("the program {how} without a result")
+    } else {
+        format!("the program {how} without a result; stderr: {tail}")
+    };
+    Err(agent_error(message))
+}
+
+/// Owns the child process; on drop, makes sure the whole group is stopped and reaped.
+struct Process {
+    child: Option<Child>,
+    group: Pid,
+    /// The process exited and was reaped: only leftovers of its group may remain.
+    reaped: bool,
+    /// Let the program exit on its own for a grace period before signalling it.
+    graceful: bool,
+    grace: Duration,
+    stoppers: TaskTracker,
+}
+
+impl Process {
+    fn new(child: Child, grace: Duration, stoppers: TaskTracker) -> Self {
+        // A spawned child has a pid until it is reaped, and it leads its own group.
+        let pid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .unwrap_or(0);
+        Self {
+            child: Some(child),
+            group: Pid::from_raw(pid),
+            reaped: false,
+            graceful: false,
+            grace,
+            stoppers,
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let Some(child) = self.child.take() else {
+            return;
+        };
+        if self.group.as_raw() <= 0 {
+            return;
+        }
+        let child = (!self.reaped).then_some(child);
+        let stop = stop_group(child, self.group, self.grace, self.graceful);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                self.stoppers.spawn_on(stop, &runtime);
+            }
+            // No runtime left to wait with: kill at once (init reaps the orphans).
+            Err(_) => {
+                let _ = killpg(self.group, Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Stops a process group: (optionally a grace period to exit on its own,) SIGTERM, then
+/// SIGKILL after `grace`; reaps the leader; then does the same to any member left behind.
+async fn stop_group(child: Option<Child>, group: Pid, grace: Duration, graceful: bool) {
+    if let Some(mut child) = child {
+        let exited = matches!(child.try_wait(), Ok(Some(_)))
+            || (graceful && tokio::time::timeout(grace, child.wait()).await.is_ok());
+        if !exited {
+            let _ = killpg(group, Signal::SIGTERM);
+            if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                let _ = killpg(group, Signal::SIGKILL);
+                let _ = child.wait().await;
+            }
+        }
+    }
+    // Members of the group the program started and left behind.
+    if killpg(group, None).is_err() {
+        return;
+    }
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    while killpg(group, None).is_ok() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+}
+
+async fn write_stdin(mut stdin: tokio::process::ChildStdin, payload: Vec<u8>) {
+    // A program that exits without reading its stdin is fine: the broken pipe is ignored.
+    if stdin.write_all(&payload).await.is_ok() {
+        let _ = stdin.shutdown().await;
+    }
+}
+
+/// Where stderr lines are logged.
+struct StderrLog {
+    agent: Arc<str>,
+    interaction: String,
+}
+
+/// Logs the first lines of stderr and keeps its last bytes for the error message.
+async fn read_stderr(
+    stderr: tokio::process::ChildStderr,
+    tail: Arc<Mutex<Vec<u8>>>,
+    log: StderrLog,
+) {
+    let mut stderr = BufReader::new(stderr);
+    let mut line = Vec::new();
+    let mut logged = 0usize;
+    let mut dropped = 0usize;
+    loop {
+        line.clear();
+        let read = (&mut stderr)
+            .take(STDERR_LOG_LINE_BYTES as u64 * 4)
+            .read_until(b'\n', &mut line)
+            .await;
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if let Ok(mut tail) = tail.lock() {
+            tail.extend_from_slice(&line);
+            if tail.len() > STDERR_TAIL_BYTES {
+                let cut = tail.len() - STDERR_TAIL_BYTES;
+                tail.drain(..cut);
+            }
+        }
+        if logged < STDERR_LOG_LINES {
+            logged += 1;
+            let shown = &line[..line.len().min(STDERR_LOG_LINE_BYTES)];
+            let text = String::from_utf8_lossy(shown);
+            tracing::info!(
+                agent = %log.agent,
+                interaction = %log.interaction,
+                "agent stderr: {}",
+                text.trim_end()
+            );
+        } else {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        tracing::info!(
+            agent = %log.agent,
+            interaction = %log.interaction,
+            "agent stderr: {dropped} further lines not logged"
+        );
+    }
+}
+
+/// Splits stdout into protocol lines, bounding the line length and the total output.
+struct LineReader {
+    stdout: BufReader<tokio::process::ChildStdout>,
+    line: Vec<u8>,
+    number: u64,
+    total: usize,
+    limits: Limits,
+}
+
+impl LineReader {
+    fn new(stdout: tokio::process::ChildStdout, limits: Limits) -> Self {
+        Self {
+            stdout: BufReader::with_capacity(64 * 1024, stdout),
+            line: Vec::new(),
+            number: 0,
+            total: 0,
+            limits,
+        }
+    }
+
+    /// The next non-blank line, parsed; `None` at the end of stdout. Cancel-safe: a partial
+    /// line stays buffered in `self`.
+    async fn next(&mut self) -> Result<Option<OutputLine>, ErrorInfo> {
+        loop {
+            if !self.read_line().await? {
+                return Ok(None);
+            }
+            self.number += 1;
+            let text = self.line.trim_ascii();
+            if text.is_empty() {
+                self.line.clear();
+                continue;
+            }
+            let result = match serde_json::from_slice::<OutputLine>(text) {
+                Ok(output) => Ok(Some(output)),
+                Err(e) if e.is_syntax() || e.is_eof() => Err(protocol_error(
+                    self.number,
+                    format_args!("not JSON ({e}): {}", quote(text)),
+                )),
+                Err(e) => Err(protocol_error(
+                    self.number,
+                    format_args!("not a valid output ({e}): {}", quote(text)),
+                )),
+            };
+            self.line.clear();
+            return result;
+        }
+    }
+
+    /// Fills `self.line` with the next line (without its newline); `false` at the end of
+    /// stdout with nothing pending.
+    async fn read_line(&mut self) -> Result<bool, ErrorInfo> {
+        loop {
+            let available = match self.stdout.fill_buf().await {
+                Ok(bytes) => bytes,
+                Err(e) => return Err(agent_error(format!("reading the program's stdout: {e}"))),
+            };
+            if available.is_empty() {
+                return Ok(!self.line.is_empty());
+            }
+            let (taken, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (available.len(), false),
+            };
+            let content = if done { taken - 1 } else { taken };
+            if self.line.len() + content > self.limits.line {
+                return Err(protocol_error(
+                    self.number + 1,
+                    format_args!("longer than the limit of {} bytes", self.limits.line),
+                ));
+            }
+            self.line.extend_from_slice(&available[..content]);
+            self.stdout.consume(taken);
+            self.total += taken;
+            if self.total > self.limits.output {
+                return Err(ErrorInfo {
+                    code: "output_limit".into(),
+                    message: format!(
+                        "the program wrote more than the limit of {} bytes",
+                        self.limits.output
+                    ),
+                });
+            }
+            if done {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// The start of an offending line, for an error message.
+fn quote(line: &[u8]) -> String {
+    let shown = &line[..line.len().min(QUOTE_BYTES)];
+    let text = String::from_utf8_lossy(shown);
+    if line.len() > QUOTE_BYTES {
+        format!("{text}…")
+    } else {
+        text.into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_lines_parse_and_refuse_wrong_shapes() {
+        let ok = |s: &str| serde_json::from_str::<OutputLine>(s).is_ok();
+        assert!(ok(r#"{"type":"delta","text":"hi","extra":1}"#));
+        assert!(ok(r#"{"type":"progress","data":null}"#));
+        assert!(ok(r#"{"type":"context","patch":{"a":null}}"#));
+        assert!(ok(r#"{"type":"result"}"#));
+        assert!(ok(r#"{"type":"result","response":"x"}"#));
+        assert!(ok(r#"{"type":"error","message":"m"}"#));
+        assert!(!ok(r#"{"type":"delta","text":5}"#));
+        assert!(!ok(r#"{"type":"context","patch":[1]}"#));
+        assert!(!ok(r#"{"type":"shout","text":"x"}"#));
+        assert!(!ok(r#"{"text":"x"}"#));
+        assert!(!ok(r#"{"type":"progress"}"#));
+    }
+
+    #[test]
+    fn quotes_are_bounded() {
+        let long = vec![b'x'; 1000];
+        assert_eq!(quote(&long).chars().count(), QUOTE_BYTES + 1);
+        assert_eq!(quote(b"short"), "short");
     }
 }
