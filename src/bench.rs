@@ -7,6 +7,10 @@
 //!   posting the next when it is final; completed messages per second and latency.
 //! - **accept**: one session, policy `enqueue`, one request at a time; accept latency.
 //! - **memory**: the server's RSS after N sessions each holding M interactions.
+//! - **fanout** / **idle**: WebSocket deliveries to many subscribers; memory per idle socket.
+//! - **cancel**: cancel request → the `task.cancelled` event, for a running task of an echo,
+//!   a `command` (a shell that honours SIGTERM) and an `openai` agent (streaming from a mock
+//!   endpoint that this process serves).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -39,8 +43,10 @@ pub struct BenchOptions {
     pub fanout_subscribers: usize,
     /// Idle WebSocket connections of the idle-memory scenario (0 skips it).
     pub idle_connections: usize,
-    /// Which scenarios to run (`throughput`, `accept`, `memory`, `fanout`, `idle`); empty
-    /// means all.
+    /// Cancels measured per agent in the cancel scenario (0 skips it).
+    pub cancel_rounds: usize,
+    /// Which scenarios to run (`throughput`, `accept`, `memory`, `fanout`, `idle`, `cancel`);
+    /// empty means all.
     pub only: Vec<String>,
 }
 
@@ -53,6 +59,8 @@ struct Figures {
     memory: Option<Memory>,
     fanout: Option<Fanout>,
     idle: Option<Idle>,
+    /// Cancel latency by agent kind.
+    cancel: Vec<(&'static str, Latencies)>,
 }
 
 #[derive(Debug, Clone)]
@@ -98,7 +106,18 @@ struct Memory {
 /// `default` answers at once; `stream` streams a word per millisecond (the fan-out scenario).
 const BENCH_CONFIG: &str = "queue_limit = 100000\n\n\
     [agents.default]\nkind = \"echo\"\ndelay_ms = 0\n\n\
-    [agents.stream]\nkind = \"echo\"\ndelay_ms = 1\n";
+    [agents.stream]\nkind = \"echo\"\ndelay_ms = 1\n\n\
+    [agents.slow]\nkind = \"echo\"\ndelay_ms = 20\n";
+
+/// Baton's extra agents for the cancel scenario: a shell that streams a delta and then
+/// waits (it honours SIGTERM), and an LLM streaming from the mock at `llm_url`.
+fn real_agents_config(llm_url: &str) -> String {
+    let script = r#"printf '%s\n' '{"type":"delta","text":"go"}'; exec sleep 60"#;
+    format!(
+        "\n[agents.cmd]\nkind = \"command\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", {script:?}]\n\
+         \n[agents.llm]\nkind = \"openai\"\nbase_url = \"{llm_url}/v1\"\nmodel = \"bench\"\n"
+    )
+}
 const CONTENT: &str = "hello from the baton benchmark";
 
 impl Latencies {
@@ -130,10 +149,13 @@ impl Spawned {
     }
 }
 
-async fn spawn_baton() -> anyhow::Result<Spawned> {
+async fn spawn_baton(llm_url: &str) -> anyhow::Result<Spawned> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("bench.toml");
-    std::fs::write(&config, BENCH_CONFIG)?;
+    std::fs::write(
+        &config,
+        BENCH_CONFIG.to_string() + &real_agents_config(llm_url),
+    )?;
     let exe = std::env::current_exe().context("locating the baton binary")?;
     let mut child = Command::new(exe)
         .arg("serve")
@@ -530,11 +552,131 @@ async fn idle(url: &str, pid: u32, connections: usize) -> anyhow::Result<Idle> {
     })
 }
 
+/// Serves a mock OpenAI-compatible endpoint whose completions stream a chunk every 5 ms for
+/// a minute; returns its base URL (without `/v1`).
+async fn spawn_mock_llm() -> anyhow::Result<String> {
+    use axum::routing::post;
+    async fn completions() -> axum::response::Response {
+        let chunks = futures_util::stream::unfold(0u32, |i| async move {
+            if i >= 12_000 {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let chunk = format!(
+                "data: {{\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i} \"}},\"finish_reason\":null}}]}}\n\n"
+            );
+            Some((Ok::<_, std::convert::Infallible>(chunk), i + 1))
+        });
+        axum::response::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(axum::body::Body::from_stream(chunks))
+            .unwrap_or_default()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().route("/v1/chat/completions", post(completions));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(format!("http://{addr}"))
+}
+
+type WsMessage =
+    Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>;
+
+/// Waits (at most 30 s) for an event of type `kind` about interaction `id`.
+async fn wait_for_event(
+    socket: &mut (impl futures_util::Stream<Item = WsMessage> + Unpin),
+    kind: &str,
+    id: &str,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    let wait = async {
+        while let Some(message) = socket.next().await {
+            let tokio_tungstenite::tungstenite::Message::Text(text) = message? else {
+                continue;
+            };
+            let frame: serde_json::Value = serde_json::from_str(&text)?;
+            if frame["type"] != kind {
+                continue;
+            }
+            let data = &frame["data"];
+            let about = data["interaction_id"]
+                .as_str()
+                .or_else(|| data["interaction"]["id"].as_str());
+            if about == Some(id) {
+                return Ok(());
+            }
+        }
+        bail!("the WebSocket closed")
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .with_context(|| format!("no {kind} in 30 s"))?
+}
+
+/// `rounds` times: a message to a session of `agent`, wait for its first delta (the agent
+/// is producing), then time a cancel until the `task.cancelled` event arrives on a WebSocket.
+async fn cancel_latency(url: &str, agent: &str, rounds: usize) -> anyhow::Result<Latencies> {
+    let session = format!("bench-cancel-{agent}");
+    let http = http_client(1)?;
+    let created = http
+        .put(format!("{url}/v1/sessions/{session}"))
+        .json(&serde_json::json!({"agent": agent}))
+        .send()
+        .await?;
+    if !created.status().is_success() {
+        bail!(
+            "creating the session for agent {agent} answered {}",
+            created.status()
+        );
+    }
+    let ws_url = format!(
+        "{}/v1/sessions/{session}/ws",
+        url.replacen("http://", "ws://", 1)
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+        .await
+        .context("connecting the cancel scenario's WebSocket")?;
+    let content = (0..500)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let sent: serde_json::Value = http
+            .post(format!("{url}/v1/sessions/{session}/messages"))
+            .json(&serde_json::json!({"content": content, "policy": "reject"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = sent["id"]
+            .as_str()
+            .with_context(|| format!("message refused: {sent}"))?
+            .to_string();
+        wait_for_event(&mut socket, "task.delta", &id).await?;
+        let started = Instant::now();
+        let cancelled = http
+            .post(format!("{url}/v1/sessions/{session}/cancel"))
+            .json(&serde_json::json!({}))
+            .send()
+            .await?;
+        if !cancelled.status().is_success() {
+            bail!("cancel answered {}", cancelled.status());
+        }
+        wait_for_event(&mut socket, "task.cancelled", &id).await?;
+        samples.push(started.elapsed());
+    }
+    Latencies::from(samples).context("no cancel measured")
+}
+
 async fn measure(
     name: &str,
     url: &str,
     pid: Option<u32>,
     options: &BenchOptions,
+    real_agents: bool,
 ) -> anyhow::Result<Figures> {
     let wants = |s: &str| options.only.is_empty() || options.only.iter().any(|o| o == s);
     let mut figures = Figures {
@@ -603,6 +745,21 @@ async fn measure(
             options.idle_connections
         );
         figures.idle = Some(idle(url, pid, options.idle_connections).await?);
+    }
+    if wants("cancel") && options.cancel_rounds > 0 {
+        let agents: &[(&str, &'static str)] = if real_agents {
+            &[("slow", "echo"), ("cmd", "command"), ("llm", "openai")]
+        } else {
+            &[("slow", "echo")]
+        };
+        for &(agent, kind) in agents {
+            eprintln!(
+                "[{name}] cancel latency: {} cancels of a running {kind} agent",
+                options.cancel_rounds
+            );
+            let latencies = cancel_latency(url, agent, options.cancel_rounds).await?;
+            figures.cancel.push((kind, latencies));
+        }
     }
     Ok(figures)
 }
@@ -809,6 +966,24 @@ fn report(results: &[Figures]) -> String {
         },
         false,
     );
+    for kind in ["echo", "command", "openai"] {
+        let of = |f: &Figures| {
+            f.cancel
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, l)| (l.p50, l.p99))
+        };
+        row(
+            &format!("(f) cancel → task.cancelled, {kind} agent, p50"),
+            &|f| of(f).map(|(p50, _)| (ms(p50), p50.as_secs_f64())),
+            false,
+        );
+        row(
+            &format!("(f) cancel → task.cancelled, {kind} agent, p99"),
+            &|f| of(f).map(|(_, p99)| (ms(p99), p99.as_secs_f64())),
+            false,
+        );
+    }
     row(
         "(e) RSS with the idle connections",
         &|f| {
@@ -830,17 +1005,18 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     match &options.server {
         Some(url) => {
             wait_healthy(url).await?;
-            results.push(measure("server", url, None, &options).await?);
+            results.push(measure("server", url, None, &options, false).await?);
         }
         None => {
-            let baton = spawn_baton().await?;
-            results.push(measure("baton", &baton.url, baton.pid(), &options).await?);
+            let llm = spawn_mock_llm().await?;
+            let baton = spawn_baton(&llm).await?;
+            results.push(measure("baton", &baton.url, baton.pid(), &options, true).await?);
             drop(baton);
         }
     }
     if let Some(peer_dir) = &options.peer_dir {
         let peer = spawn_peer(peer_dir, &options.peer_python).await?;
-        results.push(measure("seed-py peer", &peer.url, peer.pid(), &options).await?);
+        results.push(measure("seed-py peer", &peer.url, peer.pid(), &options, false).await?);
         drop(peer);
     }
     println!("{}", report(&results));

@@ -98,7 +98,11 @@ enum Command {
         /// Idle WebSocket connections of the idle-memory scenario (0 skips it).
         #[arg(long, default_value_t = 10_000)]
         idle_connections: usize,
-        /// Run only these scenarios: throughput, accept, memory, fanout, idle (repeatable).
+        /// Cancels per agent kind in the cancel scenario (0 skips it).
+        #[arg(long, default_value_t = 200)]
+        cancel_rounds: usize,
+        /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel
+        /// (repeatable).
         #[arg(long)]
         only: Vec<String>,
     },
@@ -194,6 +198,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             memory_interactions,
             fanout_subscribers,
             idle_connections,
+            cancel_rounds,
             only,
         } => {
             baton::bench::run(baton::bench::BenchOptions {
@@ -207,6 +212,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 memory_interactions,
                 fanout_subscribers,
                 idle_connections,
+                cancel_rounds,
                 only,
             })
             .await?;
