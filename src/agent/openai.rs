@@ -1,27 +1,928 @@
-//! Placeholder until the openai agent lands (replaced before this work is submitted).
+//! The `openai` agent: one streamed `POST {base_url}/chat/completions` per task, against any
+//! OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server, Ollama…). The session's history
+//! becomes the messages, its context can feed the system prompt, and the reply's deltas stream
+//! through as they arrive. Cancelling drops the request, which closes its connection.
+//!
+//! # Errors
+//!
+//! A task that fails ends with one of these codes (messages quote at most 500 characters of the
+//! endpoint's own explanation, preferring `error.message` of an OpenAI error body; the API key
+//! never appears in a message or a log):
+//!
+//! | code | when | retried |
+//! |---|---|---|
+//! | `upstream_unreachable` | no connection: refused, DNS failure, connect timeout | yes |
+//! | `upstream_auth` | `401`/`403`, or the key's variable holds an unusable value | no |
+//! | `upstream_not_found` | `404` (a wrong model name or `base_url`) | no |
+//! | `upstream_rate_limited` | `429` | yes |
+//! | `upstream_error` | `5xx`; any other non-2xx (`400`, a redirect…); an `error` object in the stream; a connection lost before the response | `5xx` and a lost connection |
+//! | `upstream_stream_cut` | the stream ended before `data: [DONE]` and before any `finish_reason` | only when no delta was sent yet |
+//! | `upstream_protocol` | a chunk that is not JSON or not shaped like a chat completion chunk, a line that is not UTF-8, an event over 4 MiB, a JSON (non-stream) answer | no |
+//!
+//! Retries happen only while nothing was sent on the output sink: up to `retries` times, after
+//! `retry_backoff_ms * 2^attempt` or the `Retry-After` seconds of the answer, never more than
+//! 30 s. A message that gave up after retries says how many attempts were made.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
 use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{Response, StatusCode, Url};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::{Agent, AgentRequest, AgentResult, OutputSink};
 use crate::config::OpenaiConfig;
+use crate::model::{ErrorInfo, JsonObject};
+use crate::store::TaskOutput;
 
-/// The openai agent.
-pub struct OpenaiAgent;
+/// Longest pause before a retry, whatever the backoff or `Retry-After` says.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// Characters of the endpoint's explanation quoted in an error message.
+const ERROR_EXCERPT_CHARS: usize = 500;
+/// Bytes of an error answer's body read at most (the excerpt comes from them).
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+/// Longest wait for an error answer's body; the status alone is reported after it.
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
+/// Largest server-sent event accepted (one chunk of a chat completion is far smaller).
+const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+/// Longest wait for `data: [DONE]` (or the end of the body) once a `finish_reason` came.
+const DONE_GRACE: Duration = Duration::from_secs(5);
+
+/// An agent backed by an OpenAI-compatible chat completions endpoint.
+pub struct OpenaiAgent {
+    shared: Arc<Endpoint>,
+}
+
+/// What every task of the agent shares; cheap to hand to a task's future.
+struct Endpoint {
+    /// The agent's configured name, for logs.
+    name: String,
+    /// One client per agent, so connections are pooled across its tasks.
+    client: reqwest::Client,
+    url: Url,
+    model: String,
+    api_key_env: Option<String>,
+    system: Option<String>,
+    temperature: Option<f64>,
+    max_tokens: Option<u32>,
+    retries: u32,
+    retry_backoff: Duration,
+}
 
 impl OpenaiAgent {
-    pub fn new(name: &str, _config: &OpenaiConfig) -> anyhow::Result<Self> {
-        anyhow::bail!("agents.{name}: kind openai is not built yet")
+    pub fn new(name: &str, config: &OpenaiConfig) -> anyhow::Result<Self> {
+        let url = chat_completions_url(&config.base_url)
+            .with_context(|| format!("agents.{name}.base_url {:?}", config.base_url))?;
+        let connect_timeout = Duration::try_from_secs_f64(config.connect_timeout_s)
+            .with_context(|| format!("agents.{name}.connect_timeout_s"))?;
+        // No overall timeout: a reply streams for as long as it takes, and the runner enforces
+        // the agent's `timeout_s`. Redirects are not followed: a POST turned into a GET would
+        // only hide a wrong `base_url`.
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .with_context(|| format!("agents.{name}: building the HTTP client"))?;
+        if let Some(variable) = &config.api_key_env
+            && std::env::var_os(variable).is_none_or(|v| v.is_empty())
+        {
+            tracing::warn!(
+                agent = name,
+                variable = variable.as_str(),
+                "the API key variable is not set (or empty); requests go without an Authorization header"
+            );
+        }
+        Ok(Self {
+            shared: Arc::new(Endpoint {
+                name: name.to_string(),
+                client,
+                url,
+                model: config.model.clone(),
+                api_key_env: config.api_key_env.clone(),
+                system: config.system.clone(),
+                temperature: config.temperature,
+                max_tokens: config.max_tokens,
+                retries: config.retries,
+                retry_backoff: Duration::from_millis(config.retry_backoff_ms),
+            }),
+        })
     }
 }
 
 impl Agent for OpenaiAgent {
+    fn wants_history(&self) -> bool {
+        true
+    }
+
     fn run(
         &self,
-        _r: AgentRequest,
-        _o: OutputSink,
-        _c: CancellationToken,
+        request: AgentRequest,
+        outputs: OutputSink,
+        cancel: CancellationToken,
     ) -> BoxFuture<'static, AgentResult> {
-        unimplemented!()
+        let endpoint = Arc::clone(&self.shared);
+        let body = endpoint.request_body(&request);
+        async move { endpoint.complete(body, &outputs, &cancel).await }.boxed()
+    }
+}
+
+/// `{base_url}/chat/completions`, with exactly one `/` between the two (a query is kept).
+fn chat_completions_url(base_url: &str) -> anyhow::Result<Url> {
+    let mut url = Url::parse(base_url.trim())?;
+    if !matches!(url.scheme(), "http" | "https") {
+        anyhow::bail!("expected an http:// or https:// URL");
+    }
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("not a base URL"))?
+        .pop_if_empty()
+        .extend(["chat", "completions"]);
+    Ok(url)
+}
+
+/// Renders the system prompt: `{{context}}` becomes the context as compact JSON and
+/// `{{context.KEY}}` its top-level value `KEY` (a string as is, anything else as compact JSON,
+/// nothing when absent). Other `{{…}}` stay as written.
+fn render_system(template: &str, context: &JsonObject) -> String {
+    let mut rendered = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        let Some(close) = rest[open + 2..].find("}}").map(|i| open + 2 + i) else {
+            break;
+        };
+        rendered.push_str(&rest[..open]);
+        let name = rest[open + 2..close].trim();
+        if name == "context" {
+            rendered.push_str(&Value::Object(context.clone()).to_string());
+        } else if let Some(key) = name.strip_prefix("context.") {
+            match context.get(key) {
+                None => {}
+                Some(Value::String(text)) => rendered.push_str(text),
+                Some(value) => rendered.push_str(&value.to_string()),
+            }
+        } else {
+            rendered.push_str(&rest[open..close + 2]);
+        }
+        rest = &rest[close + 2..];
+    }
+    rendered.push_str(rest);
+    rendered
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// `[DONE]` (or the end of the body after a `finish_reason`): the full text.
+    Done(String),
+    /// Cancelled, or the runner stopped listening.
+    Stopped,
+    Failed(Failure),
+}
+
+struct Failure {
+    error: ErrorInfo,
+    retryable: bool,
+    /// The endpoint's `Retry-After`, which replaces the backoff.
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn new(code: &str, message: String, retryable: bool) -> Self {
+        Self {
+            error: ErrorInfo {
+                code: code.into(),
+                message,
+            },
+            retryable,
+            retry_after: None,
+        }
+    }
+}
+
+impl Endpoint {
+    fn request_body(&self, request: &AgentRequest) -> Vec<u8> {
+        let mut messages = Vec::with_capacity(2 + 2 * request.history.len());
+        if let Some(template) = &self.system {
+            let system = render_system(template, &request.context);
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        for past in &request.history {
+            messages.push(json!({"role": "user", "content": past.content}));
+            messages.push(json!({"role": "assistant", "content": past.response}));
+        }
+        messages.push(json!({"role": "user", "content": request.interaction.content}));
+        let mut body = json!({"model": self.model, "messages": messages, "stream": true});
+        if let Some(temperature) = self.temperature {
+            body["temperature"] = json!(temperature);
+        }
+        if let Some(max_tokens) = self.max_tokens {
+            body["max_tokens"] = json!(max_tokens);
+        }
+        body.to_string().into_bytes()
+    }
+
+    /// Runs attempts until one ends, retrying what may be retried.
+    async fn complete(
+        &self,
+        body: Vec<u8>,
+        outputs: &OutputSink,
+        cancel: &CancellationToken,
+    ) -> AgentResult {
+        let mut attempt: u32 = 0;
+        loop {
+            let failure = match self.attempt(&body, outputs, cancel).await {
+                Attempt::Done(text) => return Ok(Some(text)),
+                Attempt::Stopped => return Ok(None),
+                Attempt::Failed(failure) => failure,
+            };
+            if !failure.retryable || attempt >= self.retries {
+                let mut error = failure.error;
+                if attempt > 0 {
+                    error
+                        .message
+                        .push_str(&format!(" (gave up after {} attempts)", attempt + 1));
+                }
+                return Err(error);
+            }
+            let delay = failure
+                .retry_after
+                .unwrap_or_else(|| backoff(self.retry_backoff, attempt))
+                .min(MAX_RETRY_DELAY);
+            tracing::warn!(
+                agent = %self.name,
+                attempt = attempt + 1,
+                code = %failure.error.code,
+                error = %failure.error.message,
+                delay_ms = delay.as_millis() as u64,
+                "chat completion failed before its first token; retrying"
+            );
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        body: &[u8],
+        outputs: &OutputSink,
+        cancel: &CancellationToken,
+    ) -> Attempt {
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "text/event-stream")
+            .body(body.to_vec());
+        match self.authorization() {
+            Ok(Some(value)) => request = request.header(AUTHORIZATION, value),
+            Ok(None) => {}
+            Err(failure) => return Attempt::Failed(failure),
+        }
+        let sent = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Attempt::Stopped,
+            sent = request.send() => sent,
+        };
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => return Attempt::Failed(self.send_failure(&e)),
+        };
+        if !response.status().is_success() {
+            return Attempt::Failed(self.status_failure(response, cancel).await);
+        }
+        let json_answer = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("application/json"));
+        if json_answer {
+            let detail = read_error_detail(response, cancel).await;
+            return Attempt::Failed(Failure::new(
+                "upstream_protocol",
+                format!("expected an event stream, got a JSON answer: {detail}"),
+                false,
+            ));
+        }
+        self.read_stream(response, outputs, cancel).await
+    }
+
+    /// `Bearer KEY` from the configured variable, read now (so a rotated key is picked up).
+    fn authorization(&self) -> Result<Option<HeaderValue>, Failure> {
+        let Some(variable) = &self.api_key_env else {
+            return Ok(None);
+        };
+        let key = match std::env::var(variable) {
+            Ok(key) if key.is_empty() => return Ok(None),
+            Ok(key) => key,
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(Failure::new(
+                    "upstream_auth",
+                    format!("the API key in environment variable {variable} is not valid UTF-8"),
+                    false,
+                ));
+            }
+        };
+        let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+            Failure::new(
+                "upstream_auth",
+                format!(
+                    "the API key in environment variable {variable} is not a valid header value"
+                ),
+                false,
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    fn send_failure(&self, error: &reqwest::Error) -> Failure {
+        let cause = causes(error);
+        if error.is_connect() || error.is_timeout() {
+            Failure::new(
+                "upstream_unreachable",
+                format!("cannot connect to {}: {cause}", self.url),
+                true,
+            )
+        } else {
+            Failure::new(
+                "upstream_error",
+                format!("the request to {} failed: {cause}", self.url),
+                true,
+            )
+        }
+    }
+
+    async fn status_failure(&self, response: Response, cancel: &CancellationToken) -> Failure {
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let detail = read_error_detail(response, cancel).await;
+        let (code, retryable, summary) = match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => (
+                "upstream_auth",
+                false,
+                format!(
+                    "the endpoint refused the credentials ({status}){}",
+                    self.key_hint()
+                ),
+            ),
+            StatusCode::NOT_FOUND => (
+                "upstream_not_found",
+                false,
+                format!(
+                    "model {:?} not found at {} ({status})",
+                    self.model, self.url
+                ),
+            ),
+            StatusCode::TOO_MANY_REQUESTS => (
+                "upstream_rate_limited",
+                true,
+                format!("rate limited by the endpoint ({status})"),
+            ),
+            s if s.is_server_error() => (
+                "upstream_error",
+                true,
+                format!("the endpoint failed ({status})"),
+            ),
+            s if s.is_redirection() => (
+                "upstream_error",
+                false,
+                format!(
+                    "the endpoint redirects ({status}) to {}; set base_url to the final address",
+                    location.as_deref().unwrap_or("nowhere")
+                ),
+            ),
+            _ => (
+                "upstream_error",
+                false,
+                format!("the endpoint refused the request ({status})"),
+            ),
+        };
+        let message = if detail.is_empty() {
+            summary
+        } else {
+            format!("{summary}: {detail}")
+        };
+        Failure {
+            retry_after: if retryable { retry_after } else { None },
+            ..Failure::new(code, message, retryable)
+        }
+    }
+
+    /// Why a refused key may have been refused: the variable's name, never its value.
+    fn key_hint(&self) -> String {
+        match &self.api_key_env {
+            None => " (no api_key_env is configured)".into(),
+            Some(variable) if std::env::var_os(variable).is_none_or(|v| v.is_empty()) => {
+                format!(" (environment variable {variable} is not set)")
+            }
+            Some(_) => String::new(),
+        }
+    }
+
+    /// Reads the event stream, sending each content delta as it comes.
+    async fn read_stream(
+        &self,
+        response: Response,
+        outputs: &OutputSink,
+        cancel: &CancellationToken,
+    ) -> Attempt {
+        let mut body = response.bytes_stream();
+        let mut decoder = SseDecoder::default();
+        let mut text = String::new();
+        let mut finish_reason: Option<String> = None;
+        // Once a delta went out, a failure can no longer be retried: the reply would repeat.
+        let mut sent_any = false;
+        loop {
+            let next = async {
+                if finish_reason.is_some() {
+                    // Finished: wait a little for `[DONE]`, but not on a server that never says it.
+                    tokio::time::timeout(DONE_GRACE, body.next())
+                        .await
+                        .unwrap_or(None)
+                } else {
+                    body.next().await
+                }
+            };
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Attempt::Stopped,
+                next = next => next,
+            };
+            let bytes = match next {
+                Some(Ok(bytes)) => bytes,
+                end => {
+                    let done =
+                        matches!(decoder.finish(), Ok(Some(data)) if data.trim() == "[DONE]");
+                    if done || finish_reason.is_some() {
+                        self.log_finish(finish_reason.as_deref());
+                        return Attempt::Done(text);
+                    }
+                    let how = match end {
+                        Some(Err(e)) => format!("the connection was lost: {}", causes(&e)),
+                        _ => "the body ended".into(),
+                    };
+                    return Attempt::Failed(Failure::new(
+                        "upstream_stream_cut",
+                        format!("the reply stream was cut before [DONE] ({how})"),
+                        !sent_any,
+                    ));
+                }
+            };
+            decoder.push(&bytes);
+            loop {
+                let data = match decoder.next_event() {
+                    Ok(Some(data)) => data,
+                    Ok(None) => break,
+                    Err(e) => return Attempt::Failed(protocol_failure(e.to_string())),
+                };
+                let data = data.trim();
+                if data.is_empty() {
+                    continue;
+                }
+                if data == "[DONE]" {
+                    self.log_finish(finish_reason.as_deref());
+                    return Attempt::Done(text);
+                }
+                let chunk: StreamChunk<'_> = match serde_json::from_str(data) {
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        return Attempt::Failed(protocol_failure(format!(
+                            "a malformed chunk ({e}): {}",
+                            excerpt(data)
+                        )));
+                    }
+                };
+                if let Some(error) = chunk.error {
+                    let detail = error_detail_of(&json!({ "error": error })).unwrap_or_default();
+                    return Attempt::Failed(Failure::new(
+                        "upstream_error",
+                        format!(
+                            "the endpoint reported an error mid-stream: {}",
+                            excerpt(&detail)
+                        ),
+                        false,
+                    ));
+                }
+                let Some(choice) = chunk.choices.and_then(|c| c.into_iter().next()) else {
+                    continue;
+                };
+                if let Some(reason) = choice.finish_reason {
+                    finish_reason = Some(reason.into_owned());
+                }
+                let Some(content) = choice.delta.and_then(|d| d.content) else {
+                    continue;
+                };
+                if content.is_empty() {
+                    continue;
+                }
+                text.push_str(&content);
+                sent_any = true;
+                let delivered = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => false,
+                    sent = outputs.send(TaskOutput::Delta(content.into_owned())) => sent.is_ok(),
+                };
+                if !delivered {
+                    // Cancelled, or the runner is gone.
+                    return Attempt::Stopped;
+                }
+            }
+        }
+    }
+
+    fn log_finish(&self, finish_reason: Option<&str>) {
+        tracing::debug!(
+            agent = %self.name,
+            finish_reason = finish_reason.unwrap_or("none"),
+            "chat completion finished"
+        );
+    }
+}
+
+fn protocol_failure(what: String) -> Failure {
+    Failure::new(
+        "upstream_protocol",
+        format!("the endpoint broke the streaming protocol: {what}"),
+        false,
+    )
+}
+
+/// `retry_backoff * 2^attempt`, saturating.
+fn backoff(first: Duration, attempt: u32) -> Duration {
+    first.saturating_mul(2u32.saturating_pow(attempt))
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is ignored: the backoff applies then).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let seconds: f64 = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .map(|d| d.min(MAX_RETRY_DELAY))
+}
+
+/// The explanation in an error answer's body, as an excerpt: the `error.message` of an
+/// OpenAI-style body when there is one, else the body itself. Bounded in size and time.
+async fn read_error_detail(response: Response, cancel: &CancellationToken) -> String {
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    let read = async {
+        while let Some(Ok(bytes)) = stream.next().await {
+            let room = MAX_ERROR_BODY_BYTES - body.len();
+            body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            if body.len() >= MAX_ERROR_BODY_BYTES {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::timeout(ERROR_BODY_WAIT, read) => {}
+    }
+    let text = String::from_utf8_lossy(&body);
+    let detail = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|value| error_detail_of(&value));
+    excerpt(detail.as_deref().unwrap_or(&text))
+}
+
+/// The message of the error shapes OpenAI-compatible servers answer with:
+/// `{"error": {"message"}}`, `{"error": "…"}`, `{"message": "…"}` or `{"detail": "…"}`.
+fn error_detail_of(value: &Value) -> Option<String> {
+    let error = &value["error"];
+    [
+        &error["message"],
+        error,
+        &value["message"],
+        &value["detail"],
+    ]
+    .into_iter()
+    .find_map(Value::as_str)
+    .map(str::to_string)
+    .or_else(|| error.is_object().then(|| error.to_string()))
+}
+
+/// At most [`ERROR_EXCERPT_CHARS`] characters of `text` (trimmed), `…` marking a cut.
+fn excerpt(text: &str) -> String {
+    let text = text.trim();
+    let mut starts = text.char_indices().map(|(i, _)| i);
+    match (starts.nth(ERROR_EXCERPT_CHARS - 1), starts.next()) {
+        // More than the limit: keep one character less, for the mark.
+        (Some(end), Some(_)) => format!("{}…", &text[..end]),
+        _ => text.to_string(),
+    }
+}
+
+/// What went wrong under a `reqwest` error, as one line: its sources (the error itself only
+/// repeats the URL), or the error when it has none.
+fn causes(error: &reqwest::Error) -> String {
+    let Some(first) = std::error::Error::source(error) else {
+        return error.to_string();
+    };
+    let mut line = first.to_string();
+    let mut source = first.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !line.contains(&cause_text) {
+            line.push_str(": ");
+            line.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    line
+}
+
+/// One `chat.completion.chunk`, borrowing from the event's data where it can. Only what the
+/// agent reads is declared; a value of the wrong type is a protocol error.
+#[derive(Deserialize)]
+struct StreamChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Option<Vec<StreamChoice<'a>>>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<StreamDelta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct StreamDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+/// Why the event stream could not be decoded.
+#[derive(Debug, thiserror::Error)]
+enum SseError {
+    #[error("an event line is not UTF-8")]
+    NotUtf8,
+    #[error("an event is larger than {MAX_EVENT_BYTES} bytes")]
+    TooLarge,
+}
+
+/// Incremental decoder of a `text/event-stream` body: bytes go in as they arrive (split
+/// anywhere, even inside a line or a UTF-8 sequence) and each event's data comes out, its
+/// `data:` lines joined with `\n`. Lines end with `\n` or `\r\n`; comments (`:`) and other
+/// fields are skipped. Its buffers are reused from event to event.
+#[derive(Default)]
+struct SseDecoder {
+    /// Received bytes; those before `start` are consumed.
+    pending: Vec<u8>,
+    start: usize,
+    /// Bytes before this index are known to hold no newline (a long line is scanned once).
+    scan_from: usize,
+    /// The data of the event being read.
+    data: String,
+    has_data: bool,
+    /// `data` was handed out by the previous call: clear it before reading on.
+    handed_out: bool,
+}
+
+impl SseDecoder {
+    fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.pending.drain(..self.start);
+            self.scan_from -= self.start;
+            self.start = 0;
+        }
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// The data of the next complete event, if one is complete.
+    fn next_event(&mut self) -> Result<Option<&str>, SseError> {
+        if self.handed_out {
+            self.data.clear();
+            self.has_data = false;
+            self.handed_out = false;
+        }
+        loop {
+            let Some(newline) = self.pending[self.scan_from..]
+                .iter()
+                .position(|&b| b == b'\n')
+            else {
+                self.scan_from = self.pending.len();
+                if self.pending.len() - self.start + self.data.len() > MAX_EVENT_BYTES {
+                    return Err(SseError::TooLarge);
+                }
+                return Ok(None);
+            };
+            let (line_start, mut line_end) = (self.start, self.scan_from + newline);
+            self.start = line_end + 1;
+            self.scan_from = self.start;
+            if line_end > line_start && self.pending[line_end - 1] == b'\r' {
+                line_end -= 1;
+            }
+            let line = &self.pending[line_start..line_end];
+            if line.is_empty() {
+                if self.has_data {
+                    self.handed_out = true;
+                    return Ok(Some(&self.data));
+                }
+                continue;
+            }
+            if line[0] == b':' {
+                continue;
+            }
+            let (field, value) = match line.iter().position(|&b| b == b':') {
+                Some(colon) => (&line[..colon], &line[colon + 1..]),
+                None => (line, &line[line.len()..]),
+            };
+            if field != b"data" {
+                continue;
+            }
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            let value = std::str::from_utf8(value).map_err(|_| SseError::NotUtf8)?;
+            if self.data.len() + value.len() >= MAX_EVENT_BYTES {
+                return Err(SseError::TooLarge);
+            }
+            if self.has_data {
+                self.data.push('\n');
+            }
+            self.data.push_str(value);
+            self.has_data = true;
+        }
+    }
+
+    /// At the end of the body: the event it ended in, when its last line or blank line
+    /// was missing (only a bare `[DONE]` is worth reading from there).
+    fn finish(&mut self) -> Result<Option<&str>, SseError> {
+        self.push(b"\n\n");
+        self.next_event()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `body` split at `cuts` and collects the events.
+    fn decode(body: &[u8], cuts: &[usize]) -> Vec<String> {
+        let mut decoder = SseDecoder::default();
+        let mut events = Vec::new();
+        let mut from = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&body.len())) {
+            decoder.push(&body[from..cut]);
+            from = cut;
+            while let Some(data) = decoder.next_event().expect("decodes") {
+                events.push(data.to_string());
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn events_survive_every_split() {
+        let body = ": comment\r\nevent: x\r\ndata: {\"a\":\"hé🙂\"}\r\n\r\nid: 7\ndata:one\ndata: two\n\nretry: 5\n\n\ndata\n\ndata: [DONE]\n\n";
+        let expected = vec![
+            "{\"a\":\"hé🙂\"}".to_string(),
+            "one\ntwo".into(),
+            "".into(),
+            "[DONE]".into(),
+        ];
+        assert_eq!(decode(body.as_bytes(), &[]), expected);
+        for a in 0..=body.len() {
+            assert_eq!(decode(body.as_bytes(), &[a]), expected, "cut at {a}");
+            for b in a..=body.len() {
+                assert_eq!(decode(body.as_bytes(), &[a, b]), expected, "cuts {a} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn finish_yields_an_event_that_lacks_its_blank_line() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(b"data: [DONE]");
+        assert_eq!(decoder.next_event().expect("ok"), None);
+        assert_eq!(decoder.finish().expect("ok"), Some("[DONE]"));
+        let mut decoder = SseDecoder::default();
+        decoder.push(b"data: {\"cho");
+        assert_eq!(decoder.finish().expect("ok"), Some("{\"cho"));
+    }
+
+    #[test]
+    fn invalid_utf8_and_huge_events_are_errors() {
+        let mut decoder = SseDecoder::default();
+        decoder.push(b"data: \xff\xfe\n\n");
+        assert!(matches!(decoder.next_event(), Err(SseError::NotUtf8)));
+        let mut decoder = SseDecoder::default();
+        decoder.push(b"data: ");
+        decoder.push(&vec![b'x'; MAX_EVENT_BYTES + 1]);
+        assert!(matches!(decoder.next_event(), Err(SseError::TooLarge)));
+    }
+
+    #[test]
+    fn the_url_joins_with_one_slash() {
+        for base in [
+            "http://h:1/v1",
+            "http://h:1/v1/",
+            " http://h:1/v1 ",
+            "http://h:1/v1/?x=1",
+        ] {
+            let url = chat_completions_url(base).expect("valid").to_string();
+            assert!(
+                url.starts_with("http://h:1/v1/chat/completions"),
+                "{base} -> {url}"
+            );
+        }
+        assert_eq!(
+            chat_completions_url("http://h:1/v1/?x=1")
+                .expect("valid")
+                .as_str(),
+            "http://h:1/v1/chat/completions?x=1"
+        );
+        assert_eq!(
+            chat_completions_url("http://h:1").expect("valid").as_str(),
+            "http://h:1/chat/completions"
+        );
+        assert!(chat_completions_url("ftp://h/v1").is_err());
+    }
+
+    #[test]
+    fn the_system_template_takes_context_values() {
+        let context: JsonObject = serde_json::from_value(json!({
+            "name": "Ada", "n": 3, "tags": ["a"], "nothing": null
+        }))
+        .expect("object");
+        assert_eq!(
+            render_system(
+                "Hi {{context.name}} ({{ context.n }}) {{context.tags}} [{{context.missing}}] \
+                 {{context.nothing}} {{other}} {{context}} {{open",
+                &context
+            ),
+            format!(
+                "Hi Ada (3) [\"a\"] [] null {{{{other}}}} {} {{{{open",
+                serde_json::to_string(&context).expect("json")
+            )
+        );
+    }
+
+    #[test]
+    fn excerpts_are_bounded() {
+        assert_eq!(excerpt("  short  "), "short");
+        let exact = "é".repeat(ERROR_EXCERPT_CHARS);
+        assert_eq!(excerpt(&exact), exact);
+        let long = "é".repeat(ERROR_EXCERPT_CHARS + 1);
+        let cut = excerpt(&long);
+        assert_eq!(cut.chars().count(), ERROR_EXCERPT_CHARS);
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn chunks_of_the_wrong_shape_are_refused() {
+        for bad in [
+            r#"{"choices":{}}"#,
+            r#"{"choices":[{"delta":{"content":5}}]}"#,
+            r#"{"choices":[{"delta":"x"}]}"#,
+            "not json",
+        ] {
+            assert!(
+                serde_json::from_str::<StreamChunk<'_>>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        for good in [
+            r#"{"choices":[]}"#,
+            r#"{"choices":null}"#,
+            r#"{"choices":[{"delta":{"content":null},"finish_reason":null}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"a\"b"},"logprobs":null}]}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<StreamChunk<'_>>(good).is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_and_saturates() {
+        let first = Duration::from_millis(250);
+        assert_eq!(backoff(first, 0), first);
+        assert_eq!(backoff(first, 2), Duration::from_secs(1));
+        assert!(backoff(first, 200) >= MAX_RETRY_DELAY);
     }
 }
