@@ -152,8 +152,13 @@ impl AgentConfig {
                 {
                     bail!("agents.{name}.temperature must be between 0 and 2");
                 }
-                if !(c.connect_timeout_s.is_finite() && c.connect_timeout_s > 0.0) {
-                    bail!("agents.{name}.connect_timeout_s must be a positive number of seconds");
+                for (key, value) in [
+                    ("connect_timeout_s", c.connect_timeout_s),
+                    ("idle_timeout_s", c.idle_timeout_s),
+                ] {
+                    if !(value.is_finite() && value > 0.0) {
+                        bail!("agents.{name}.{key} must be a positive number of seconds");
+                    }
                 }
             }
         }
@@ -261,6 +266,9 @@ pub struct OpenaiConfig {
     /// Longest wait to connect to the endpoint.
     #[serde(default = "OpenaiConfig::default_connect_timeout_s")]
     pub connect_timeout_s: f64,
+    /// Longest silence of a reply's stream (before or between chunks) before it is given up.
+    #[serde(default = "OpenaiConfig::default_idle_timeout_s")]
+    pub idle_timeout_s: f64,
 }
 
 impl OpenaiConfig {
@@ -272,6 +280,9 @@ impl OpenaiConfig {
     }
     fn default_connect_timeout_s() -> f64 {
         10.0
+    }
+    fn default_idle_timeout_s() -> f64 {
+        60.0
     }
 
     /// A config with every optional key at its default.
@@ -288,6 +299,7 @@ impl OpenaiConfig {
             retries: Self::default_retries(),
             retry_backoff_ms: Self::default_retry_backoff_ms(),
             connect_timeout_s: Self::default_connect_timeout_s(),
+            idle_timeout_s: Self::default_idle_timeout_s(),
         }
     }
 }

@@ -449,3 +449,24 @@ async fn the_agent_list_shows_name_and_kind_only() {
     assert_eq!(mock.request_count(), 0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_falls_silent_times_out() {
+    let mock = MockOpenai::start().await;
+    let server = start(&mock, "idle_timeout_s = 0.3\nretries = 0").await;
+    llm_session(&server, "s", json!({})).await;
+    mock.push(Reply::Stream(vec![
+        send(role_event()),
+        send(content_event("Hel")),
+        Step::Pause(Duration::from_secs(20)),
+        send(content_event("lo")),
+    ]));
+    let done = ask(&server, "s", "hi").await;
+    assert_failed(&done, "upstream_timeout");
+    assert_eq!(done["response"], "Hel");
+    assert!(
+        mock.wait_client_closed(Duration::from_secs(5)).await,
+        "the silent connection was dropped"
+    );
+    server.stop().await;
+}

@@ -16,6 +16,7 @@
 //! | `upstream_not_found` | `404` (a wrong model name or `base_url`) | no |
 //! | `upstream_rate_limited` | `429` | yes |
 //! | `upstream_error` | `5xx`; any other non-2xx (`400`, a redirect…); an `error` object in the stream; a connection lost before the response | `5xx` and a lost connection |
+//! | `upstream_timeout` | the stream stayed silent for `idle_timeout_s` (default 60) | only when no delta was sent yet |
 //! | `upstream_stream_cut` | the stream ended before `data: [DONE]` and before any `finish_reason` | only when no delta was sent yet |
 //! | `upstream_protocol` | a chunk that is not JSON or not shaped like a chat completion chunk, a line that is not UTF-8, an event over 4 MiB, a JSON (non-stream) answer | no |
 //!
@@ -73,6 +74,8 @@ struct Endpoint {
     max_tokens: Option<u32>,
     retries: u32,
     retry_backoff: Duration,
+    /// Longest silence of the stream before the reply is given up.
+    idle_timeout: Duration,
 }
 
 impl OpenaiAgent {
@@ -110,6 +113,8 @@ impl OpenaiAgent {
                 max_tokens: config.max_tokens,
                 retries: config.retries,
                 retry_backoff: Duration::from_millis(config.retry_backoff_ms),
+                idle_timeout: Duration::try_from_secs_f64(config.idle_timeout_s)
+                    .with_context(|| format!("agents.{name}.idle_timeout_s"))?,
             }),
         })
     }
@@ -289,11 +294,21 @@ impl Endpoint {
         let sent = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Attempt::Stopped,
-            sent = request.send() => sent,
+            sent = tokio::time::timeout(self.idle_timeout, request.send()) => sent,
         };
         let response = match sent {
-            Ok(response) => response,
-            Err(e) => return Attempt::Failed(self.send_failure(&e)),
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Attempt::Failed(self.send_failure(&e)),
+            Err(_) => {
+                return Attempt::Failed(Failure::new(
+                    "upstream_timeout",
+                    format!(
+                        "the endpoint did not answer within {} s",
+                        self.idle_timeout.as_secs_f64()
+                    ),
+                    true,
+                ));
+            }
         };
         if !response.status().is_success() {
             return Attempt::Failed(self.status_failure(response, cancel).await);
@@ -450,17 +465,27 @@ impl Endpoint {
             let next = async {
                 if finish_reason.is_some() {
                     // Finished: wait a little for `[DONE]`, but not on a server that never says it.
-                    tokio::time::timeout(DONE_GRACE, body.next())
+                    Ok(tokio::time::timeout(DONE_GRACE, body.next())
                         .await
-                        .unwrap_or(None)
+                        .unwrap_or(None))
                 } else {
-                    body.next().await
+                    tokio::time::timeout(self.idle_timeout, body.next()).await
                 }
             };
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Attempt::Stopped,
                 next = next => next,
+            };
+            let Ok(next) = next else {
+                return Attempt::Failed(Failure::new(
+                    "upstream_timeout",
+                    format!(
+                        "the endpoint sent nothing for {} s in the middle of the reply",
+                        self.idle_timeout.as_secs_f64()
+                    ),
+                    !sent_any,
+                ));
             };
             let bytes = match next {
                 Some(Ok(bytes)) => bytes,
