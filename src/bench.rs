@@ -61,6 +61,55 @@ struct Figures {
     idle: Option<Idle>,
     /// Cancel latency by agent kind.
     cancel: Vec<(&'static str, Latencies)>,
+    /// Server-side time to stop the command agent's processes: (stops, p50 and p99 bucket
+    /// bounds in ms).
+    process_stops: Option<(u64, f64, f64)>,
+}
+
+/// The cumulative buckets `(le, count)` of `baton_agent_process_stop_seconds` on `/metrics`.
+async fn stop_buckets(url: &str) -> anyhow::Result<Vec<(f64, u64)>> {
+    let text = http_client(1)?
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("baton_agent_process_stop_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+/// Stops counted between two readings of the buckets, and the p50 and p99 bucket bounds (ms).
+fn stop_quantiles(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<(u64, f64, f64)> {
+    let counts: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, n)| {
+            let earlier = before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+            (le, n.saturating_sub(earlier))
+        })
+        .collect();
+    let total = counts.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let at = |q: f64| {
+        let rank = (total as f64 * q).ceil() as u64;
+        counts
+            .iter()
+            .find(|&&(_, n)| n >= rank)
+            .map_or(f64::INFINITY, |&(le, _)| le * 1000.0)
+    };
+    Some((total, at(0.50), at(0.99)))
 }
 
 #[derive(Debug, Clone)]
@@ -757,8 +806,15 @@ async fn measure(
                 "[{name}] cancel latency: {} cancels of a running {kind} agent",
                 options.cancel_rounds
             );
+            let before = stop_buckets(url).await.unwrap_or_default();
             let latencies = cancel_latency(url, agent, options.cancel_rounds).await?;
             figures.cancel.push((kind, latencies));
+            if kind == "command" {
+                // Stops end in the background: give the last one a moment to be counted.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let after = stop_buckets(url).await.unwrap_or_default();
+                figures.process_stops = stop_quantiles(&before, &after);
+            }
         }
     }
     Ok(figures)
@@ -966,6 +1022,18 @@ fn report(results: &[Figures]) -> String {
         },
         false,
     );
+    row(
+        "(e) RSS with the idle connections",
+        &|f| {
+            f.idle.as_ref().map(|x| {
+                (
+                    format!("{:.1} MiB", x.rss_after_kib as f64 / 1024.0),
+                    x.rss_after_kib as f64,
+                )
+            })
+        },
+        false,
+    );
     for kind in ["echo", "command", "openai"] {
         let of = |f: &Figures| {
             f.cancel
@@ -985,14 +1053,18 @@ fn report(results: &[Figures]) -> String {
         );
     }
     row(
-        "(e) RSS with the idle connections",
+        "(f) command agent: signal → process group gone (server), p50 bucket",
         &|f| {
-            f.idle.as_ref().map(|x| {
-                (
-                    format!("{:.1} MiB", x.rss_after_kib as f64 / 1024.0),
-                    x.rss_after_kib as f64,
-                )
-            })
+            f.process_stops
+                .map(|(n, p50, _)| (format!("≤ {p50} ms ({n} stops)"), p50))
+        },
+        false,
+    );
+    row(
+        "(f) command agent: signal → process group gone (server), p99 bucket",
+        &|f| {
+            f.process_stops
+                .map(|(_, _, p99)| (format!("≤ {p99} ms"), p99))
         },
         false,
     );

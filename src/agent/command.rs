@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +52,55 @@ const STDERR_LOG_LINE_BYTES: usize = 1024;
 const QUOTE_BYTES: usize = 200;
 /// After the process exited, how long its stdout may stay open (held by a child of its own).
 const STDOUT_DRAIN: Duration = Duration::from_millis(500);
+
+/// Upper bounds (ms) of the buckets of [`PROCESS_STOPS`].
+pub const STOP_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// How long stopping a task's process group took, from the decision to stop (cancel, timeout,
+/// failure, or the end of the grace period after a result) until no member was left; a
+/// process-wide histogram exported on `/metrics`.
+pub static PROCESS_STOPS: StopHistogram = StopHistogram::new();
+
+/// A fixed-bucket histogram of stop durations (cumulative counts are computed when read).
+pub struct StopHistogram {
+    buckets: [AtomicU64; STOP_BUCKETS_MS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl StopHistogram {
+    const fn new() -> Self {
+        Self {
+            buckets: [const { AtomicU64::new(0) }; STOP_BUCKETS_MS.len() + 1],
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, took: Duration) {
+        let ms = took.as_secs_f64() * 1000.0;
+        let index = STOP_BUCKETS_MS
+            .iter()
+            .position(|&bound| ms <= bound as f64)
+            .unwrap_or(STOP_BUCKETS_MS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket bound (the last is `+Inf`, the total), and the sum in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, f64) {
+        let mut total = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                total += b.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (cumulative, sum)
+    }
+}
 
 /// Runs a program per task, speaking the JSON-lines protocol.
 pub struct CommandAgent {
@@ -392,10 +442,14 @@ impl Drop for Process {
 /// Stops a process group: (optionally a grace period to exit on its own,) SIGTERM, then
 /// SIGKILL after `grace`; reaps the leader; then does the same to any member left behind.
 async fn stop_group(child: Option<Child>, group: Pid, grace: Duration, graceful: bool) {
+    let mut began = tokio::time::Instant::now();
+    let mut stopped_any = false;
     if let Some(mut child) = child {
         let exited = matches!(child.try_wait(), Ok(Some(_)))
             || (graceful && tokio::time::timeout(grace, child.wait()).await.is_ok());
         if !exited {
+            began = tokio::time::Instant::now();
+            stopped_any = true;
             let _ = killpg(group, Signal::SIGTERM);
             if tokio::time::timeout(grace, child.wait()).await.is_err() {
                 let _ = killpg(group, Signal::SIGKILL);
@@ -404,15 +458,21 @@ async fn stop_group(child: Option<Child>, group: Pid, grace: Duration, graceful:
         }
     }
     // Members of the group the program started and left behind.
-    if killpg(group, None).is_err() {
-        return;
+    if killpg(group, None).is_ok() {
+        if !stopped_any {
+            began = tokio::time::Instant::now();
+            stopped_any = true;
+        }
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        while killpg(group, None).is_ok() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = killpg(group, Signal::SIGKILL);
     }
-    let _ = killpg(group, Signal::SIGTERM);
-    let deadline = tokio::time::Instant::now() + grace;
-    while killpg(group, None).is_ok() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if stopped_any {
+        PROCESS_STOPS.record(began.elapsed());
     }
-    let _ = killpg(group, Signal::SIGKILL);
 }
 
 async fn write_stdin(mut stdin: tokio::process::ChildStdin, payload: Vec<u8>) {

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use command::CommandAgent;
+pub use command::{CommandAgent, PROCESS_STOPS, STOP_BUCKETS_MS};
 pub use echo::EchoAgent;
 pub use openai::OpenaiAgent;
 

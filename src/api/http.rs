@@ -167,6 +167,23 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     ] {
         metric(name, "counter", help, counter.load(Ordering::Relaxed));
     }
+    let (stops, stop_sum) = crate::agent::PROCESS_STOPS.snapshot();
+    text.push_str(
+        "# HELP baton_agent_process_stop_seconds Time to stop a command agent's process group \
+         (signal to no member left).\n# TYPE baton_agent_process_stop_seconds histogram\n",
+    );
+    for (bound, count) in crate::agent::STOP_BUCKETS_MS.iter().zip(&stops) {
+        text.push_str(&format!(
+            "baton_agent_process_stop_seconds_bucket{{le=\"{}\"}} {count}\n",
+            *bound as f64 / 1000.0
+        ));
+    }
+    let total = stops.last().copied().unwrap_or(0);
+    text.push_str(&format!(
+        "baton_agent_process_stop_seconds_bucket{{le=\"+Inf\"}} {total}\n\
+         baton_agent_process_stop_seconds_sum {stop_sum}\n\
+         baton_agent_process_stop_seconds_count {total}\n"
+    ));
     (
         [(
             axum::http::header::CONTENT_TYPE,
