@@ -22,7 +22,34 @@ pub struct Bus {
     published: AtomicU64,
     /// One-shot waiters for an interaction's final state (`?wait=`): far cheaper than a
     /// broadcast subscription per request.
-    finals: Mutex<HashMap<InteractionId, Vec<oneshot::Sender<Arc<Interaction>>>>>,
+    finals: Mutex<Finals>,
+}
+
+/// Final-state waiters by interaction, and how many wait in each session.
+#[derive(Debug, Default)]
+struct Finals {
+    by_id: HashMap<InteractionId, Waiters>,
+    sessions: HashMap<SessionId, usize>,
+}
+
+#[derive(Debug)]
+struct Waiters {
+    session: SessionId,
+    senders: Vec<oneshot::Sender<Arc<Interaction>>>,
+}
+
+impl Finals {
+    /// Removes the waiters of `id`, keeping the per-session count exact.
+    fn take(&mut self, id: &InteractionId) -> Option<Vec<oneshot::Sender<Arc<Interaction>>>> {
+        let waiters = self.by_id.remove(id)?;
+        if let Some(count) = self.sessions.get_mut(&waiters.session) {
+            *count = count.saturating_sub(waiters.senders.len());
+            if *count == 0 {
+                self.sessions.remove(&waiters.session);
+            }
+        }
+        Some(waiters.senders)
+    }
 }
 
 impl Default for Bus {
@@ -37,7 +64,7 @@ impl Bus {
             sessions: Mutex::new(HashMap::new()),
             buffer: buffer.max(1),
             published: AtomicU64::new(0),
-            finals: Mutex::new(HashMap::new()),
+            finals: Mutex::new(Finals::default()),
         }
     }
 
@@ -57,15 +84,18 @@ impl Bus {
         self.published
             .fetch_add(events.len() as u64, Ordering::Relaxed);
         let mut finals = self.finals();
-        if !finals.is_empty() {
+        if !finals.by_id.is_empty() {
             for event in &events {
                 if event.kind.is_final()
-                    && let (Some(id), Some(interaction)) =
-                        (&event.interaction_id, &event.interaction)
-                    && let Some(waiters) = finals.remove(id)
+                    && let Some(id) = &event.interaction_id
+                    && let Some(waiters) = finals.take(id)
                 {
-                    for waiter in waiters {
-                        let _ = waiter.send(Arc::clone(interaction));
+                    // An event read back from storage carries no interaction: the waiters are
+                    // then released empty-handed and read the final state themselves.
+                    if let Some(interaction) = &event.interaction {
+                        for waiter in waiters {
+                            let _ = waiter.send(Arc::clone(interaction));
+                        }
                     }
                 }
             }
@@ -80,17 +110,26 @@ impl Bus {
         }
     }
 
-    fn finals(
-        &self,
-    ) -> MutexGuard<'_, HashMap<InteractionId, Vec<oneshot::Sender<Arc<Interaction>>>>> {
+    fn finals(&self) -> MutexGuard<'_, Finals> {
         self.finals.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a waiter for the final event of `id`. The store calls this on its writer, in
-    /// the job that accepted the interaction, so no later final event can be missed.
-    pub fn watch_final(self: &Arc<Self>, id: &InteractionId) -> FinalWatch {
+    /// Registers a waiter for the final event of `id` in `session`. The store calls this in
+    /// the transaction that accepted the interaction, before publishing it, so no later final
+    /// event can be missed.
+    pub fn watch_final(self: &Arc<Self>, session: &SessionId, id: &InteractionId) -> FinalWatch {
         let (sender, receiver) = oneshot::channel();
-        self.finals().entry(id.clone()).or_default().push(sender);
+        let mut finals = self.finals();
+        finals
+            .by_id
+            .entry(id.clone())
+            .or_insert_with(|| Waiters {
+                session: session.clone(),
+                senders: Vec::new(),
+            })
+            .senders
+            .push(sender);
+        *finals.sessions.entry(session.clone()).or_default() += 1;
         FinalWatch {
             receiver,
             bus: Arc::clone(self),
@@ -100,10 +139,17 @@ impl Bus {
 
     /// Registered final-state waiters.
     pub fn final_watch_count(&self) -> usize {
-        self.finals().values().map(Vec::len).sum()
+        self.finals().by_id.values().map(|w| w.senders.len()).sum()
     }
 
-    /// Subscribes to the live events of `session` from now on.
+    /// Whether anyone here listens to `session`: a subscriber, or a final-state waiter.
+    pub fn wants(&self, session: &SessionId) -> bool {
+        self.sessions().contains_key(session) || self.finals().sessions.contains_key(session)
+    }
+
+    /// Subscribes to the live events of `session` from now on. With several nodes, a few
+    /// events committed just before may come too (read back after a notification):
+    /// consumers drop seqs they already have.
     pub fn subscribe(self: &Arc<Self>, session: &SessionId) -> Subscription {
         let receiver = self
             .sessions()
@@ -155,10 +201,20 @@ impl Drop for FinalWatch {
     fn drop(&mut self) {
         self.receiver.close();
         let mut finals = self.bus.finals();
-        if let Some(waiters) = finals.get_mut(&self.id) {
-            waiters.retain(|w| !w.is_closed());
-            if waiters.is_empty() {
-                finals.remove(&self.id);
+        let finals = &mut *finals;
+        if let Some(waiters) = finals.by_id.get_mut(&self.id) {
+            let before = waiters.senders.len();
+            waiters.senders.retain(|w| !w.is_closed());
+            let removed = before - waiters.senders.len();
+            let session = waiters.session.clone();
+            if waiters.senders.is_empty() {
+                finals.by_id.remove(&self.id);
+            }
+            if let Some(count) = finals.sessions.get_mut(&session) {
+                *count = count.saturating_sub(removed);
+                if *count == 0 {
+                    finals.sessions.remove(&session);
+                }
             }
         }
     }

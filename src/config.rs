@@ -20,8 +20,13 @@ pub const DEFAULT_AGENT: &str = "default";
 pub struct Config {
     /// `HOST:PORT` to listen on.
     pub listen: String,
-    /// `sqlite://PATH`; `postgres://…` comes with the PostgreSQL store.
+    /// `sqlite://PATH`, or `postgres://…` for several nodes sharing one database.
     pub database: String,
+    /// PostgreSQL: connections in each node's pool at most.
+    pub pg_pool_size: usize,
+    /// PostgreSQL: seconds a node's heartbeat keeps it alive; a node silent for longer is
+    /// considered lost and its running interactions fail as `interrupted`.
+    pub node_lease_s: f64,
     /// Most `queued` interactions a session holds under policy `enqueue`.
     pub queue_limit: u32,
     /// Largest accepted request body (and WebSocket frame), in bytes.
@@ -54,6 +59,8 @@ impl Default for Config {
         Self {
             listen: DEFAULT_LISTEN.into(),
             database: DEFAULT_DATABASE.into(),
+            pg_pool_size: 16,
+            node_lease_s: 10.0,
             queue_limit: 16,
             max_body_bytes: 1024 * 1024,
             sqlite_synchronous: Synchronous::Normal,
@@ -388,6 +395,12 @@ impl Config {
         if !(self.ws_ping_interval_s.is_finite() && self.ws_ping_interval_s >= 0.1) {
             bail!("ws_ping_interval_s must be at least 0.1");
         }
+        if !(self.node_lease_s.is_finite() && self.node_lease_s >= 0.5) {
+            bail!("node_lease_s must be at least 0.5");
+        }
+        if self.pg_pool_size < 2 {
+            bail!("pg_pool_size must be at least 2");
+        }
         if !(self.ws_ops_per_second.is_finite() && self.ws_ops_per_second > 0.0) {
             bail!("ws_ops_per_second must be a positive number");
         }
@@ -411,6 +424,8 @@ impl Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseLocation {
     SqliteFile(PathBuf),
+    /// A `postgres://` (or `postgresql://`) connection URL.
+    Postgres(String),
 }
 
 impl DatabaseLocation {
@@ -425,11 +440,12 @@ impl DatabaseLocation {
             return Ok(Self::SqliteFile(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            bail!(
-                "database {url:?}: the PostgreSQL store is not available in this build; use sqlite://PATH"
-            );
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                bail!("database URL: {e}");
+            }
+            return Ok(Self::Postgres(url.to_string()));
         }
-        bail!("database {url:?}: expected sqlite://PATH")
+        bail!("database {url:?}: expected sqlite://PATH or postgres://USER@HOST/DB")
     }
 }
 

@@ -108,6 +108,15 @@ impl IdGenerator {
         let id = uuid::Uuid::from_u128(value).hyphenated().to_string();
         InteractionId(Arc::from(id))
     }
+
+    /// An id greater than `floor` (one stored earlier, maybe by another node), whatever this
+    /// node's clock says.
+    pub fn next_after(&mut self, floor: &InteractionId) -> InteractionId {
+        if let Ok(stored) = uuid::Uuid::parse_str(floor.as_str()) {
+            self.last = self.last.max(stored.as_u128());
+        }
+        self.next_id()
+    }
 }
 
 /// Milliseconds since the Unix epoch: how instants are stored.

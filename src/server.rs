@@ -17,7 +17,21 @@ use crate::api::{AppState, router};
 use crate::bus::Bus;
 use crate::config::{Config, DEFAULT_AGENT};
 use crate::engine::{Engine, EngineSettings};
-use crate::store::{SqliteOptions, Store};
+use crate::store::{PgOptions, SqliteOptions, Store};
+
+/// The database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
 
 /// Builds the engine on the configured store with these agents and finishes what a crash
 /// left behind.
@@ -28,8 +42,14 @@ pub async fn build_engine(config: &Config, agents: AgentRegistry) -> anyhow::Res
         synchronous: config.sqlite_synchronous,
         ..SqliteOptions::default()
     };
-    let store = tokio::task::block_in_place(|| Store::open(&location, options, bus.clone()))
-        .with_context(|| format!("opening the database {}", config.database))?;
+    let postgres = PgOptions {
+        url: String::new(),
+        pool_size: config.pg_pool_size,
+        lease: Duration::from_secs_f64(config.node_lease_s),
+    };
+    let store = Store::connect(&location, options, postgres, bus.clone())
+        .await
+        .with_context(|| format!("opening the database {}", redact(&config.database)))?;
     let engine = Engine::new(
         store,
         bus,
@@ -47,6 +67,7 @@ pub async fn build_engine(config: &Config, agents: AgentRegistry) -> anyhow::Res
     if resumed > 0 {
         tracing::info!(resumed, "started queued work left from the last run");
     }
+    engine.start_cluster_duties();
     Ok(engine)
 }
 

@@ -2,42 +2,84 @@
 //! suite: each operation is one transaction that checks state, writes it and appends its
 //! events; task writes are fenced by interaction id.
 
+mod common;
+
 use std::sync::Arc;
+use std::time::Duration;
 
 use baton::bus::Bus;
 use baton::config::DatabaseLocation;
 use baton::model::{CancelReason, ErrorInfo, EventType, JsonObject, Policy, SessionId, Status};
 use baton::store::{
-    CancelTarget, NewMessage, SqliteOptions, Store, StoreError, TaskEnd, TaskOutput,
+    CancelTarget, NewMessage, PgOptions, SqliteOptions, Store, StoreError, TaskEnd, TaskOutput,
 };
 use serde_json::json;
+
+/// Which backend a contract test runs on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
 
 struct Fixture {
     store: Store,
     bus: Arc<Bus>,
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
+    location: DatabaseLocation,
+    _scratch: Scratch,
 }
 
-fn open_at(dir: tempfile::TempDir) -> Fixture {
-    let path = dir.path().join("store.db");
+/// What a fixture removes when dropped: a temporary directory or a test database.
+#[allow(dead_code)] // held for their Drop
+enum Scratch {
+    Dir(tempfile::TempDir),
+    Database(common::pg::TestDatabase),
+}
+
+/// A PostgreSQL node's lease in these tests: short, so the recovery test need not wait long.
+const LEASE: Duration = Duration::from_millis(800);
+
+async fn connect(location: &DatabaseLocation) -> (Store, Arc<Bus>) {
     let bus = Arc::new(Bus::default());
-    let store = Store::open(
-        &DatabaseLocation::SqliteFile(path.clone()),
+    let store = Store::connect(
+        location,
         SqliteOptions::default(),
+        PgOptions {
+            url: String::new(),
+            pool_size: 8,
+            lease: LEASE,
+        },
         bus.clone(),
     )
+    .await
     .expect("open store");
+    (store, bus)
+}
+
+async fn open(kind: Kind) -> Fixture {
+    let (location, scratch) = match kind {
+        Kind::Sqlite => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("store.db");
+            (DatabaseLocation::SqliteFile(path), Scratch::Dir(dir))
+        }
+        Kind::Postgres => {
+            let db = common::pg::TestDatabase::create()
+                .await
+                .expect("BATON_TEST_POSTGRES is set");
+            (
+                DatabaseLocation::Postgres(db.url.clone()),
+                Scratch::Database(db),
+            )
+        }
+    };
+    let (store, bus) = connect(&location).await;
     Fixture {
         store,
         bus,
-        _dir: dir,
-        path,
+        location,
+        _scratch: scratch,
     }
-}
-
-fn open() -> Fixture {
-    open_at(tempfile::tempdir().expect("tempdir"))
 }
 
 fn sid(s: &str) -> SessionId {
@@ -67,9 +109,8 @@ async fn kinds(store: &Store, session: &str) -> Vec<EventType> {
         .collect()
 }
 
-#[tokio::test]
-async fn accept_applies_each_policy() {
-    let f = open();
+async fn accept_applies_each_policy(kind: Kind) {
+    let f = open(kind).await;
     let first = f
         .store
         .accept_message(message("s", "one", Policy::Reject))
@@ -122,9 +163,8 @@ async fn accept_applies_each_policy() {
     assert_eq!(log[9], EventType::TaskStarted);
 }
 
-#[tokio::test]
-async fn concurrent_accepts_start_exactly_one() {
-    let f = open();
+async fn concurrent_accepts_start_exactly_one(kind: Kind) {
+    let f = open(kind).await;
     let mut handles = Vec::new();
     for i in 0..50 {
         let store = f.store.clone();
@@ -145,9 +185,8 @@ async fn concurrent_accepts_start_exactly_one() {
     assert_eq!(accepted, 1);
 }
 
-#[tokio::test]
-async fn task_writes_are_fenced_once_the_interaction_is_not_running() {
-    let f = open();
+async fn task_writes_are_fenced_once_the_interaction_is_not_running(kind: Kind) {
+    let f = open(kind).await;
     let a = f
         .store
         .accept_message(message("s", "a b", Policy::Reject))
@@ -205,9 +244,8 @@ async fn task_writes_are_fenced_once_the_interaction_is_not_running() {
     assert_eq!(serde_json::Value::Object(context), json!({"x": 1}));
 }
 
-#[tokio::test]
-async fn finish_records_the_end_and_starts_the_next() {
-    let f = open();
+async fn finish_records_the_end_and_starts_the_next(kind: Kind) {
+    let f = open(kind).await;
     let a = f
         .store
         .accept_message(message("s", "a", Policy::Reject))
@@ -261,9 +299,8 @@ async fn finish_records_the_end_and_starts_the_next() {
     assert_eq!(b.error.map(|e| e.code), Some("agent_error".into()));
 }
 
-#[tokio::test]
-async fn clear_is_one_atomic_step() {
-    let f = open();
+async fn clear_is_one_atomic_step(kind: Kind) {
+    let f = open(kind).await;
     f.store
         .update_context(
             sid("s"),
@@ -284,6 +321,9 @@ async fn clear_is_one_atomic_step() {
         .await
         .expect("b");
     let mut sub = f.bus.subscribe(&sid("s"));
+    // A subscription may also see events committed just before it (read back from storage
+    // after another node's notification); consumers drop seqs they already have.
+    let known = f.store.get_session(sid("s")).await.expect("s").last_seq;
     let cleared = f
         .store
         .clear(sid("s"), "default".into())
@@ -300,7 +340,11 @@ async fn clear_is_one_atomic_step() {
         EventType::TaskCancelled,
         EventType::SessionCleared,
     ] {
-        assert_eq!(sub.recv().await.expect("event").kind, expected);
+        let mut event = sub.recv().await.expect("event");
+        while event.seq <= known {
+            event = sub.recv().await.expect("event");
+        }
+        assert_eq!(event.kind, expected);
     }
     assert!(matches!(
         f.store
@@ -328,9 +372,8 @@ async fn clear_is_one_atomic_step() {
     ));
 }
 
-#[tokio::test]
-async fn idempotency_keys_replay_or_mismatch() {
-    let f = open();
+async fn idempotency_keys_replay_or_mismatch(kind: Kind) {
+    let f = open(kind).await;
     let mut m = message("s", "hello", Policy::Reject);
     m.idempotency_key = Some("k1".into());
     let first = f.store.accept_message(m.clone()).await.expect("first");
@@ -360,47 +403,40 @@ async fn idempotency_keys_replay_or_mismatch() {
     assert_ne!(after_clear.interaction.id, first.interaction.id);
 }
 
-#[tokio::test]
-async fn recovery_fails_running_and_starts_queued() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (running, queued) = {
-        let f = open_at(dir);
-        let a = f
-            .store
-            .accept_message(message("s", "a", Policy::Reject))
-            .await
-            .expect("a");
-        let b = f
-            .store
-            .accept_message(message("s", "b", Policy::Enqueue))
-            .await
-            .expect("b");
-        let path = f.path.clone();
-        // Reopen a second store on the same file, as a restart after a crash would.
-        let bus = Arc::new(Bus::default());
-        let reopened = Store::open(
-            &DatabaseLocation::SqliteFile(path),
-            SqliteOptions::default(),
-            bus,
-        )
-        .expect("reopen");
-        let started = reopened.recover().await.expect("recover");
-        assert_eq!(started.len(), 1);
-        assert_eq!(started[0].interaction.id, b.interaction.id);
-        let a_now = reopened
-            .get_interaction(sid("s"), a.interaction.id.clone())
-            .await
-            .expect("a");
-        assert_eq!(a_now.status, Status::Failed);
-        assert_eq!(a_now.error.map(|e| e.code), Some("interrupted".into()));
-        (a.interaction.id, b.interaction.id)
-    };
-    assert_ne!(running, queued);
+async fn recovery_fails_running_and_starts_queued(kind: Kind) {
+    let f = open(kind).await;
+    let a = f
+        .store
+        .accept_message(message("s", "a", Policy::Reject))
+        .await
+        .expect("a");
+    let b = f
+        .store
+        .accept_message(message("s", "b", Policy::Enqueue))
+        .await
+        .expect("b");
+    // A second store on the same database, as a restart after a crash would open (or, on
+    // PostgreSQL, another node once the first one's lease ran out without a heartbeat).
+    if kind == Kind::Postgres {
+        tokio::time::sleep(LEASE + Duration::from_millis(300)).await;
+    }
+    let (reopened, _bus) = connect(&f.location).await;
+    let started = reopened.recover().await.expect("recover");
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].interaction.id, b.interaction.id);
+    let a_now = reopened
+        .get_interaction(sid("s"), a.interaction.id.clone())
+        .await
+        .expect("a");
+    assert_eq!(a_now.status, Status::Failed);
+    assert_eq!(a_now.error.map(|e| e.code), Some("interrupted".into()));
+    let log = kinds(&reopened, "s").await;
+    let finals = log.iter().filter(|k| k.is_final()).count();
+    assert_eq!(finals, 1, "{log:?}");
 }
 
-#[tokio::test]
-async fn a_deleted_session_never_reuses_a_seq() {
-    let f = open();
+async fn a_deleted_session_never_reuses_a_seq(kind: Kind) {
+    let f = open(kind).await;
     f.store
         .accept_message(message("s", "a", Policy::Reject))
         .await
@@ -432,9 +468,8 @@ async fn a_deleted_session_never_reuses_a_seq() {
     assert!(events[0].seq > before);
 }
 
-#[tokio::test]
-async fn events_after_pages_in_order() {
-    let f = open();
+async fn events_after_pages_in_order(kind: Kind) {
+    let f = open(kind).await;
     let a = f
         .store
         .accept_message(message("s", "a", Policy::Reject))
@@ -458,3 +493,40 @@ async fn events_after_pages_in_order() {
         assert_eq!(envelope["session"], "s");
     }
 }
+
+/// Every contract test, once per backend. The PostgreSQL ones run when
+/// `BATON_TEST_POSTGRES` names an admin URL, and are skipped (saying so) otherwise.
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if super::common::pg::enabled() {
+                        super::$name(super::Kind::Postgres).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_backend!(
+    accept_applies_each_policy,
+    concurrent_accepts_start_exactly_one,
+    task_writes_are_fenced_once_the_interaction_is_not_running,
+    finish_records_the_end_and_starts_the_next,
+    clear_is_one_atomic_step,
+    idempotency_keys_replay_or_mismatch,
+    recovery_fails_running_and_starts_queued,
+    a_deleted_session_never_reuses_a_seq,
+    events_after_pages_in_order,
+);

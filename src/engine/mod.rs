@@ -160,6 +160,66 @@ impl Engine {
         Ok(count)
     }
 
+    /// With a store shared by several nodes: heartbeats this node's lease, takes over the
+    /// work of lost nodes, and stops local tasks that other nodes cancelled. Runs until
+    /// shutdown begins; a no-op for a single-node store.
+    pub fn start_cluster_duties(&self) {
+        let Some(lease) = self.inner.store.lease() else {
+            return;
+        };
+        if let Some(mut cancels) = self.inner.store.take_remote_cancels() {
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = inner.stopping.cancelled() => return,
+                        id = cancels.recv() => match id {
+                            Some(id) => inner.tasks.cancel(&[id]),
+                            None => return,
+                        },
+                    }
+                }
+            });
+        }
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 4);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = inner.stopping.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match inner.store.heartbeat().await {
+                    Ok(true) => {
+                        // Our lease lapsed (a pause, a partition): other nodes finished our
+                        // tasks; their runners here only meet fenced writes. Stop them.
+                        let lost: Vec<_> = inner
+                            .tasks
+                            .running()
+                            .into_iter()
+                            .map(|(id, _)| id)
+                            .collect();
+                        inner.tasks.cancel(&lost);
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "heartbeat"),
+                }
+                if inner.shutting_down.load(Ordering::Relaxed) {
+                    return;
+                }
+                match inner.store.take_over().await {
+                    Ok(started) => {
+                        for task in started {
+                            inner.launch(task);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "taking over the work of lost nodes"),
+                }
+            }
+        });
+    }
+
     /// Whether storage answers.
     pub async fn ready(&self) -> Result<(), EngineError> {
         if self.inner.shutting_down.load(Ordering::Relaxed) {
@@ -438,6 +498,9 @@ impl Engine {
             .is_err()
         {
             tracing::warn!("agents still stopping processes after {AGENT_DRAIN_LIMIT:?}");
+        }
+        if let Err(e) = self.inner.store.leave().await {
+            tracing::warn!(error = %e, "leaving the cluster");
         }
     }
 }

@@ -5,6 +5,8 @@
 //!
 //! [`Store`] is the one API; the backend behind it is chosen by the database URL.
 
+mod postgres;
+mod shared;
 mod sqlite;
 
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use crate::model::{
     CancelReason, ErrorInfo, Event, Interaction, InteractionId, JsonObject, Policy, Session,
     SessionId,
 };
+pub use postgres::PgOptions;
 
 /// Errors of store operations. Each refusal leaves the stored state unchanged.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -176,23 +179,116 @@ pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
 /// The store: the single arbiter of every session's state. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    backend: Arc<sqlite::SqliteStore>,
+    backend: Arc<Backend>,
+}
+
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+/// Calls the same operation on whichever backend this store has.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match &*$self.backend {
+            Backend::Sqlite(b) => b.$method($($arg),*).await,
+            Backend::Postgres(b) => b.$method($($arg),*).await,
+        }
+    };
 }
 
 impl Store {
-    /// Opens (creating and migrating as needed) the database at `location`. Committed events
-    /// are published to `bus`.
+    /// Opens (creating and migrating as needed) the SQLite database at `location`.
+    /// Committed events are published to `bus`.
     pub fn open(
         location: &DatabaseLocation,
         options: SqliteOptions,
         bus: Arc<Bus>,
     ) -> StoreResult<Self> {
         let backend = match location {
-            DatabaseLocation::SqliteFile(path) => sqlite::SqliteStore::open(path, options, bus)?,
+            DatabaseLocation::SqliteFile(path) => {
+                Backend::Sqlite(sqlite::SqliteStore::open(path, options, bus)?)
+            }
+            DatabaseLocation::Postgres(_) => {
+                return Err(StoreError::Internal(
+                    "a PostgreSQL store is opened with Store::connect".into(),
+                ));
+            }
         };
         Ok(Self {
             backend: Arc::new(backend),
         })
+    }
+
+    /// Opens the store at `location`, whichever backend it names: SQLite (on a blocking
+    /// thread) or PostgreSQL (joining the cluster of nodes sharing that database).
+    pub async fn connect(
+        location: &DatabaseLocation,
+        sqlite: SqliteOptions,
+        postgres: PgOptions,
+        bus: Arc<Bus>,
+    ) -> StoreResult<Self> {
+        match location {
+            DatabaseLocation::SqliteFile(_) => {
+                let location = location.clone();
+                tokio::task::spawn_blocking(move || Self::open(&location, sqlite, bus))
+                    .await
+                    .map_err(|e| StoreError::Internal(format!("opening the database: {e}")))?
+            }
+            DatabaseLocation::Postgres(url) => {
+                let options = PgOptions {
+                    url: url.clone(),
+                    ..postgres
+                };
+                let backend = postgres::PgStore::open(options, bus).await?;
+                Ok(Self {
+                    backend: Arc::new(Backend::Postgres(backend)),
+                })
+            }
+        }
+    }
+
+    /// With several nodes sharing the store: how long a node's heartbeat keeps it alive.
+    /// `None` for a single-node store.
+    pub fn lease(&self) -> Option<std::time::Duration> {
+        match &*self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => Some(b.lease()),
+        }
+    }
+
+    /// Interactions cancelled by other nodes (to stop their tasks here); taken once.
+    pub fn take_remote_cancels(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<InteractionId>> {
+        match &*self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => b.take_remote_cancels(),
+        }
+    }
+
+    /// Renews this node's lease; `true` if it had expired (its tasks were taken over).
+    pub async fn heartbeat(&self) -> StoreResult<bool> {
+        match &*self.backend {
+            Backend::Sqlite(_) => Ok(false),
+            Backend::Postgres(b) => b.heartbeat().await,
+        }
+    }
+
+    /// Takes over the work of nodes whose lease expired; returns the tasks started here.
+    pub async fn take_over(&self) -> StoreResult<Vec<StartedTask>> {
+        match &*self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(b) => b.take_over().await,
+        }
+    }
+
+    /// Leaves the cluster at shutdown (no-op for a single-node store).
+    pub async fn leave(&self) -> StoreResult<()> {
+        match &*self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(b) => b.leave().await,
+        }
     }
 
     /// Creates the session if absent; sets its agent and/or replaces its context if given.
@@ -204,13 +300,11 @@ impl Store {
         context: Option<JsonObject>,
         default_agent: String,
     ) -> StoreResult<(Session, bool)> {
-        self.backend
-            .put_session(id, agent, context, default_agent)
-            .await
+        dispatch!(self.put_session(id, agent, context, default_agent))
     }
 
     pub async fn get_session(&self, id: SessionId) -> StoreResult<Session> {
-        self.backend.get_session(id).await
+        dispatch!(self.get_session(id))
     }
 
     /// Sessions ordered by id, after the cursor `after`.
@@ -219,17 +313,17 @@ impl Store {
         after: Option<String>,
         limit: u32,
     ) -> StoreResult<Page<Session>> {
-        self.backend.list_sessions(after, limit).await
+        dispatch!(self.list_sessions(after, limit))
     }
 
     /// Cancels its interactions (`delete`), emits `session.deleted` and removes everything.
     pub async fn delete_session(&self, id: SessionId) -> StoreResult<Vec<InteractionId>> {
-        self.backend.delete_session(id).await
+        dispatch!(self.delete_session(id))
     }
 
     /// Accepts a message under its policy (idempotency first, then the busy check).
     pub async fn accept_message(&self, message: NewMessage) -> StoreResult<Accepted> {
-        self.backend.accept_message(message).await
+        dispatch!(self.accept_message(message))
     }
 
     /// Appends a running task's outputs; refused with [`StoreError::Fenced`] unless `id` is
@@ -239,7 +333,7 @@ impl Store {
         id: InteractionId,
         outputs: Vec<TaskOutput>,
     ) -> StoreResult<()> {
-        self.backend.append_outputs(id, outputs).await
+        dispatch!(self.append_outputs(id, outputs))
     }
 
     /// Appends the task's last `outputs`, makes the running interaction final and, when
@@ -251,7 +345,7 @@ impl Store {
         end: TaskEnd,
         start_next: bool,
     ) -> StoreResult<Option<StartedTask>> {
-        self.backend.finish(id, outputs, end, start_next).await
+        dispatch!(self.finish(id, outputs, end, start_next))
     }
 
     /// Cancels the target; when it was the running one and `start_next`, starts the next
@@ -263,19 +357,17 @@ impl Store {
         reason: CancelReason,
         start_next: bool,
     ) -> StoreResult<Cancelled> {
-        self.backend
-            .cancel(session, target, reason, start_next)
-            .await
+        dispatch!(self.cancel(session, target, reason, start_next))
     }
 
     /// Cancels every running and queued interaction (`clear`), removes interactions and
     /// context, bumps the epoch and emits `session.cleared`. Creates the session if absent.
     pub async fn clear(&self, session: SessionId, default_agent: String) -> StoreResult<Cleared> {
-        self.backend.clear(session, default_agent).await
+        dispatch!(self.clear(session, default_agent))
     }
 
     pub async fn get_context(&self, session: SessionId) -> StoreResult<JsonObject> {
-        self.backend.get_context(session).await
+        dispatch!(self.get_context(session))
     }
 
     /// Replaces (`patch == false`) or merge-patches the context; creates the session if absent.
@@ -286,9 +378,7 @@ impl Store {
         patch: bool,
         default_agent: String,
     ) -> StoreResult<JsonObject> {
-        self.backend
-            .update_context(session, value, patch, default_agent)
-            .await
+        dispatch!(self.update_context(session, value, patch, default_agent))
     }
 
     /// Interactions of the current epoch, newest first, before the cursor `before`.
@@ -298,7 +388,7 @@ impl Store {
         before: Option<String>,
         limit: u32,
     ) -> StoreResult<Page<Interaction>> {
-        self.backend.list_interactions(session, before, limit).await
+        dispatch!(self.list_interactions(session, before, limit))
     }
 
     pub async fn get_interaction(
@@ -306,7 +396,7 @@ impl Store {
         session: SessionId,
         id: InteractionId,
     ) -> StoreResult<Interaction> {
-        self.backend.get_interaction(session, id).await
+        dispatch!(self.get_interaction(session, id))
     }
 
     /// What a task's agent is given, read in one snapshot: the session (with its context)
@@ -316,7 +406,7 @@ impl Store {
         session: SessionId,
         limit: u32,
     ) -> StoreResult<(Session, Vec<Interaction>)> {
-        self.backend.task_inputs(session, limit).await
+        dispatch!(self.task_inputs(session, limit))
     }
 
     /// Stored events with `seq > after`, in order, at most `limit`.
@@ -326,21 +416,24 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> StoreResult<Vec<Event>> {
-        self.backend.events_after(session, after, limit).await
+        dispatch!(self.events_after(session, after, limit))
     }
 
     /// After a crash: interactions left `running` become `failed` (`interrupted`), then each
     /// session with queued work and nothing running starts its oldest. Returns those started.
     pub async fn recover(&self) -> StoreResult<Vec<StartedTask>> {
-        self.backend.recover().await
+        dispatch!(self.recover())
     }
 
     pub fn stats(&self) -> &StoreStats {
-        self.backend.stats()
+        match &*self.backend {
+            Backend::Sqlite(b) => b.stats(),
+            Backend::Postgres(b) => b.stats(),
+        }
     }
 
     /// A cheap round trip through the writer and a reader: is storage usable?
     pub async fn check(&self) -> StoreResult<()> {
-        self.backend.check().await
+        dispatch!(self.check())
     }
 }

@@ -12,11 +12,14 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use serde::Serialize;
-use serde_json::Value;
 use std::sync::mpsc::{self, RecvTimeoutError};
 
 use tokio::sync::{Semaphore, oneshot};
 
+use super::shared::{
+    ClearedData, ContextData, DeltaData, Empty, InteractionData, ProgressData, SessionData, page,
+    patched,
+};
 use super::{
     Accepted, CancelTarget, Cancelled, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Page,
     SqliteOptions, StartedTask, StoreError, StoreResult, StoreStats, TaskEnd, TaskOutput,
@@ -25,7 +28,7 @@ use crate::bus::Bus;
 use crate::config::Synchronous;
 use crate::model::{
     CancelReason, ErrorInfo, Event, EventType, IdGenerator, Interaction, InteractionId, JsonObject,
-    Millis, Policy, Session, SessionId, Status, merge_patch,
+    Millis, Policy, Session, SessionId, Status,
 };
 
 /// Most jobs committed together in one transaction.
@@ -283,7 +286,8 @@ impl SqliteStore {
             // Registered on the writer, before this batch is published: no later final event
             // of this interaction can be missed.
             let watch = |i: &Interaction| {
-                (msg.watch_final && !i.status.is_final()).then(|| bus.watch_final(&i.id))
+                (msg.watch_final && !i.status.is_final())
+                    .then(|| bus.watch_final(&i.session, &i.id))
             };
             let mut row = match tx.session(&msg.session)? {
                 Some(row) => row,
@@ -903,41 +907,6 @@ struct SessionRow {
     saved_seq: i64,
 }
 
-#[derive(Serialize)]
-struct Empty {}
-
-#[derive(Serialize)]
-struct DeltaData<'a> {
-    interaction_id: &'a InteractionId,
-    text: &'a str,
-}
-
-#[derive(Serialize)]
-struct ProgressData<'a> {
-    interaction_id: &'a InteractionId,
-    data: &'a Value,
-}
-
-#[derive(Serialize)]
-struct ClearedData {
-    epoch: i64,
-}
-
-#[derive(Serialize)]
-struct InteractionData<'a> {
-    interaction: &'a Interaction,
-}
-
-#[derive(Serialize)]
-struct ContextData<'a> {
-    context: &'a JsonObject,
-}
-
-#[derive(Serialize)]
-struct SessionData<'a> {
-    session: &'a Session,
-}
-
 impl SessionRow {
     fn context(&mut self) -> StoreResult<&JsonObject> {
         if let Err(text) = &self.context {
@@ -1321,27 +1290,6 @@ impl Tx<'_> {
         }
         Ok(cancelled)
     }
-}
-
-fn patched(context: &JsonObject, patch: JsonObject) -> StoreResult<JsonObject> {
-    let mut value = Value::Object(context.clone());
-    merge_patch(&mut value, &Value::Object(patch));
-    match value {
-        Value::Object(map) => Ok(map),
-        _ => Err(StoreError::Internal(
-            "a merge patch of objects gave a non-object".into(),
-        )),
-    }
-}
-
-fn page<T>(mut items: Vec<T>, limit: usize, cursor: impl Fn(&T) -> String) -> Page<T> {
-    let next = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(cursor)
-    } else {
-        None
-    };
-    Page { items, next }
 }
 
 fn require_session(conn: &Connection, id: &SessionId) -> StoreResult<()> {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod mock_openai;
+pub mod pg;
 pub mod process;
 pub mod stream;
 use std::path::PathBuf;

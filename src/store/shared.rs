@@ -1,0 +1,63 @@
+//! Pieces both backends use: the `data` of events, and small pure helpers.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{Page, StoreError, StoreResult};
+use crate::model::{Interaction, InteractionId, JsonObject, Session, merge_patch};
+
+#[derive(Serialize)]
+pub(super) struct Empty {}
+
+#[derive(Serialize)]
+pub(super) struct DeltaData<'a> {
+    pub(super) interaction_id: &'a InteractionId,
+    pub(super) text: &'a str,
+}
+
+#[derive(Serialize)]
+pub(super) struct ProgressData<'a> {
+    pub(super) interaction_id: &'a InteractionId,
+    pub(super) data: &'a Value,
+}
+
+#[derive(Serialize)]
+pub(super) struct ClearedData {
+    pub(super) epoch: i64,
+}
+
+#[derive(Serialize)]
+pub(super) struct InteractionData<'a> {
+    pub(super) interaction: &'a Interaction,
+}
+
+#[derive(Serialize)]
+pub(super) struct ContextData<'a> {
+    pub(super) context: &'a JsonObject,
+}
+
+#[derive(Serialize)]
+pub(super) struct SessionData<'a> {
+    pub(super) session: &'a Session,
+}
+
+pub(super) fn patched(context: &JsonObject, patch: JsonObject) -> StoreResult<JsonObject> {
+    let mut value = Value::Object(context.clone());
+    merge_patch(&mut value, &Value::Object(patch));
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(StoreError::Internal(
+            "a merge patch of objects gave a non-object".into(),
+        )),
+    }
+}
+
+pub(super) fn page<T>(mut items: Vec<T>, limit: usize, cursor: impl Fn(&T) -> String) -> Page<T> {
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(cursor)
+    } else {
+        None
+    };
+    Page { items, next }
+}
