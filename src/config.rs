@@ -22,6 +22,11 @@ pub struct Config {
     pub listen: String,
     /// `sqlite://PATH`, or `postgres://…` for several nodes sharing one database.
     pub database: String,
+    /// PostgreSQL: events older than this many hours are deleted.
+    pub retention_hours: f64,
+    /// PostgreSQL: `task.delta` events of interactions final for longer than this are deleted
+    /// (the final event carries the whole response).
+    pub compact_deltas_after_s: f64,
     /// PostgreSQL: connections in each node's pool at most.
     pub pg_pool_size: usize,
     /// PostgreSQL: seconds a node's heartbeat keeps it alive; a node silent for longer is
@@ -60,6 +65,8 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.into(),
             database: DEFAULT_DATABASE.into(),
             pg_pool_size: 16,
+            retention_hours: 24.0,
+            compact_deltas_after_s: 300.0,
             node_lease_s: 10.0,
             queue_limit: 16,
             max_body_bytes: 1024 * 1024,
@@ -397,6 +404,12 @@ impl Config {
         }
         if !(self.node_lease_s.is_finite() && self.node_lease_s >= 0.5) {
             bail!("node_lease_s must be at least 0.5");
+        }
+        if !(self.retention_hours.is_finite() && self.retention_hours > 0.0) {
+            bail!("retention_hours must be a positive number");
+        }
+        if !(self.compact_deltas_after_s.is_finite() && self.compact_deltas_after_s >= 0.0) {
+            bail!("compact_deltas_after_s must be zero or more");
         }
         if self.pg_pool_size < 2 {
             bail!("pg_pool_size must be at least 2");

@@ -58,6 +58,8 @@ pub async fn build_engine(config: &Config, agents: AgentRegistry) -> anyhow::Res
             queue_limit: config.queue_limit,
             history_limit: config.history_limit,
             default_agent: DEFAULT_AGENT.to_string(),
+            retention: Duration::from_secs_f64(config.retention_hours * 3600.0),
+            compact_deltas_after: Duration::from_secs_f64(config.compact_deltas_after_s),
         },
     );
     let resumed = engine

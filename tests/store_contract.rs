@@ -494,6 +494,83 @@ async fn events_after_pages_in_order(kind: Kind) {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_retention_compacts_final_deltas_then_old_events() {
+    if !common::pg::enabled() {
+        return;
+    }
+    let f = open(Kind::Postgres).await;
+    let done = f
+        .store
+        .accept_message(message("s", "a", Policy::Reject))
+        .await
+        .expect("a");
+    f.store
+        .append_outputs(
+            done.interaction.id.clone(),
+            vec![TaskOutput::Delta("x".into()), TaskOutput::Delta("y".into())],
+        )
+        .await
+        .expect("deltas");
+    f.store
+        .finish(
+            done.interaction.id.clone(),
+            Vec::new(),
+            TaskEnd::Completed { response: None },
+            true,
+        )
+        .await
+        .expect("finish");
+    let running = f
+        .store
+        .accept_message(message("s", "b", Policy::Reject))
+        .await
+        .expect("b");
+    f.store
+        .append_outputs(
+            running.interaction.id.clone(),
+            vec![TaskOutput::Delta("z".into())],
+        )
+        .await
+        .expect("delta");
+    let future = baton::model::Millis(baton::model::Millis::now().0 + 60_000);
+    let long_ago = baton::model::Millis(0);
+    let deleted = f.store.compact(future, long_ago).await.expect("compact");
+    assert_eq!(deleted, 2, "only the final interaction's deltas");
+    let log = kinds(&f.store, "s").await;
+    assert_eq!(
+        log,
+        [
+            EventType::SessionCreated,
+            EventType::TaskStarted,
+            EventType::TaskCompleted,
+            EventType::TaskStarted,
+            EventType::TaskDelta,
+        ]
+    );
+    let completed = f
+        .store
+        .get_interaction(sid("s"), done.interaction.id)
+        .await
+        .expect("a");
+    assert_eq!(
+        completed.response, "xy",
+        "the final state keeps the response"
+    );
+    // Past the retention window every event goes; seqs are still never reused.
+    let last = f.store.get_session(sid("s")).await.expect("s").last_seq;
+    let deleted = f.store.compact(future, future).await.expect("retention");
+    assert_eq!(deleted, 5);
+    assert!(kinds(&f.store, "s").await.is_empty());
+    f.store
+        .cancel(sid("s"), CancelTarget::Running, CancelReason::Cancel, true)
+        .await
+        .expect("cancel");
+    let events = f.store.events_after(sid("s"), 0, 10).await.expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].seq, last + 1);
+}
+
 /// Every contract test, once per backend. The PostgreSQL ones run when
 /// `BATON_TEST_POSTGRES` names an admin URL, and are skipped (saying so) otherwise.
 macro_rules! on_every_backend {

@@ -44,7 +44,14 @@ pub struct EngineSettings {
     pub queue_limit: u32,
     pub history_limit: u32,
     pub default_agent: String,
+    /// Events older than this are deleted (stores shared by several nodes).
+    pub retention: Duration,
+    /// Deltas of interactions final for longer than this are deleted.
+    pub compact_deltas_after: Duration,
 }
+
+/// How often the retention job runs.
+const COMPACTION_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A message as a transport received it, already validated.
 #[derive(Debug, Clone)]
@@ -181,6 +188,31 @@ impl Engine {
                 }
             });
         }
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(COMPACTION_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = inner.stopping.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = crate::model::Millis::now().0;
+                let ago = |d: Duration| {
+                    crate::model::Millis(now - i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                };
+                let settings = &inner.settings;
+                match inner
+                    .store
+                    .compact(ago(settings.compact_deltas_after), ago(settings.retention))
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::debug!(deleted, "retention: events deleted"),
+                    Err(e) => tracing::warn!(error = %e, "retention"),
+                }
+            }
+        });
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(lease / 4);

@@ -283,6 +283,19 @@ impl Store {
         }
     }
 
+    /// Retention: deletes the deltas of final interactions older than `deltas_before`, then
+    /// all events older than `events_before`, in bounded batches. Returns the rows deleted.
+    pub async fn compact(
+        &self,
+        deltas_before: crate::model::Millis,
+        events_before: crate::model::Millis,
+    ) -> StoreResult<u64> {
+        match &*self.backend {
+            Backend::Sqlite(_) => Ok(0),
+            Backend::Postgres(b) => b.compact(deltas_before, events_before, 1000).await,
+        }
+    }
+
     /// Leaves the cluster at shutdown (no-op for a single-node store).
     pub async fn leave(&self) -> StoreResult<()> {
         match &*self.backend {

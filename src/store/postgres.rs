@@ -55,7 +55,8 @@ const MIGRATION_LOCK: i64 = 0x0062_6174_6f6e;
 
 /// Schema versions, applied in order at start-up under an advisory lock (several nodes may
 /// start at once).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sessions (
     id          TEXT PRIMARY KEY,
     agent       TEXT NOT NULL,
@@ -106,7 +107,13 @@ CREATE TABLE nodes (
     lease_until BIGINT NOT NULL,
     started_at  BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+-- Retention: deltas of final interactions, then every event, by age.
+CREATE INDEX events_deltas_by_at ON events (at) WHERE type = 'task.delta';
+CREATE INDEX events_by_at ON events (at);
+"#,
+];
 
 /// The database's clock in milliseconds: leases are compared in one clock, whatever the nodes'.
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
@@ -1005,6 +1012,46 @@ impl PgStore {
             )
             .await?;
         Ok(started)
+    }
+
+    /// Deletes, in batches of `batch` rows (each its own short transaction), the
+    /// `task.delta` events older than `deltas_before` whose interaction is final (its final
+    /// event carries the whole response), then every event older than `events_before`.
+    /// Returns the rows deleted.
+    pub(super) async fn compact(
+        &self,
+        deltas_before: Millis,
+        events_before: Millis,
+        batch: i64,
+    ) -> StoreResult<u64> {
+        let client = self.pool.get().await?;
+        let deltas = client
+            .prepare_cached(
+                "DELETE FROM events WHERE ctid IN (SELECT e.ctid FROM events e \
+                 WHERE e.type = 'task.delta' AND e.at < $1 AND NOT EXISTS \
+                 (SELECT 1 FROM interactions i WHERE i.id = e.interaction_id \
+                  AND i.status IN ('queued', 'running')) LIMIT $2)",
+            )
+            .await?;
+        let old = client
+            .prepare_cached(
+                "DELETE FROM events WHERE ctid IN \
+                 (SELECT ctid FROM events WHERE at < $1 LIMIT $2)",
+            )
+            .await?;
+        let mut total = 0;
+        for (stmt, before) in [(&deltas, deltas_before), (&old, events_before)] {
+            loop {
+                let deleted = client.execute(stmt, &[&before.0, &batch]).await?;
+                total += deleted;
+                if deleted < batch.max(1) as u64 {
+                    break;
+                }
+                // Let other work through between batches.
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(total)
     }
 
     /// At start-up: the work of lost nodes (a previous run of this one included, once its
