@@ -250,7 +250,7 @@ impl Agent for CommandAgent {
                 agent: name,
                 interaction: request.interaction.id.to_string(),
             };
-            tokio::spawn(read_stderr(stderr, Arc::clone(&stderr_tail), log));
+            let mut stderr_done = tokio::spawn(read_stderr(stderr, Arc::clone(&stderr_tail), log));
             let mut lines = LineReader::new(stdout, limits);
             tokio::select! {
                 biased;
@@ -262,7 +262,14 @@ impl Agent for CommandAgent {
                     }
                     Conversation::Failed(error) => Err(error),
                     Conversation::RunnerGone => Ok(None),
-                    Conversation::Exited(status) => exit_result(status, &stderr_tail),
+                    Conversation::Exited(status) => {
+                        if !status.success() {
+                            // The tail goes into the error: let the reader reach the end of
+                            // stderr (it closes with the process, unless a child holds it).
+                            let _ = tokio::time::timeout(STDOUT_DRAIN, &mut stderr_done).await;
+                        }
+                        exit_result(status, &stderr_tail)
+                    }
                 },
             }
         }
