@@ -14,7 +14,6 @@ use crate::model::{Event, Interaction, InteractionId, SessionId};
 pub const DEFAULT_BUFFER: usize = 4096;
 
 /// The registry of live subscribers per session.
-#[derive(Debug)]
 pub struct Bus {
     // A std mutex: it guards a map lookup and non-blocking sends, never an await.
     sessions: Mutex<HashMap<SessionId, broadcast::Sender<Arc<Event>>>>,
@@ -23,7 +22,13 @@ pub struct Bus {
     /// One-shot waiters for an interaction's final state (`?wait=`): far cheaper than a
     /// broadcast subscription per request.
     finals: Mutex<Finals>,
+    /// Told where a new subscriber's stream starts (set by a store that orders events
+    /// arriving from other nodes).
+    anchor_hook: std::sync::OnceLock<AnchorHook>,
 }
+
+/// See [`Bus::anchor`].
+pub type AnchorHook = Box<dyn Fn(&SessionId, i64) + Send + Sync>;
 
 /// Final-state waiters by interaction, and how many wait in each session.
 #[derive(Debug, Default)]
@@ -65,6 +70,7 @@ impl Bus {
             buffer: buffer.max(1),
             published: AtomicU64::new(0),
             finals: Mutex::new(Finals::default()),
+            anchor_hook: std::sync::OnceLock::new(),
         }
     }
 
@@ -142,6 +148,25 @@ impl Bus {
         self.finals().by_id.values().map(|w| w.senders.len()).sum()
     }
 
+    /// Installs the hook [`Bus::anchor`] calls (once; later calls are ignored).
+    pub fn set_anchor_hook(&self, hook: AnchorHook) {
+        let _ = self.anchor_hook.set(hook);
+    }
+
+    /// A subscriber of `session` has read, after subscribing, that the session's last seq is
+    /// `last_seq`: it needs every event after it live. (With several nodes, the store starts
+    /// ordering that session's events from there.)
+    pub fn anchor(&self, session: &SessionId, last_seq: i64) {
+        if let Some(hook) = self.anchor_hook.get() {
+            hook(session, last_seq);
+        }
+    }
+
+    /// Whether `session` has live subscribers here.
+    pub fn has_subscribers(&self, session: &SessionId) -> bool {
+        self.sessions().contains_key(session)
+    }
+
     /// Whether anyone here listens to `session`: a subscriber, or a final-state waiter.
     pub fn wants(&self, session: &SessionId) -> bool {
         self.sessions().contains_key(session) || self.finals().sessions.contains_key(session)
@@ -179,6 +204,15 @@ impl Bus {
     /// Events published since start.
     pub fn published_total(&self) -> u64 {
         self.published.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("sessions", &self.session_count())
+            .field("published", &self.published_total())
+            .finish_non_exhaustive()
     }
 }
 

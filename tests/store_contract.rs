@@ -64,9 +64,8 @@ async fn open(kind: Kind) -> Fixture {
             (DatabaseLocation::SqliteFile(path), Scratch::Dir(dir))
         }
         Kind::Postgres => {
-            let db = common::pg::TestDatabase::create()
-                .await
-                .expect("BATON_TEST_POSTGRES is set");
+            let admin = common::pg::postgres_admin_url().expect("BATON_TEST_POSTGRES is set");
+            let db = common::pg::TestDatabase::create(&admin).await;
             (
                 DatabaseLocation::Postgres(db.url.clone()),
                 Scratch::Database(db),

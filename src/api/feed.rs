@@ -53,10 +53,12 @@ impl EventFeed {
     }
 
     /// Delivers stored events with `seq > after` (when `replay`), then live ones; without
-    /// `replay`, only live events with `seq > after`.
-    pub fn start_after(&mut self, after: i64, replay: bool) {
+    /// `replay`, only live events with `seq > after`. `last_seq` is the session's last seq as
+    /// read after subscribing: every later event must arrive live.
+    pub fn start_after(&mut self, after: i64, replay: bool, last_seq: i64) {
         self.last_sent = after;
         self.replaying = replay;
+        self.engine.bus().anchor(&self.session, last_seq);
     }
 
     /// The seq of the last event handed out.

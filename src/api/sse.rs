@@ -78,9 +78,9 @@ pub async fn events(
     // Reads are 404 on a missing session; read after subscribing so nothing slips between.
     let current = state.engine.get_session(session).await?;
     match (after, replay) {
-        (Some(after), _) => feed.start_after(after, true),
-        (None, true) => feed.start_after(0, true),
-        (None, false) => feed.start_after(current.last_seq, false),
+        (Some(after), _) => feed.start_after(after, true, current.last_seq),
+        (None, true) => feed.start_after(0, true, current.last_seq),
+        (None, false) => feed.start_after(current.last_seq, false, current.last_seq),
     }
     let initial = StreamState {
         feed,

@@ -72,9 +72,9 @@ pub async fn ws(
         .put_session(session.clone(), None, None)
         .await?;
     match (after, replay) {
-        (Some(after), _) => feed.start_after(after, true),
-        (None, true) => feed.start_after(0, true),
-        (None, false) => feed.start_after(hello.last_seq, false),
+        (Some(after), _) => feed.start_after(after, true, hello.last_seq),
+        (None, true) => feed.start_after(0, true, hello.last_seq),
+        (None, false) => feed.start_after(hello.last_seq, false, hello.last_seq),
     }
     let settings = state.ws;
     let engine = state.engine.clone();

@@ -299,6 +299,12 @@ impl PgStore {
             cursors: Mutex::new(HashMap::new()),
             fills: fill_tx,
         });
+        let anchoring = Arc::downgrade(&sequencer);
+        bus.set_anchor_hook(Box::new(move |session, last_seq| {
+            if let Some(sequencer) = anchoring.upgrade() {
+                sequencer.anchor(session, last_seq);
+            }
+        }));
         let filler = tokio::spawn(run_filler(pool.clone(), sequencer.clone(), fill_rx));
         let listener = tokio::spawn(run_listener(config, sequencer.clone(), cancel_tx));
         tracing::info!(node = %node, "joined the cluster");
@@ -1167,6 +1173,10 @@ impl Sequencer {
                 continue;
             }
             let cursor = cursors.get(&session).copied();
+            if cursor.is_none() && self.bus.has_subscribers(&session) {
+                // A subscriber whose start is not known yet: its anchor reads these back.
+                continue;
+            }
             group.retain(|e| cursor.is_none_or(|c| e.seq > c));
             let Some(first_seq) = group.first().map(|e| e.seq) else {
                 continue;
@@ -1197,11 +1207,29 @@ impl Sequencer {
             .unwrap_or_else(|p| p.into_inner())
             .get(&session)
             .copied();
-        if cursor.is_some_and(|c| c >= last) {
+        let after = match cursor {
+            Some(c) if c >= last => return,
+            Some(c) => c,
+            // A subscriber still to be anchored reads everything from its anchor.
+            None if self.bus.has_subscribers(&session) => return,
+            // Only final-state waiters: they wait for later events than these.
+            None => first - 1,
+        };
+        let _ = self.fills.send(Fill { session, after });
+    }
+
+    /// A subscriber knows everything up to `last_seq`: start ordering the session there
+    /// (unless it is ordered already: then it published everything later since).
+    fn anchor(&self, session: &SessionId, last_seq: i64) {
+        let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        if cursors.contains_key(session) {
             return;
         }
-        let after = cursor.unwrap_or(first - 1);
-        let _ = self.fills.send(Fill { session, after });
+        cursors.insert(session.clone(), last_seq);
+        let _ = self.fills.send(Fill {
+            session: session.clone(),
+            after: last_seq,
+        });
     }
 
     /// After the listener reconnected: read back every watched session from its cursor.

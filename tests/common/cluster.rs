@@ -23,45 +23,8 @@ use tokio::task::JoinHandle;
 use super::stream::{Ws, WsFrame, assert_exactly, envelope_of, seq_of, stored_after, ws_open};
 use super::{Answer, TIMEOUT, check_log_invariants, interaction_of, is_final_type};
 
-/// The variable that names the PostgreSQL admin URL.
-pub const POSTGRES_ENV: &str = "BATON_TEST_POSTGRES";
-
-/// What a test says on stderr when it skips itself.
-pub const SKIP_MESSAGE: &str = "PostgreSQL suite skipped: set \
-     BATON_TEST_POSTGRES=postgres://postgres@127.0.0.1:5432/postgres to run it";
-
-/// The admin URL, or `None` (after saying so on stderr) when the suite is to be skipped.
-pub fn postgres_admin_url() -> Option<String> {
-    let url = admin_url_from(std::env::var(POSTGRES_ENV).ok());
-    if url.is_none() {
-        eprintln!("{SKIP_MESSAGE}");
-    }
-    url
-}
-
-/// The admin URL a variable's value names: unset or blank means none.
-pub fn admin_url_from(value: Option<String>) -> Option<String> {
-    value
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-}
-
-/// `admin_url` with its database replaced by `database` (query parameters kept).
-pub fn database_url(admin_url: &str, database: &str) -> String {
-    let (base, query) = match admin_url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (admin_url, None),
-    };
-    let authority = base.find("://").map_or(0, |i| i + 3);
-    let head = match base[authority..].find('/') {
-        Some(slash) => &base[..authority + slash],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{head}/{database}?{query}"),
-        None => format!("{head}/{database}"),
-    }
-}
+#[allow(unused_imports)] // used by some test binaries only
+pub use super::pg::{TestDatabase, admin_url_from, database_url, postgres_admin_url};
 
 // ---------------------------------------------------------------------------------------------
 // The database
@@ -238,71 +201,6 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// A database of its own for one test, dropped (`WITH (FORCE)`) when the guard drops, panics
-/// included.
-pub struct TestDatabase {
-    admin_url: String,
-    pub name: String,
-    /// The URL the nodes get.
-    pub url: String,
-}
-
-impl TestDatabase {
-    pub async fn create(admin_url: &str) -> TestDatabase {
-        let name = format!("baton_test_{}", uuid::Uuid::now_v7().simple());
-        let admin = Pg::connect(admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("{POSTGRES_ENV}: {e}"));
-        tokio::time::timeout(
-            TIMEOUT,
-            admin
-                .client
-                .batch_execute(&format!("CREATE DATABASE {name}")),
-        )
-        .await
-        .expect("CREATE DATABASE in time")
-        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        TestDatabase {
-            admin_url: admin_url.to_string(),
-            url: database_url(admin_url, &name),
-            name,
-        }
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // A thread of its own with a runtime of its own: this may run inside the test's
-        // runtime, or while a panic unwinds it.
-        let dropped = std::thread::spawn(move || -> Result<(), String> {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("runtime: {e}"))?;
-            runtime.block_on(async {
-                let admin = Pg::connect(&admin_url).await?;
-                tokio::time::timeout(
-                    TIMEOUT,
-                    admin
-                        .client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")),
-                )
-                .await
-                .map_err(|_| "timed out".to_string())?
-                .map_err(|e| e.to_string())
-            })
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("warning: could not drop database {}: {e}", self.name),
-            Err(_) => eprintln!("warning: dropping database {} panicked", self.name),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,113 +2,115 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`): each test gets a database of its own,
 //! dropped when it ends. Without the variable the PostgreSQL tests are skipped, saying so.
 
-use std::sync::Once;
+use super::TIMEOUT;
+use super::cluster::Pg;
 
-/// The variable naming the admin URL.
-pub const VAR: &str = "BATON_TEST_POSTGRES";
+/// The variable that names the PostgreSQL admin URL.
+pub const POSTGRES_ENV: &str = "BATON_TEST_POSTGRES";
 
-/// The admin URL, if the PostgreSQL suite is enabled.
-pub fn admin_url() -> Option<String> {
-    std::env::var(VAR).ok().filter(|v| !v.trim().is_empty())
-}
+/// What a test says on stderr when it skips itself.
+pub const SKIP_MESSAGE: &str = "PostgreSQL suite skipped: set \
+     BATON_TEST_POSTGRES=postgres://postgres@127.0.0.1:5432/postgres to run it";
 
-/// Whether to run PostgreSQL tests; prints once per test binary how to enable them if not.
-pub fn enabled() -> bool {
-    static SKIP_NOTICE: Once = Once::new();
-    if admin_url().is_some() {
-        return true;
+/// The admin URL, or `None` (after saying so on stderr) when the suite is to be skipped.
+pub fn postgres_admin_url() -> Option<String> {
+    let url = admin_url_from(std::env::var(POSTGRES_ENV).ok());
+    if url.is_none() {
+        eprintln!("{SKIP_MESSAGE}");
     }
-    SKIP_NOTICE.call_once(|| {
-        eprintln!(
-            "PostgreSQL suite skipped: set {VAR}=postgres://postgres@127.0.0.1:5432/postgres to run it"
-        );
-    });
-    false
+    url
 }
 
-/// A database created for one test; dropped (with any connection left) on drop.
+/// The admin URL a variable's value names: unset or blank means none.
+pub fn admin_url_from(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// `admin_url` with its database replaced by `database` (query parameters kept).
+pub fn database_url(admin_url: &str, database: &str) -> String {
+    let (base, query) = match admin_url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (admin_url, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let head = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{head}/{database}?{query}"),
+        None => format!("{head}/{database}"),
+    }
+}
+
+/// A database of its own for one test, dropped (`WITH (FORCE)`) when the guard drops, panics
+/// included.
 pub struct TestDatabase {
-    /// The URL of the test database itself.
-    pub url: String,
+    admin_url: String,
     pub name: String,
-    admin: String,
+    /// The URL the nodes get.
+    pub url: String,
 }
 
 impl TestDatabase {
-    /// Creates a fresh database; `None` when the suite is not enabled. Panics when enabled
-    /// but unreachable: CI must fail then.
-    pub async fn create() -> Option<Self> {
-        let admin = admin_url()?;
-        let name = format!("baton_test_{}", uuid_hex());
-        let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+    pub async fn create(admin_url: &str) -> TestDatabase {
+        let name = format!("baton_test_{}", uuid::Uuid::now_v7().simple());
+        let admin = Pg::connect(admin_url)
             .await
-            .unwrap_or_else(|e| panic!("{VAR} is set but PostgreSQL is not reachable: {e}"));
-        let driver = tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create the test database");
-        drop(client);
-        let _ = driver.await;
-        let url = with_database(&admin, &name);
-        Some(Self { url, name, admin })
+            .unwrap_or_else(|e| panic!("{POSTGRES_ENV}: {e}"));
+        tokio::time::timeout(
+            TIMEOUT,
+            admin
+                .client
+                .batch_execute(&format!("CREATE DATABASE {name}")),
+        )
+        .await
+        .expect("CREATE DATABASE in time")
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+        TestDatabase {
+            admin_url: admin_url.to_string(),
+            url: database_url(admin_url, &name),
+            name,
+        }
     }
 }
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let admin = self.admin.clone();
+        let admin_url = self.admin_url.clone();
         let name = self.name.clone();
-        // A runtime of its own: this may run inside (or after) the test's runtime.
-        let dropped = std::thread::spawn(move || {
+        // A thread of its own with a runtime of its own: this may run inside the test's
+        // runtime, or while a panic unwinds it.
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .expect("runtime");
+                .map_err(|e| format!("runtime: {e}"))?;
             runtime.block_on(async {
-                let (client, connection) =
-                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await?;
-                tokio::spawn(connection);
-                client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
+                let admin = Pg::connect(&admin_url).await?;
+                tokio::time::timeout(
+                    TIMEOUT,
+                    admin
+                        .client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")),
+                )
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|e| e.to_string())
             })
         })
         .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop the test database {}", self.name);
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("warning: could not drop database {}: {e}", self.name),
+            Err(_) => eprintln!("warning: dropping database {} panicked", self.name),
         }
     }
 }
 
-/// `admin` with its database path replaced by `name`.
-pub fn with_database(admin: &str, name: &str) -> String {
-    let (base, query) = match admin.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (admin, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut url = format!("{}/{name}", &base[..host_end]);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    url
-}
-
-fn uuid_hex() -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!(
-        "{:x}{:x}{n:x}",
-        std::process::id(),
-        nanos & 0xffff_ffff_ffff
-    )
+/// Whether to run PostgreSQL tests (saying on stderr how to enable them when not).
+pub fn enabled() -> bool {
+    postgres_admin_url().is_some()
 }
