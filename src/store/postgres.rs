@@ -3,9 +3,13 @@
 //! session are serialised by the database — across nodes — while different sessions never
 //! wait for each other. The partial unique index on `running` backs I1 up in the schema.
 //!
-//! Cross-node delivery: each transaction notifies `baton_events` with the session and the seqs
-//! it appended (a few bytes, far below the 8,000-byte payload limit) and `baton_cancel` with
-//! the interactions it cancelled. Each node keeps one listening connection; on a notification
+//! Cross-node delivery: after each commit the node notifies `baton_events` with the session and
+//! the seqs appended (a few bytes, far below the 8,000-byte payload limit) and `baton_cancel`
+//! with the interactions cancelled — batched, outside the write transactions, which would
+//! otherwise all queue on PostgreSQL's one notification lock at commit. A watchdog compares
+//! watched sessions with the database every second, so a lost notification (a node dying
+//! between commit and notify) delays an event, never loses it. Each node keeps one listening
+//! connection; on a notification
 //! about a session somebody here listens to, it reads the new event rows (one query for every
 //! pending session) and publishes them on the local bus. A node publishes its own commits at
 //! once; a per-session cursor makes every publication contiguous, so local and remote events
@@ -150,6 +154,8 @@ pub(super) struct PgStore {
     ids: Mutex<IdGenerator>,
     stats: Arc<StoreStats>,
     sequencer: Arc<Sequencer>,
+    /// What this node's commits tell the other nodes, sent in batches by [`run_notifier`].
+    notes: mpsc::UnboundedSender<Note>,
     cancels: Mutex<Option<mpsc::UnboundedReceiver<InteractionId>>>,
     lease: Duration,
     background: Vec<tokio::task::AbortHandle>,
@@ -293,6 +299,7 @@ impl PgStore {
             )
             .await?;
         let (fill_tx, fill_rx) = mpsc::unbounded_channel();
+        let (notes, notes_rx) = mpsc::unbounded_channel();
         let (cancel_tx, cancel_rx) = mpsc::unbounded_channel();
         let sequencer = Arc::new(Sequencer {
             bus: bus.clone(),
@@ -306,6 +313,8 @@ impl PgStore {
             }
         }));
         let filler = tokio::spawn(run_filler(pool.clone(), sequencer.clone(), fill_rx));
+        let notifier = tokio::spawn(run_notifier(pool.clone(), notes_rx));
+        let watchdog = tokio::spawn(run_watchdog(pool.clone(), sequencer.clone()));
         let listener = tokio::spawn(run_listener(config, sequencer.clone(), cancel_tx));
         tracing::info!(node = %node, "joined the cluster");
         Ok(Self {
@@ -317,7 +326,13 @@ impl PgStore {
             sequencer,
             cancels: Mutex::new(Some(cancel_rx)),
             lease: options.lease,
-            background: vec![filler.abort_handle(), listener.abort_handle()],
+            notes,
+            background: vec![
+                filler.abort_handle(),
+                listener.abort_handle(),
+                notifier.abort_handle(),
+                watchdog.abort_handle(),
+            ],
         })
     }
 
@@ -368,25 +383,16 @@ impl PgStore {
             )
             .await?;
         }
-        let mut channels: Vec<&str> = Vec::new();
-        let mut payloads: Vec<String> = Vec::new();
-        for (session, first, last) in ranges(&events) {
-            channels.push(EVENTS_CHANNEL);
-            payloads.push(format!("{session} {first} {last}"));
-        }
-        for id in &cancelled {
-            channels.push(CANCEL_CHANNEL);
-            payloads.push(id.to_string());
-        }
-        if !channels.is_empty() {
-            let notify = tx
-                .prepare_cached(
-                    "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
-                )
-                .await?;
-            tx.execute(&notify, &[&channels, &payloads]).await?;
-        }
         tx.commit().await?;
+        // Notified after the commit, batched with other commits by the notifier: a NOTIFY
+        // inside each write transaction would serialise every commit of the database on
+        // PostgreSQL's notification queue lock.
+        for (session, first, last) in ranges(&events) {
+            let _ = self.notes.send(Note::Events(session.clone(), first, last));
+        }
+        for id in cancelled {
+            let _ = self.notes.send(Note::Cancel(id));
+        }
         self.stats
             .commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1251,10 +1257,130 @@ impl Sequencer {
             .copied()
     }
 
+    /// The watched sessions and their cursors.
+    fn watched(&self) -> Vec<(SessionId, i64)> {
+        let cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
+        cursors.iter().map(|(s, &c)| (s.clone(), c)).collect()
+    }
+
+    /// The database holds events of `session` after `cursor` (the watchdog's finding): read
+    /// them back unless they were published meanwhile. A commit still on its way to being
+    /// published here only repeats a read; the sequencer drops what it already has.
+    fn behind(&self, session: SessionId, cursor: i64) {
+        if self.cursor(&session) == Some(cursor) {
+            let _ = self.fills.send(Fill {
+                session,
+                after: cursor,
+            });
+        }
+    }
+
     /// Forgets cursors of sessions nobody listens to any more.
     fn prune(&self) {
         let mut cursors = self.cursors.lock().unwrap_or_else(|p| p.into_inner());
         cursors.retain(|session, _| self.bus.wants(session));
+    }
+}
+
+/// What a commit tells the other nodes.
+enum Note {
+    /// Events `first..=last` were appended to the session.
+    Events(SessionId, i64, i64),
+    /// The interaction was cancelled (its node stops its task).
+    Cancel(InteractionId),
+}
+
+/// Notes sent in one batch at most.
+const NOTE_BATCH: usize = 2000;
+/// How often every watched session is compared with the database, in case a notification
+/// was lost (a node that died between its commit and its notify, a dropped listener).
+const WATCHDOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Sends this node's notes in batches: one short autocommit statement per batch, so the
+/// notification queue's lock is taken once per batch, never inside a write transaction.
+async fn run_notifier(pool: Pool, mut notes: mpsc::UnboundedReceiver<Note>) {
+    let mut batch = Vec::with_capacity(NOTE_BATCH);
+    while notes.recv_many(&mut batch, NOTE_BATCH).await > 0 {
+        // One notification per session per batch: the highest seq covers the rest.
+        let mut ranges: HashMap<SessionId, (i64, i64)> = HashMap::new();
+        let mut channels: Vec<&str> = Vec::with_capacity(batch.len());
+        let mut payloads: Vec<String> = Vec::with_capacity(batch.len());
+        for note in batch.drain(..) {
+            match note {
+                Note::Events(session, first, last) => {
+                    let range = ranges.entry(session).or_insert((first, last));
+                    range.0 = range.0.min(first);
+                    range.1 = range.1.max(last);
+                }
+                Note::Cancel(id) => {
+                    channels.push(CANCEL_CHANNEL);
+                    payloads.push(id.to_string());
+                }
+            }
+        }
+        for (session, (first, last)) in ranges {
+            channels.push(EVENTS_CHANNEL);
+            payloads.push(format!("{session} {first} {last}"));
+        }
+        for attempt in 1..=5u32 {
+            let sent = async {
+                let client = pool.get().await?;
+                let stmt = client
+                    .prepare_cached(
+                        "SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS t(c, p)",
+                    )
+                    .await?;
+                client.execute(&stmt, &[&channels, &payloads]).await?;
+                Ok::<_, StoreError>(())
+            };
+            match sent.await {
+                Ok(()) => break,
+                Err(e) => {
+                    // Other nodes' watchdogs catch up on what they were not told.
+                    tracing::warn!(error = %e, attempt, "notifying other nodes");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Compares every watched session's last seq in the database with what was published here,
+/// and reads back what a lost notification would have announced.
+async fn run_watchdog(pool: Pool, sequencer: Arc<Sequencer>) {
+    loop {
+        tokio::time::sleep(WATCHDOG_INTERVAL).await;
+        let watched = sequencer.watched();
+        if watched.is_empty() {
+            continue;
+        }
+        let (sessions, cursors): (Vec<String>, Vec<i64>) = watched
+            .into_iter()
+            .map(|(s, c)| (s.as_str().to_string(), c))
+            .unzip();
+        let behind = async {
+            let client = pool.get().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT s.id, c.cursor FROM unnest($1::text[], $2::bigint[]) AS c(id, cursor) \
+                     JOIN sessions s ON s.id = c.id WHERE s.last_seq > c.cursor",
+                )
+                .await?;
+            let rows = client.query(&stmt, &[&sessions, &cursors]).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)?)))
+                .collect::<Result<Vec<_>, StoreError>>()
+        };
+        match behind.await {
+            Ok(rows) => {
+                for (session, after) in rows {
+                    if let Ok(session) = SessionId::parse(&session) {
+                        sequencer.behind(session, after);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "checking watched sessions"),
+        }
     }
 }
 
