@@ -11,6 +11,9 @@
 //! - **cancel**: cancel request → the `task.cancelled` event, for a running task of an echo,
 //!   a `command` (a shell that honours SIGTERM) and an `openai` agent (streaming from a mock
 //!   endpoint that this process serves).
+//! - **cluster** (with `--postgres ADMIN_URL`): the throughput load spread over N `baton serve`
+//!   nodes sharing one fresh PostgreSQL database (and, for comparison, over one node on
+//!   SQLite), with WebSocket subscribers on every node measuring cross-node delivery.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -45,10 +48,29 @@ pub struct BenchOptions {
     pub idle_connections: usize,
     /// Cancels measured per agent in the cancel scenario (0 skips it).
     pub cancel_rounds: usize,
-    /// Which scenarios to run (`throughput`, `accept`, `memory`, `fanout`, `idle`, `cancel`);
-    /// empty means all.
+    /// PostgreSQL URL of a role that may create databases: enables the cluster scenario, which
+    /// creates a fresh database on it per configuration and drops it afterwards.
+    pub postgres: Option<String>,
+    /// Node counts of the cluster scenario.
+    pub nodes: Vec<usize>,
+    /// Which scenarios to run (`throughput`, `accept`, `memory`, `fanout`, `idle`, `cancel`,
+    /// `cluster`); empty means all (`cluster` only when `postgres` is given).
     pub only: Vec<String>,
 }
+
+impl BenchOptions {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.iter().any(|o| o == scenario)
+            || (self.only.is_empty() && (scenario != CLUSTER || self.postgres.is_some()))
+    }
+
+    /// Whether any scenario of a single server (all but `cluster`) is to run.
+    fn wants_single_server(&self) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o != CLUSTER)
+    }
+}
+
+const CLUSTER: &str = "cluster";
 
 /// Figures of one target.
 #[derive(Debug, Default, Clone)]
@@ -57,7 +79,9 @@ struct Figures {
     throughput: Option<Throughput>,
     accept: Option<Latencies>,
     memory: Option<Memory>,
-    fanout: Option<Fanout>,
+    fanout: Option<Delivery>,
+    /// Cluster scenario: the throughput load's events as subscribers on every node saw them.
+    delivery: Option<Delivery>,
     idle: Option<Idle>,
     /// Cancel latency by agent kind.
     cancel: Vec<(&'static str, Latencies)>,
@@ -112,12 +136,22 @@ fn stop_quantiles(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<(u64, f
     Some((total, at(0.50), at(0.99)))
 }
 
+/// Events received by a set of WebSocket subscribers in a measured window.
 #[derive(Debug, Clone)]
-struct Fanout {
+struct Delivery {
     subscribers: usize,
-    deliveries_per_second: f64,
+    /// Events received per second, summed over the subscribers.
+    per_second: f64,
     /// Event creation (`at`, millisecond precision) to receipt.
     latency: Latencies,
+    /// The same, only for subscribers on another node than the one that ran the event's task
+    /// (cluster scenario).
+    remote_latency: Option<Latencies>,
+    /// Seqs missing from, and seqs repeated in, each subscriber's stream (summed).
+    gaps: u64,
+    duplicates: u64,
+    /// Subscribers whose socket the server closed before the window ended.
+    closed_early: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -169,7 +203,44 @@ fn real_agents_config(llm_url: &str) -> String {
 }
 const CONTENT: &str = "hello from the baton benchmark";
 
+/// The measured part of a scenario: it starts after a warm-up of [`WARMUP`].
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    end: Instant,
+}
+
+const WARMUP: Duration = Duration::from_secs(1);
+
+impl Window {
+    fn after_warmup(duration: Duration) -> Self {
+        let start = Instant::now() + WARMUP;
+        Self {
+            start,
+            end: start + duration,
+        }
+    }
+
+    fn contains(&self, t: Instant) -> bool {
+        self.start <= t && t <= self.end
+    }
+
+    fn seconds(&self) -> f64 {
+        (self.end - self.start).as_secs_f64()
+    }
+}
+
 impl Latencies {
+    /// From whole milliseconds (figures derived from the events' `at`).
+    fn from_ms(samples: impl IntoIterator<Item = u32>) -> Option<Self> {
+        Self::from(
+            samples
+                .into_iter()
+                .map(|ms| Duration::from_millis(u64::from(ms)))
+                .collect(),
+        )
+    }
+
     fn from(mut samples: Vec<Duration>) -> Option<Self> {
         if samples.is_empty() {
             return None;
@@ -198,25 +269,24 @@ impl Spawned {
     }
 }
 
-async fn spawn_baton(llm_url: &str) -> anyhow::Result<Spawned> {
+/// Starts `baton serve` with `config` on `database`, or on a fresh SQLite file when `None`.
+async fn spawn_baton(config: &str, database: Option<&str>) -> anyhow::Result<Spawned> {
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        BENCH_CONFIG.to_string() + &real_agents_config(llm_url),
-    )?;
+    let config_file = dir.path().join("bench.toml");
+    std::fs::write(&config_file, config)?;
+    let database = database.map_or_else(
+        || format!("sqlite://{}", dir.path().join("bench.db").display()),
+        str::to_string,
+    );
     let exe = std::env::current_exe().context("locating the baton binary")?;
     let mut child = Command::new(exe)
         .arg("serve")
         .arg("--config")
-        .arg(&config)
+        .arg(&config_file)
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--database")
-        .arg(format!(
-            "sqlite://{}",
-            dir.path().join("bench.db").display()
-        ))
+        .arg(&database)
         .env("BATON_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -314,24 +384,31 @@ fn message_body() -> Vec<u8> {
         .into_bytes()
 }
 
-/// Sessions post-with-wait in a loop; counts completed messages in the measured window.
-async fn throughput(url: &str, sessions: usize, duration: Duration) -> anyhow::Result<Throughput> {
+/// The session of throughput worker `i`.
+fn throughput_session(i: usize) -> String {
+    format!("bench-tp-{i}")
+}
+
+/// Sessions post-with-wait in a loop, worker `i` to server `urls[i % urls.len()]`; counts
+/// completed messages in the measured window.
+async fn throughput(urls: &[&str], sessions: usize, window: Window) -> anyhow::Result<Throughput> {
     let http = http_client(sessions)?;
     let body = Arc::new(message_body());
-    let warmup = Duration::from_secs(1);
-    let start = Instant::now() + warmup;
-    let end = start + duration;
     let mut workers = Vec::with_capacity(sessions);
     for i in 0..sessions {
         let http = http.clone();
         let body = body.clone();
-        let target = format!("{url}/v1/sessions/bench-tp-{i}/messages?wait=30");
+        let target = format!(
+            "{}/v1/sessions/{}/messages?wait=30",
+            urls[i % urls.len()],
+            throughput_session(i)
+        );
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
             loop {
                 let sent = Instant::now();
-                if sent >= end {
+                if sent >= window.end {
                     break;
                 }
                 let response = http
@@ -350,7 +427,7 @@ async fn throughput(url: &str, sessions: usize, duration: Duration) -> anyhow::R
                     Err(_) => false,
                 };
                 let done = Instant::now();
-                if sent >= start && done <= end {
+                if window.contains(sent) && window.contains(done) {
                     if ok {
                         latencies.push(done - sent);
                     } else {
@@ -372,7 +449,7 @@ async fn throughput(url: &str, sessions: usize, duration: Duration) -> anyhow::R
     Ok(Throughput {
         completed,
         errors,
-        per_second: completed as f64 / duration.as_secs_f64(),
+        per_second: completed as f64 / window.seconds(),
         latency: Latencies::from(all).context("no message completed")?,
     })
 }
@@ -459,13 +536,114 @@ async fn memory(
     })
 }
 
-/// One session, `subscribers` WebSockets on it, producers streaming echo deltas into it.
-async fn fanout(url: &str, subscribers: usize, duration: Duration) -> anyhow::Result<Fanout> {
-    use futures_util::StreamExt;
-    let ws_url = format!(
-        "{}/v1/sessions/bench-fanout/ws",
+/// The WebSocket endpoint of `session` on the server at `url`.
+fn session_ws_url(url: &str, session: &str) -> String {
+    format!(
+        "{}/v1/sessions/{session}/ws",
         url.replacen("http://", "ws://", 1)
-    );
+    )
+}
+
+/// What one WebSocket subscriber saw.
+#[derive(Debug, Default)]
+struct Received {
+    /// Latency (`at` → receipt, ms) of each event received in the window.
+    latencies: Vec<u32>,
+    /// Seqs missing from the stream, and events whose seq was not above the last one, over
+    /// the whole subscription.
+    gaps: u64,
+    duplicates: u64,
+    /// The server closed the socket before the window ended.
+    closed_early: bool,
+}
+
+/// The number right after `"key":` in a frame, e.g. `"seq":42`.
+fn number_after(text: &str, key: &str) -> Option<i64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit() && c != '-')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Reads a subscriber's frames until half a second after the window: the latency of each
+/// event in the window, and the continuity of its seqs (from the hello's `last_seq` on).
+async fn receive_events(
+    mut socket: impl futures_util::Stream<Item = WsMessage> + Unpin,
+    window: Window,
+) -> Received {
+    use futures_util::StreamExt;
+    let mut received = Received::default();
+    let mut last_seq: Option<i64> = None;
+    let stop = tokio::time::sleep_until((window.end + Duration::from_millis(500)).into());
+    tokio::pin!(stop);
+    loop {
+        let message = tokio::select! {
+            _ = &mut stop => break,
+            m = socket.next() => m,
+        };
+        let text = match message {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => text,
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => {
+                received.closed_early = Instant::now() < window.end;
+                break;
+            }
+        };
+        let at_receipt = crate::model::Millis::now();
+        let now = Instant::now();
+        if text.starts_with("{\"kind\":\"hello\"") {
+            last_seq = number_after(&text, "\"last_seq\":");
+            continue;
+        }
+        if !text.starts_with("{\"kind\":\"event\"") {
+            continue;
+        }
+        if let Some(seq) = number_after(&text, "\"seq\":") {
+            match last_seq {
+                Some(last) if seq <= last => received.duplicates += 1,
+                Some(last) => received.gaps += u64::try_from(seq - last - 1).unwrap_or(0),
+                None => {}
+            }
+            last_seq = Some(last_seq.map_or(seq, |last| last.max(seq)));
+        }
+        if !window.contains(now) {
+            continue;
+        }
+        // `"at":"…"` sits right after the type in every envelope.
+        if let Some(at) = text
+            .find("\"at\":\"")
+            .and_then(|i| text.get(i + 6..i + 30))
+            .and_then(crate::model::Millis::parse_rfc3339)
+        {
+            let ms = (at_receipt.0 - at.0).max(0);
+            received
+                .latencies
+                .push(u32::try_from(ms).unwrap_or(u32::MAX));
+        }
+    }
+    received
+}
+
+impl Delivery {
+    /// Sums what the subscribers received in `window`; `None` if no event arrived.
+    fn from(received: &[Received], window: Window) -> Option<Self> {
+        let count: usize = received.iter().map(|r| r.latencies.len()).sum();
+        Some(Self {
+            subscribers: received.len(),
+            per_second: count as f64 / window.seconds(),
+            latency: Latencies::from_ms(received.iter().flat_map(|r| r.latencies.iter().copied()))?,
+            remote_latency: None,
+            gaps: received.iter().map(|r| r.gaps).sum(),
+            duplicates: received.iter().map(|r| r.duplicates).sum(),
+            closed_early: received.iter().filter(|r| r.closed_early).count(),
+        })
+    }
+}
+
+/// One session, `subscribers` WebSockets on it, producers streaming echo deltas into it.
+async fn fanout(url: &str, subscribers: usize, duration: Duration) -> anyhow::Result<Delivery> {
+    let ws_url = session_ws_url(url, "bench-fanout");
     // The agent streams a word every millisecond: a live stream, not a backlog.
     let created = http_client(1)?
         .put(format!("{url}/v1/sessions/bench-fanout"))
@@ -475,8 +653,7 @@ async fn fanout(url: &str, subscribers: usize, duration: Duration) -> anyhow::Re
     if !created.status().is_success() {
         bail!("creating the fan-out session answered {}", created.status());
     }
-    let start = Instant::now() + Duration::from_secs(1);
-    let end = start + duration;
+    let window = Window::after_warmup(duration);
     let mut sockets = Vec::with_capacity(subscribers);
     for _ in 0..subscribers {
         let (socket, _) = tokio_tungstenite::connect_async(ws_url.as_str())
@@ -484,42 +661,10 @@ async fn fanout(url: &str, subscribers: usize, duration: Duration) -> anyhow::Re
             .context("connecting a subscriber")?;
         sockets.push(socket);
     }
-    let mut readers = Vec::with_capacity(subscribers);
-    for mut socket in sockets {
-        readers.push(tokio::spawn(async move {
-            let mut latencies: Vec<u32> = Vec::new();
-            let mut count = 0u64;
-            let stop = tokio::time::sleep_until((end + Duration::from_millis(500)).into());
-            tokio::pin!(stop);
-            loop {
-                let message = tokio::select! {
-                    _ = &mut stop => break,
-                    m = socket.next() => m,
-                };
-                let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = message else {
-                    if message.is_none() {
-                        break;
-                    }
-                    continue;
-                };
-                let received = crate::model::Millis::now();
-                let now = Instant::now();
-                if now < start || now > end {
-                    continue;
-                }
-                // `"at":"…"` sits right after the type in every envelope.
-                if let Some(at) = text
-                    .find("\"at\":\"")
-                    .and_then(|i| text.get(i + 6..i + 30))
-                    .and_then(crate::model::Millis::parse_rfc3339)
-                {
-                    count += 1;
-                    latencies.push(u32::try_from((received.0 - at.0).max(0)).unwrap_or(u32::MAX));
-                }
-            }
-            (count, latencies)
-        }));
-    }
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|socket| tokio::spawn(receive_events(socket, window)))
+        .collect();
     // Producers: enqueue messages of 20 words, as fast as the session takes them.
     let http = http_client(4)?;
     let content = (0..20)
@@ -534,7 +679,7 @@ async fn fanout(url: &str, subscribers: usize, duration: Duration) -> anyhow::Re
         let body = body.clone();
         let target = target.clone();
         producers.push(tokio::spawn(async move {
-            while Instant::now() < end {
+            while Instant::now() < window.end {
                 let sent = http
                     .post(&target)
                     .header("content-type", "application/json")
@@ -550,31 +695,19 @@ async fn fanout(url: &str, subscribers: usize, duration: Duration) -> anyhow::Re
     for producer in producers {
         producer.await?;
     }
-    let mut total = 0;
-    let mut all = Vec::new();
+    let mut received = Vec::with_capacity(subscribers);
     for reader in readers {
-        let (count, latencies) = reader.await?;
-        total += count;
-        all.extend(
-            latencies
-                .into_iter()
-                .map(|ms| Duration::from_millis(u64::from(ms))),
-        );
+        received.push(reader.await?);
     }
-    Ok(Fanout {
-        subscribers,
-        deliveries_per_second: total as f64 / duration.as_secs_f64(),
-        latency: Latencies::from(all).context("no event was delivered")?,
-    })
+    Delivery::from(&received, window).context("no event was delivered")
 }
 
 /// Opens `connections` WebSockets (spread over 100 sessions) and leaves them idle.
 async fn idle(url: &str, pid: u32, connections: usize) -> anyhow::Result<Idle> {
-    let ws_base = url.replacen("http://", "ws://", 1);
     // Create the sessions first, so the figure is about connections only.
     for s in 0..100 {
         let (socket, _) =
-            tokio_tungstenite::connect_async(format!("{ws_base}/v1/sessions/bench-idle-{s}/ws"))
+            tokio_tungstenite::connect_async(session_ws_url(url, &format!("bench-idle-{s}")))
                 .await
                 .context("creating a session")?;
         drop(socket);
@@ -583,9 +716,9 @@ async fn idle(url: &str, pid: u32, connections: usize) -> anyhow::Result<Idle> {
     let rss_before_kib = rss_kib(pid).context("reading the server's RSS")?;
     let mut sockets = Vec::with_capacity(connections);
     for i in 0..connections {
-        let (socket, _) = tokio_tungstenite::connect_async(format!(
-            "{ws_base}/v1/sessions/bench-idle-{}/ws",
-            i % 100
+        let (socket, _) = tokio_tungstenite::connect_async(session_ws_url(
+            url,
+            &format!("bench-idle-{}", i % 100),
         ))
         .await
         .with_context(|| format!("opening idle connection {i}"))?;
@@ -680,10 +813,7 @@ async fn cancel_latency(url: &str, agent: &str, rounds: usize) -> anyhow::Result
             created.status()
         );
     }
-    let ws_url = format!(
-        "{}/v1/sessions/{session}/ws",
-        url.replacen("http://", "ws://", 1)
-    );
+    let ws_url = session_ws_url(url, &session);
     let (mut socket, _) = tokio_tungstenite::connect_async(ws_url.as_str())
         .await
         .context("connecting the cancel scenario's WebSocket")?;
@@ -727,7 +857,7 @@ async fn measure(
     options: &BenchOptions,
     real_agents: bool,
 ) -> anyhow::Result<Figures> {
-    let wants = |s: &str| options.only.is_empty() || options.only.iter().any(|o| o == s);
+    let wants = |s: &str| options.wants(s);
     let mut figures = Figures {
         name: name.to_string(),
         ..Figures::default()
@@ -739,9 +869,9 @@ async fn measure(
         );
         figures.throughput = Some(
             throughput(
-                url,
+                &[url],
                 options.sessions,
-                Duration::from_secs_f64(options.duration_s),
+                Window::after_warmup(Duration::from_secs_f64(options.duration_s)),
             )
             .await?,
         );
@@ -820,6 +950,179 @@ async fn measure(
     Ok(figures)
 }
 
+/// Sessions of the throughput load that the cluster scenario watches, each from every node.
+const WATCHED_SESSIONS: usize = 8;
+
+/// A database of one cluster configuration, created through the admin URL;
+/// [`BenchDatabase::remove`] drops it `WITH (FORCE)`.
+struct BenchDatabase {
+    admin: tokio_postgres::Client,
+    /// Drives the admin connection; aborted on drop.
+    connection: tokio::task::JoinHandle<()>,
+    name: String,
+    /// What the nodes connect to.
+    url: String,
+}
+
+impl BenchDatabase {
+    async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        let name = format!("baton_bench_{}", uuid::Uuid::now_v7().simple());
+        let url = database_url(admin_url, &name)?;
+        let (admin, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("connecting to {admin_url}"))?;
+        let connection = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("the admin connection to PostgreSQL failed: {e}");
+            }
+        });
+        let database = Self {
+            admin,
+            connection,
+            name,
+            url,
+        };
+        database
+            .admin
+            .batch_execute(&format!("CREATE DATABASE {}", database.name))
+            .await
+            .with_context(|| format!("creating database {}", database.name))?;
+        Ok(database)
+    }
+
+    /// Drops the database, disconnecting whoever is still connected.
+    async fn remove(self) -> anyhow::Result<()> {
+        self.admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .with_context(|| format!("dropping database {}", self.name))
+    }
+}
+
+impl Drop for BenchDatabase {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// `admin_url` with its database replaced by `name` (the query, if any, is kept).
+fn database_url(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    let (base, query) = match admin_url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (admin_url, None),
+    };
+    let authority = base
+        .find("://")
+        .filter(|_| base.starts_with("postgres"))
+        .context("--postgres takes a postgres://USER@HOST:PORT/DATABASE URL")?
+        + 3;
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    let mut url = format!("{}/{name}", &base[..path]);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    Ok(url)
+}
+
+/// The cluster scenario: one node on SQLite, then for each count N of `options.nodes`, N nodes
+/// on a fresh PostgreSQL database.
+async fn cluster(options: &BenchOptions) -> anyhow::Result<Vec<Figures>> {
+    let admin_url = options
+        .postgres
+        .as_deref()
+        .context("the cluster scenario needs --postgres ADMIN_URL")?;
+    if options.nodes.is_empty() || options.nodes.contains(&0) {
+        bail!("--nodes takes node counts of at least 1");
+    }
+    let sqlite = spawn_baton(BENCH_CONFIG, None).await?;
+    let mut results = vec![measure_cluster("sqlite, 1 node", &[sqlite], options).await?];
+    for &count in &options.nodes {
+        let name = format!(
+            "postgres, {count} node{}",
+            if count == 1 { "" } else { "s" }
+        );
+        let database = BenchDatabase::create(admin_url).await?;
+        let measured = async {
+            let mut nodes = Vec::with_capacity(count);
+            for _ in 0..count {
+                nodes.push(spawn_baton(BENCH_CONFIG, Some(&database.url)).await?);
+            }
+            measure_cluster(&name, &nodes, options).await
+            // The nodes are killed here, before their database goes.
+        }
+        .await;
+        let removed = database.remove().await;
+        results.push(measured?);
+        removed?;
+    }
+    Ok(results)
+}
+
+/// The throughput load over `nodes` (worker i posts to node i % N) while each node has a
+/// WebSocket subscriber on each of the first [`WATCHED_SESSIONS`] sessions.
+async fn measure_cluster(
+    name: &str,
+    nodes: &[Spawned],
+    options: &BenchOptions,
+) -> anyhow::Result<Figures> {
+    let urls: Vec<&str> = nodes.iter().map(|n| n.url.as_str()).collect();
+    for url in &urls {
+        wait_healthy(url).await?;
+    }
+    let watched = WATCHED_SESSIONS.min(options.sessions);
+    eprintln!(
+        "[{name}] cluster: {} sessions over {} node(s), {} s; {watched} sessions watched from every node",
+        options.sessions,
+        urls.len(),
+        options.duration_s
+    );
+    // Subscribed before the load starts, so every event of theirs is live.
+    let mut sockets = Vec::with_capacity(watched * urls.len());
+    for session in 0..watched {
+        for (node, url) in urls.iter().enumerate() {
+            let (socket, _) =
+                tokio_tungstenite::connect_async(session_ws_url(url, &throughput_session(session)))
+                    .await
+                    .with_context(|| format!("subscribing on {url}"))?;
+            // The session's tasks run on the node its worker posts to.
+            sockets.push((node != session % urls.len(), socket));
+        }
+    }
+    let window = Window::after_warmup(Duration::from_secs_f64(options.duration_s));
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|(remote, socket)| (remote, tokio::spawn(receive_events(socket, window))))
+        .collect();
+    let throughput = throughput(&urls, options.sessions, window).await?;
+    let (mut received, mut remote) = (Vec::new(), Vec::new());
+    for (is_remote, reader) in readers {
+        let r = reader.await?;
+        if is_remote {
+            remote.push(r);
+        } else {
+            received.push(r);
+        }
+    }
+    let remote_latency =
+        Latencies::from_ms(remote.iter().flat_map(|r| r.latencies.iter().copied()));
+    received.extend(remote);
+    let mut delivery =
+        Delivery::from(&received, window).context("no event reached the subscribers")?;
+    delivery.remote_latency = remote_latency;
+    Ok(Figures {
+        name: name.to_string(),
+        throughput: Some(throughput),
+        delivery: Some(delivery),
+        ..Figures::default()
+    })
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -832,17 +1135,20 @@ fn ratio(baton: f64, peer: f64) -> String {
     }
 }
 
-fn report(results: &[Figures]) -> String {
+/// The figures as a Markdown table, one column per target; with exactly two targets and a
+/// `ratio` header, a column of the first's ratio to the second.
+fn report(results: &[Figures], ratio_header: Option<&str>) -> String {
     let mut out = String::new();
     let header = results
         .iter()
         .map(|f| f.name.as_str())
         .collect::<Vec<_>>()
         .join(" | ");
-    let with_ratio = results.len() == 2;
+    let ratio_header = ratio_header.filter(|_| results.len() == 2);
+    let with_ratio = ratio_header.is_some();
     out.push_str(&format!(
         "| figure | {header} |{}\n|---|{}{}\n",
-        if with_ratio { " baton / peer |" } else { "" },
+        ratio_header.map_or(String::new(), |h| format!(" {h} |")),
         "---|".repeat(results.len()),
         if with_ratio { "---|" } else { "" }
     ));
@@ -983,11 +1289,8 @@ fn report(results: &[Figures]) -> String {
         &|f| {
             f.fanout.as_ref().map(|x| {
                 (
-                    format!(
-                        "{:.0} ({} subscribers)",
-                        x.deliveries_per_second, x.subscribers
-                    ),
-                    x.deliveries_per_second,
+                    format!("{:.0} ({} subscribers)", x.per_second, x.subscribers),
+                    x.per_second,
                 )
             })
         },
@@ -1034,6 +1337,60 @@ fn report(results: &[Figures]) -> String {
         },
         false,
     );
+    row(
+        "(g) events received/s, 8 sessions watched from every node",
+        &|f| {
+            f.delivery.as_ref().map(|x| {
+                (
+                    format!("{:.0} ({} subscribers)", x.per_second, x.subscribers),
+                    x.per_second,
+                )
+            })
+        },
+        true,
+    );
+    for (which, remote) in [("", false), (", subscriber on another node", true)] {
+        let of = |f: &Figures| {
+            let x = f.delivery.as_ref()?;
+            let l = if remote {
+                x.remote_latency.as_ref()?
+            } else {
+                &x.latency
+            };
+            Some((l.p50, l.p99))
+        };
+        row(
+            &format!("(g) delivery latency (`at` → receipt){which}, p50"),
+            &|f| of(f).map(|(p50, _)| (ms(p50), p50.as_secs_f64())),
+            false,
+        );
+        row(
+            &format!("(g) delivery latency (`at` → receipt){which}, p99"),
+            &|f| of(f).map(|(_, p99)| (ms(p99), p99.as_secs_f64())),
+            false,
+        );
+    }
+    row(
+        "(g) seq gaps / duplicates, all subscribers",
+        &|f| {
+            f.delivery.as_ref().map(|x| {
+                (
+                    format!("{} / {}", x.gaps, x.duplicates),
+                    (x.gaps + x.duplicates) as f64,
+                )
+            })
+        },
+        false,
+    );
+    row(
+        "(g) subscribers closed early by the server",
+        &|f| {
+            f.delivery
+                .as_ref()
+                .map(|x| (x.closed_early.to_string(), x.closed_early as f64))
+        },
+        false,
+    );
     for kind in ["echo", "command", "openai"] {
         let of = |f: &Figures| {
             f.cancel
@@ -1072,25 +1429,63 @@ fn report(results: &[Figures]) -> String {
 }
 
 /// Runs the benchmark and prints a Markdown table to stdout.
+/// The single-server scenarios, then the cluster scenario: a table each.
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
-    let mut results = Vec::new();
-    match &options.server {
-        Some(url) => {
-            wait_healthy(url).await?;
-            results.push(measure("server", url, None, &options, false).await?);
+    if options.wants_single_server() {
+        let mut results = Vec::new();
+        match &options.server {
+            Some(url) => {
+                wait_healthy(url).await?;
+                results.push(measure("server", url, None, &options, false).await?);
+            }
+            None => {
+                let llm = spawn_mock_llm().await?;
+                let config = BENCH_CONFIG.to_string() + &real_agents_config(&llm);
+                let baton = spawn_baton(&config, None).await?;
+                results.push(measure("baton", &baton.url, baton.pid(), &options, true).await?);
+                drop(baton);
+            }
         }
-        None => {
-            let llm = spawn_mock_llm().await?;
-            let baton = spawn_baton(&llm).await?;
-            results.push(measure("baton", &baton.url, baton.pid(), &options, true).await?);
-            drop(baton);
+        if let Some(peer_dir) = &options.peer_dir {
+            let peer = spawn_peer(peer_dir, &options.peer_python).await?;
+            results.push(measure("seed-py peer", &peer.url, peer.pid(), &options, false).await?);
+            drop(peer);
         }
+        println!("{}", report(&results, Some("baton / peer")));
     }
-    if let Some(peer_dir) = &options.peer_dir {
-        let peer = spawn_peer(peer_dir, &options.peer_python).await?;
-        results.push(measure("seed-py peer", &peer.url, peer.pid(), &options, false).await?);
-        drop(peer);
+    if options.wants(CLUSTER) {
+        let results = cluster(&options).await?;
+        println!("{}", report(&results, None));
     }
-    println!("{}", report(&results));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_url_replaces_only_the_database() {
+        let url = |admin| database_url(admin, "b").ok();
+        assert_eq!(
+            url("postgres://postgres@127.0.0.1:5432/postgres").as_deref(),
+            Some("postgres://postgres@127.0.0.1:5432/b")
+        );
+        assert_eq!(
+            url("postgresql://u:p@h/db?sslmode=disable").as_deref(),
+            Some("postgresql://u:p@h/b?sslmode=disable")
+        );
+        assert_eq!(
+            url("postgres://h:5432").as_deref(),
+            Some("postgres://h:5432/b")
+        );
+        assert_eq!(url("host=h user=u"), None);
+    }
+
+    #[test]
+    fn number_after_reads_the_field() {
+        let frame = r#"{"kind":"event","seq":42,"session":"s","type":"task.delta"}"#;
+        assert_eq!(number_after(frame, "\"seq\":"), Some(42));
+        assert_eq!(number_after(frame, "\"last_seq\":"), None);
+    }
 }

@@ -101,8 +101,16 @@ enum Command {
         /// Cancels per agent kind in the cancel scenario (0 skips it).
         #[arg(long, default_value_t = 200)]
         cancel_rounds: usize,
-        /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel
-        /// (repeatable).
+        /// PostgreSQL URL of a role that may create databases, e.g.
+        /// postgres://postgres@127.0.0.1:5432/postgres: enables the cluster scenario (a fresh
+        /// database per configuration, dropped afterwards).
+        #[arg(long, value_name = "ADMIN_URL")]
+        postgres: Option<String>,
+        /// Node counts of the cluster scenario.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        nodes: Vec<usize>,
+        /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel, cluster
+        /// (repeatable; all but cluster by default, cluster too with --postgres).
         #[arg(long)]
         only: Vec<String>,
     },
@@ -199,6 +207,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             fanout_subscribers,
             idle_connections,
             cancel_rounds,
+            postgres,
+            nodes,
             only,
         } => {
             baton::bench::run(baton::bench::BenchOptions {
@@ -213,6 +223,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 fanout_subscribers,
                 idle_connections,
                 cancel_rounds,
+                postgres,
+                nodes,
                 only,
             })
             .await?;
