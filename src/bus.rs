@@ -47,13 +47,18 @@ impl Finals {
     /// Removes the waiters of `id`, keeping the per-session count exact.
     fn take(&mut self, id: &InteractionId) -> Option<Vec<oneshot::Sender<Arc<Interaction>>>> {
         let waiters = self.by_id.remove(id)?;
-        if let Some(count) = self.sessions.get_mut(&waiters.session) {
-            *count = count.saturating_sub(waiters.senders.len());
+        self.forget(&waiters.session, waiters.senders.len());
+        Some(waiters.senders)
+    }
+
+    /// Takes `removed` waiters off `session`'s count.
+    fn forget(&mut self, session: &SessionId, removed: usize) {
+        if let Some(count) = self.sessions.get_mut(session) {
+            *count = count.saturating_sub(removed);
             if *count == 0 {
-                self.sessions.remove(&waiters.session);
+                self.sessions.remove(session);
             }
         }
-        Some(waiters.senders)
     }
 }
 
@@ -244,12 +249,7 @@ impl Drop for FinalWatch {
             if waiters.senders.is_empty() {
                 finals.by_id.remove(&self.id);
             }
-            if let Some(count) = finals.sessions.get_mut(&session) {
-                *count = count.saturating_sub(removed);
-                if *count == 0 {
-                    finals.sessions.remove(&session);
-                }
-            }
+            finals.forget(&session, removed);
         }
     }
 }

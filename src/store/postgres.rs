@@ -33,8 +33,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::shared::{
-    ClearedData, ContextData, DeltaData, Empty, InteractionData, ProgressData, SessionData, page,
-    patched,
+    ClearedData, ContextData, DeltaData, Empty, InteractionData, ProgressData, SessionData,
+    SessionRow, delta_text, page, patched,
 };
 use super::{
     Accepted, CancelTarget, Cancelled, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Page, StartedTask,
@@ -411,7 +411,7 @@ impl PgStore {
         context: Option<JsonObject>,
         default_agent: String,
     ) -> StoreResult<(Session, bool)> {
-        let (created, _) = transaction!(self, |w| {
+        let created = transaction!(self, |w| {
             let new_agent = agent.clone().unwrap_or_else(|| default_agent.clone());
             let new_context = context.clone().unwrap_or_default();
             let (mut row, created) = w.session_or_create(&id, &new_agent, &new_context).await?;
@@ -427,7 +427,7 @@ impl PgStore {
                 }
             }
             w.save_seq(&row).await?;
-            Ok((created, ()))
+            Ok(created)
         })?;
         Ok((self.get_session(id).await?, created))
     }
@@ -1548,27 +1548,6 @@ struct PgTx<'t, 'c, 's> {
     deleted: Option<SessionId>,
 }
 
-struct SessionRow {
-    id: SessionId,
-    agent: String,
-    context: Result<JsonObject, String>,
-    epoch: i64,
-    last_seq: i64,
-    saved_seq: i64,
-}
-
-impl SessionRow {
-    fn context(&mut self) -> StoreResult<&JsonObject> {
-        if let Err(text) = &self.context {
-            self.context = Ok(serde_json::from_str(text)?);
-        }
-        match &self.context {
-            Ok(context) => Ok(context),
-            Err(_) => Err(StoreError::Internal("context not parsed".into())),
-        }
-    }
-}
-
 impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
     fn new(tx: &'t deadpool_postgres::Transaction<'c>, store: &'s PgStore) -> Self {
         Self {
@@ -1738,13 +1717,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
         id: &InteractionId,
         outputs: Vec<TaskOutput>,
     ) -> TxResult<String> {
-        let text: String = outputs
-            .iter()
-            .filter_map(|o| match o {
-                TaskOutput::Delta(t) => Some(t.as_str()),
-                _ => None,
-            })
-            .collect();
+        let text = delta_text(&outputs);
         for output in outputs {
             match output {
                 TaskOutput::Delta(text) => {

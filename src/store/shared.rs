@@ -3,8 +3,8 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Page, StoreError, StoreResult};
-use crate::model::{Interaction, InteractionId, JsonObject, Session, merge_patch};
+use super::{Page, StoreError, StoreResult, TaskOutput};
+use crate::model::{Interaction, InteractionId, JsonObject, Session, SessionId, merge_patch};
 
 #[derive(Serialize)]
 pub(super) struct Empty {}
@@ -60,4 +60,39 @@ pub(super) fn page<T>(mut items: Vec<T>, limit: usize, cursor: impl Fn(&T) -> St
         None
     };
     Page { items, next }
+}
+
+/// A session's row as a write job works on it; `last_seq` advances in memory and is saved
+/// once per operation by the backend's `save_seq`.
+pub(super) struct SessionRow {
+    pub(super) id: SessionId,
+    pub(super) agent: String,
+    /// Parsed only when a job needs it (most jobs never look at the context).
+    pub(super) context: Result<JsonObject, String>,
+    pub(super) epoch: i64,
+    pub(super) last_seq: i64,
+    pub(super) saved_seq: i64,
+}
+
+impl SessionRow {
+    pub(super) fn context(&mut self) -> StoreResult<&JsonObject> {
+        if let Err(text) = &self.context {
+            self.context = Ok(serde_json::from_str(text)?);
+        }
+        match &self.context {
+            Ok(context) => Ok(context),
+            Err(_) => Err(StoreError::Internal("context not parsed".into())),
+        }
+    }
+}
+
+/// The text of a task's deltas among its `outputs`, concatenated.
+pub(super) fn delta_text(outputs: &[TaskOutput]) -> String {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            TaskOutput::Delta(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect()
 }

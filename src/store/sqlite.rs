@@ -17,8 +17,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::shared::{
-    ClearedData, ContextData, DeltaData, Empty, InteractionData, ProgressData, SessionData, page,
-    patched,
+    ClearedData, ContextData, DeltaData, Empty, InteractionData, ProgressData, SessionData,
+    SessionRow, delta_text, page, patched,
 };
 use super::{
     Accepted, CancelTarget, Cancelled, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Page,
@@ -895,30 +895,6 @@ struct Tx<'c> {
     events: Vec<Event>,
 }
 
-/// A session's row as a write job works on it; `last_seq` advances in memory and is saved
-/// once per job by [`Tx::save_seq`].
-struct SessionRow {
-    id: SessionId,
-    agent: String,
-    /// Parsed only when a job needs it (most jobs never look at the context).
-    context: Result<JsonObject, String>,
-    epoch: i64,
-    last_seq: i64,
-    saved_seq: i64,
-}
-
-impl SessionRow {
-    fn context(&mut self) -> StoreResult<&JsonObject> {
-        if let Err(text) = &self.context {
-            self.context = Ok(serde_json::from_str(text)?);
-        }
-        match &self.context {
-            Ok(context) => Ok(context),
-            Err(_) => Err(StoreError::Internal("context not parsed".into())),
-        }
-    }
-}
-
 impl Tx<'_> {
     fn session(&self, id: &SessionId) -> StoreResult<Option<SessionRow>> {
         let row = self
@@ -1067,13 +1043,7 @@ impl Tx<'_> {
         id: &InteractionId,
         outputs: Vec<TaskOutput>,
     ) -> StoreResult<String> {
-        let text: String = outputs
-            .iter()
-            .filter_map(|o| match o {
-                TaskOutput::Delta(t) => Some(t.as_str()),
-                _ => None,
-            })
-            .collect();
+        let text = delta_text(&outputs);
         for output in outputs {
             match output {
                 TaskOutput::Delta(text) => {
