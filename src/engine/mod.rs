@@ -237,6 +237,18 @@ impl Engine {
                     Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "heartbeat"),
                 }
+            }
+        });
+        // Taking over may wait on a lost node's row locks: never in the heartbeat's way.
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 4);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = inner.stopping.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
                 if inner.shutting_down.load(Ordering::Relaxed) {
                     return;
                 }

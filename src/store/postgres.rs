@@ -270,8 +270,17 @@ type TxResult<T> = Result<T, TxError>;
 
 impl PgStore {
     pub(super) async fn open(options: PgOptions, bus: Arc<Bus>) -> StoreResult<Self> {
-        let config = tokio_postgres::Config::from_str(&options.url)
+        let mut config = tokio_postgres::Config::from_str(&options.url)
             .map_err(|e| StoreError::Internal(format!("database URL: {e}")))?;
+        // A node paused or cut off in the middle of a transaction would hold its session's
+        // row lock indefinitely; the server ends such a transaction well within a lease, so
+        // the other nodes can take the session over.
+        let idle_ms = (options.lease.as_millis() / 2).max(500);
+        let mut server_options = config.get_options().unwrap_or_default().to_string();
+        server_options.push_str(&format!(
+            " -c idle_in_transaction_session_timeout={idle_ms}"
+        ));
+        config.options(server_options.trim());
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
