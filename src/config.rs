@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+use toml::Spanned;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
@@ -50,8 +51,21 @@ pub struct Config {
     pub ws_ping_interval_s: f64,
     /// Sustained operations per second on one WebSocket (bursts up to twice that).
     pub ws_ops_per_second: f64,
+    /// Seconds a connection has to send the complete head of its next request, counted from
+    /// when it is ready for one: slow heads and idle keep-alive connections are closed.
+    pub http_header_timeout_s: f64,
+    /// Seconds a request's whole body has to arrive.
+    pub http_body_timeout_s: f64,
+    /// Plain HTTP connections served at once; past it, new ones wait to be accepted.
+    pub max_http_connections: usize,
     /// Configured agents by name.
+    #[serde(skip)]
     pub agents: BTreeMap<String, AgentConfig>,
+    /// The `[agents.*]` tables as written, turned into `agents` by [`Config::from_toml`]: read
+    /// key by key (not through serde's buffering of tagged enums), so an error points at the
+    /// key that caused it.
+    #[serde(rename = "agents")]
+    agent_tables: BTreeMap<String, Spanned<AgentTable>>,
 }
 
 impl Default for Config {
@@ -77,7 +91,11 @@ impl Default for Config {
             max_connections_per_session: 5_000,
             ws_ping_interval_s: 30.0,
             ws_ops_per_second: 100.0,
+            http_header_timeout_s: 30.0,
+            http_body_timeout_s: 60.0,
+            max_http_connections: 10_000,
             agents,
+            agent_tables: BTreeMap::new(),
         }
     }
 }
@@ -94,8 +112,7 @@ pub enum Synchronous {
 }
 
 /// One configured agent, selected by `kind`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[derive(Debug, Clone)]
 pub enum AgentConfig {
     Echo(EchoConfig),
     Command(CommandConfig),
@@ -180,44 +197,234 @@ impl AgentConfig {
     }
 }
 
-/// The built-in echo agent.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// An `[agents.NAME]` table as written: every key of every kind, each with its place.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct AgentTable {
+    kind: Spanned<String>,
+    delay_ms: Option<Spanned<u64>>,
+    timeout_s: Option<Spanned<f64>>,
+    program: Option<Spanned<String>>,
+    args: Option<Spanned<Vec<String>>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    cwd: Option<Spanned<PathBuf>>,
+    kill_grace_ms: Option<Spanned<u64>>,
+    max_line_bytes: Option<Spanned<usize>>,
+    max_output_bytes: Option<Spanned<usize>>,
+    max_history: Option<Spanned<u32>>,
+    base_url: Option<Spanned<String>>,
+    model: Option<Spanned<String>>,
+    api_key_env: Option<Spanned<String>>,
+    system: Option<Spanned<String>>,
+    temperature: Option<Spanned<f64>>,
+    max_tokens: Option<Spanned<u32>>,
+    retries: Option<Spanned<u32>>,
+    retry_backoff_ms: Option<Spanned<u64>>,
+    connect_timeout_s: Option<Spanned<f64>>,
+    idle_timeout_s: Option<Spanned<f64>>,
+}
+
+const ECHO_KEYS: &[&str] = &["kind", "delay_ms", "timeout_s"];
+const COMMAND_KEYS: &[&str] = &[
+    "kind",
+    "program",
+    "args",
+    "env",
+    "cwd",
+    "timeout_s",
+    "kill_grace_ms",
+    "max_line_bytes",
+    "max_output_bytes",
+    "max_history",
+];
+const OPENAI_KEYS: &[&str] = &[
+    "kind",
+    "base_url",
+    "model",
+    "api_key_env",
+    "system",
+    "temperature",
+    "max_tokens",
+    "timeout_s",
+    "max_history",
+    "retries",
+    "retry_backoff_ms",
+    "connect_timeout_s",
+    "idle_timeout_s",
+];
+
+/// An error in an agent table, at a byte range of the file.
+struct TableError {
+    span: std::ops::Range<usize>,
+    message: String,
+}
+
+impl TableError {
+    /// The message with the line, column and text it is about, like the TOML parser's own.
+    fn located(&self, text: &str, agent: &str) -> String {
+        let start = self.span.start.min(text.len());
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        let line_number = text[..start].matches('\n').count() + 1;
+        let column = text[line_start..start].chars().count() + 1;
+        let width = self.span.end.min(line_end).saturating_sub(start).max(1);
+        let gutter = " ".repeat(line_number.to_string().len());
+        format!(
+            "TOML parse error at line {line_number}, column {column}\n{gutter} |\n{line_number} | {}\n{gutter} | {}{}\nagents.{agent}: {}",
+            &text[line_start..line_end],
+            " ".repeat(column - 1),
+            "^".repeat(width),
+            self.message
+        )
+    }
+}
+
+fn value<T>(key: Option<Spanned<T>>) -> Option<T> {
+    key.map(Spanned::into_inner)
+}
+
+impl AgentTable {
+    /// Every key present, with its place.
+    fn present(&self) -> Vec<(&'static str, std::ops::Range<usize>)> {
+        fn at<T>(
+            name: &'static str,
+            key: &Option<Spanned<T>>,
+        ) -> Option<(&'static str, std::ops::Range<usize>)> {
+            key.as_ref().map(|k| (name, k.span()))
+        }
+        [
+            at("delay_ms", &self.delay_ms),
+            at("timeout_s", &self.timeout_s),
+            at("program", &self.program),
+            at("args", &self.args),
+            at("env", &self.env),
+            at("cwd", &self.cwd),
+            at("kill_grace_ms", &self.kill_grace_ms),
+            at("max_line_bytes", &self.max_line_bytes),
+            at("max_output_bytes", &self.max_output_bytes),
+            at("max_history", &self.max_history),
+            at("base_url", &self.base_url),
+            at("model", &self.model),
+            at("api_key_env", &self.api_key_env),
+            at("system", &self.system),
+            at("temperature", &self.temperature),
+            at("max_tokens", &self.max_tokens),
+            at("retries", &self.retries),
+            at("retry_backoff_ms", &self.retry_backoff_ms),
+            at("connect_timeout_s", &self.connect_timeout_s),
+            at("idle_timeout_s", &self.idle_timeout_s),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// The typed agent, or the first key that does not belong to its kind (or is missing).
+    fn into_agent(self, table: std::ops::Range<usize>) -> Result<AgentConfig, TableError> {
+        let kind = self.kind.get_ref().as_str();
+        let keys = match kind {
+            "echo" => ECHO_KEYS,
+            "command" => COMMAND_KEYS,
+            "openai" => OPENAI_KEYS,
+            other => {
+                return Err(TableError {
+                    span: self.kind.span(),
+                    message: format!(
+                        "unknown agent kind {other:?}, expected \"echo\", \"command\" or \"openai\""
+                    ),
+                });
+            }
+        };
+        if let Some((key, span)) = self
+            .present()
+            .into_iter()
+            .find(|(key, _)| !keys.contains(key))
+        {
+            return Err(TableError {
+                span,
+                message: format!(
+                    "`{key}` is not a key of a {kind} agent (its keys: {})",
+                    keys.join(", ")
+                ),
+            });
+        }
+        let required = |key: Option<Spanned<String>>, name: &str| {
+            value(key).ok_or_else(|| TableError {
+                span: table.clone(),
+                message: format!("a {kind} agent needs `{name}`"),
+            })
+        };
+        Ok(match kind {
+            "echo" => AgentConfig::Echo(EchoConfig {
+                delay_ms: value(self.delay_ms).unwrap_or_default(),
+                timeout_s: value(self.timeout_s),
+            }),
+            "command" => {
+                let defaults = CommandConfig::new(String::new(), Vec::new());
+                AgentConfig::Command(CommandConfig {
+                    program: required(self.program, "program")?,
+                    args: value(self.args).unwrap_or_default(),
+                    env: value(self.env).unwrap_or_default(),
+                    cwd: value(self.cwd),
+                    timeout_s: value(self.timeout_s),
+                    kill_grace_ms: value(self.kill_grace_ms).unwrap_or(defaults.kill_grace_ms),
+                    max_line_bytes: value(self.max_line_bytes).unwrap_or(defaults.max_line_bytes),
+                    max_output_bytes: value(self.max_output_bytes)
+                        .unwrap_or(defaults.max_output_bytes),
+                    max_history: value(self.max_history),
+                })
+            }
+            _ => {
+                let base_url = required(self.base_url, "base_url")?;
+                let model = required(self.model, "model")?;
+                let defaults = OpenaiConfig::new(String::new(), String::new());
+                AgentConfig::Openai(OpenaiConfig {
+                    base_url,
+                    model,
+                    api_key_env: value(self.api_key_env),
+                    system: value(self.system),
+                    temperature: value(self.temperature),
+                    max_tokens: value(self.max_tokens),
+                    timeout_s: value(self.timeout_s),
+                    max_history: value(self.max_history),
+                    retries: value(self.retries).unwrap_or(defaults.retries),
+                    retry_backoff_ms: value(self.retry_backoff_ms)
+                        .unwrap_or(defaults.retry_backoff_ms),
+                    connect_timeout_s: value(self.connect_timeout_s)
+                        .unwrap_or(defaults.connect_timeout_s),
+                    idle_timeout_s: value(self.idle_timeout_s).unwrap_or(defaults.idle_timeout_s),
+                })
+            }
+        })
+    }
+}
+
+/// The built-in echo agent.
+#[derive(Debug, Clone, Default)]
 pub struct EchoConfig {
     /// Pause before each word, in milliseconds.
-    #[serde(default)]
     pub delay_ms: u64,
-    #[serde(default)]
     pub timeout_s: Option<f64>,
 }
 
 /// A program run once per task, speaking the JSON-lines protocol on stdin/stdout.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct CommandConfig {
     /// The program, run without a shell (looked up in `PATH` when it has no `/`).
     pub program: String,
-    #[serde(default)]
     pub args: Vec<String>,
     /// Variables set for the program on top of the server's environment.
-    #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Working directory of the program (default: the server's).
-    #[serde(default)]
     pub cwd: Option<PathBuf>,
-    #[serde(default)]
     pub timeout_s: Option<f64>,
     /// Between SIGTERM to the process group and SIGKILL, in milliseconds.
-    #[serde(default = "CommandConfig::default_kill_grace_ms")]
     pub kill_grace_ms: u64,
     /// Longest stdout line accepted, in bytes.
-    #[serde(default = "CommandConfig::default_max_line_bytes")]
     pub max_line_bytes: usize,
     /// Most stdout bytes one task may produce.
-    #[serde(default = "CommandConfig::default_max_output_bytes")]
     pub max_output_bytes: usize,
     /// Overrides the server's `history_limit` for this agent.
-    #[serde(default)]
     pub max_history: Option<u32>,
 }
 
@@ -249,39 +456,28 @@ impl CommandConfig {
 }
 
 /// An OpenAI-compatible chat completions endpoint, streamed.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct OpenaiConfig {
     /// E.g. `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`.
     pub base_url: String,
     pub model: String,
     /// The environment variable holding the API key (the key itself never goes in the config).
-    #[serde(default)]
     pub api_key_env: Option<String>,
     /// System prompt; `{{context}}` becomes the session's context as JSON and
     /// `{{context.KEY}}` one of its values.
-    #[serde(default)]
     pub system: Option<String>,
-    #[serde(default)]
     pub temperature: Option<f64>,
-    #[serde(default)]
     pub max_tokens: Option<u32>,
-    #[serde(default)]
     pub timeout_s: Option<f64>,
     /// Completed interactions sent as history (overrides the server's `history_limit`).
-    #[serde(default)]
     pub max_history: Option<u32>,
     /// Retries, with backoff, of a request that failed before its first token.
-    #[serde(default = "OpenaiConfig::default_retries")]
     pub retries: u32,
     /// First retry delay in milliseconds; doubled at each retry.
-    #[serde(default = "OpenaiConfig::default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
     /// Longest wait to connect to the endpoint.
-    #[serde(default = "OpenaiConfig::default_connect_timeout_s")]
     pub connect_timeout_s: f64,
     /// Longest silence of a reply's stream (before or between chunks) before it is given up.
-    #[serde(default = "OpenaiConfig::default_idle_timeout_s")]
     pub idle_timeout_s: f64,
 }
 
@@ -352,6 +548,16 @@ impl Config {
 
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         let mut config: Config = toml::from_str(text)?;
+        // Filled by serde from `Default`: the file's own tables replace it.
+        config.agents.clear();
+        for (name, table) in std::mem::take(&mut config.agent_tables) {
+            let span = table.span();
+            let agent = table
+                .into_inner()
+                .into_agent(span)
+                .map_err(|e| anyhow::anyhow!(e.located(text, &name)))?;
+            config.agents.insert(name, agent);
+        }
         if config.agents.is_empty() {
             config.agents = Config::default().agents;
         }
@@ -417,6 +623,18 @@ impl Config {
         if !(self.ws_ops_per_second.is_finite() && self.ws_ops_per_second > 0.0) {
             bail!("ws_ops_per_second must be a positive number");
         }
+        for (key, value) in [
+            ("http_header_timeout_s", self.http_header_timeout_s),
+            ("http_body_timeout_s", self.http_body_timeout_s),
+        ] {
+            if !(value.is_finite() && value >= 0.01) {
+                bail!("{key} must be a number of seconds, at least 0.01");
+            }
+        }
+        if self.max_http_connections == 0 {
+            bail!("max_http_connections must be at least 1");
+        }
+        check_default_agent(self.agents.keys().map(String::as_str))?;
         for (name, agent) in &self.agents {
             if name.is_empty() {
                 bail!("an agent name must not be empty");
@@ -431,6 +649,20 @@ impl Config {
     pub fn database_location(&self) -> anyhow::Result<DatabaseLocation> {
         DatabaseLocation::parse(&self.database)
     }
+}
+
+/// A session that names no agent runs [`DEFAULT_AGENT`]: a configuration without it would
+/// start, then fail every new session's first message, so it does not start.
+pub fn check_default_agent<'a>(names: impl Iterator<Item = &'a str>) -> anyhow::Result<()> {
+    let configured: Vec<&str> = names.collect();
+    if configured.contains(&DEFAULT_AGENT) {
+        return Ok(());
+    }
+    bail!(
+        "no agent is named {DEFAULT_AGENT:?}, and sessions that name no agent run it: add \
+         [agents.{DEFAULT_AGENT}] to the configuration (configured agents: {})",
+        configured.join(", ")
+    )
 }
 
 /// A parsed `database` URL.
@@ -496,6 +728,9 @@ delay_ms = 100
     fn design_example_agents_parse() {
         let c = Config::from_toml(
             r#"
+[agents.default]
+kind = "echo"
+
 [agents.py]
 kind = "command"
 program = "python3"

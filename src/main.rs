@@ -1,5 +1,6 @@
 //! The `baton` command: the server and its command-line clients.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -127,11 +128,18 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = match log_filter() {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only where a person reads them, never in a file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -171,10 +179,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
             let addr = listener.local_addr()?;
-            tracing::info!(listen = %addr, database = %config.database, "baton serving");
-            // A plain line on stdout, so scripts and tests can find an ephemeral port.
-            println!("baton listening on http://{addr}");
-            baton::server::serve(config, listener, shutdown_signal()).await?;
+            let database = config.database.clone();
+            baton::server::serve(config, listener, shutdown_signal(), || {
+                tracing::info!(listen = %addr, database = %database, "baton serving");
+                // A plain line on stdout, once requests are served, so that scripts and
+                // tests can wait for it and find an ephemeral port.
+                println!("baton listening on http://{addr}");
+            })
+            .await?;
             tracing::info!("baton stopped");
             Ok(ExitCode::SUCCESS)
         }
@@ -235,6 +247,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
             server,
         } => baton::cli::history(&server, &session, json).await,
+    }
+}
+
+/// `BATON_LOG` (tracing's `EnvFilter` syntax), `info` when unset; an invalid filter is an
+/// error, never a silent fallback.
+fn log_filter() -> anyhow::Result<EnvFilter> {
+    match std::env::var("BATON_LOG") {
+        Ok(value) => EnvFilter::builder()
+            .parse(&value)
+            .map_err(|e| anyhow::anyhow!("BATON_LOG={value:?} is not a valid log filter: {e}")),
+        Err(std::env::VarError::NotPresent) => Ok(EnvFilter::new("info")),
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("BATON_LOG is not valid UTF-8"),
     }
 }
 

@@ -12,10 +12,11 @@ use tokio::task::JoinHandle;
 
 use crate::agent::AgentRegistry;
 use crate::api::connections::Connections;
+use crate::api::listener::{HttpSettings, serve_http};
 use crate::api::ws::WsSettings;
 use crate::api::{AppState, router};
 use crate::bus::Bus;
-use crate::config::{Config, DEFAULT_AGENT};
+use crate::config::{Config, DEFAULT_AGENT, check_default_agent};
 use crate::engine::{Engine, EngineSettings};
 use crate::store::{PgOptions, SqliteOptions, Store};
 
@@ -75,14 +76,16 @@ pub async fn build_engine(config: &Config, agents: AgentRegistry) -> anyhow::Res
 
 /// Serves on `listener` until `shutdown` resolves, then shuts down gracefully: new requests
 /// are refused, running tasks are cancelled with reason `shutdown`, and the call returns
-/// once they have recorded it (or the grace period ran out).
+/// once they have recorded it (or the grace period ran out). `ready` is called once the
+/// store is open, recovery is done and connections are being accepted.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     let agents = AgentRegistry::from_config(&config.agents)?;
-    serve_with_agents(config, agents, listener, shutdown).await
+    serve_with_agents(config, agents, listener, shutdown, ready).await
 }
 
 /// [`serve`] with an agent registry of the caller's (to embed agents written in Rust).
@@ -91,11 +94,14 @@ pub async fn serve_with_agents(
     agents: AgentRegistry,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
+    check_default_agent(agents.iter().map(|(name, _)| name))?;
     let engine = build_engine(&config, agents).await?;
     let app = router(AppState {
         engine: engine.clone(),
         max_body_bytes: config.max_body_bytes,
+        body_timeout: Duration::from_secs_f64(config.http_body_timeout_s),
         connections: Arc::new(Connections::new(
             config.max_connections,
             config.max_connections_per_session,
@@ -107,13 +113,16 @@ pub async fn serve_with_agents(
         },
     });
     let stopping = engine.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopping.begin_shutdown();
-        })
-        .await
-        .context("serving HTTP")?;
+    let http = HttpSettings {
+        header_timeout: Duration::from_secs_f64(config.http_header_timeout_s),
+        max_connections: config.max_http_connections,
+    };
+    ready();
+    serve_http(listener, app, http, async move {
+        shutdown.await;
+        stopping.begin_shutdown();
+    })
+    .await;
     engine
         .shutdown(Duration::from_millis(config.shutdown_grace_ms))
         .await;
@@ -141,9 +150,15 @@ impl ServerHandle {
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_with_agents(config, agents, listener, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(serve_with_agents(
+            config,
+            agents,
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            || {},
+        ));
         Ok(Self {
             addr,
             stop: Some(stop),

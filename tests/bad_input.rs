@@ -527,17 +527,9 @@ async fn bad_requests_get_their_exact_errors_and_change_nothing() {
         ),
     ];
 
-    // Invalid session ids, checked on the raw path, on every route.
+    // Invalid session ids (after percent-decoding), on every route.
     let too_long = "a".repeat(129);
-    for id in [
-        "a%2Fb",
-        "a%20b",
-        too_long.as_str(),
-        "%C3%A9",
-        "a%3Ab",
-        "a+b",
-        "a*b",
-    ] {
+    for id in ["a%2Fb", "a%20b", too_long.as_str(), "%C3%A9", "a+b", "a*b"] {
         let base = format!("/v1/sessions/{id}");
         for (method, path, body) in [
             (Method::GET, base.clone(), None),

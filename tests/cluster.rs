@@ -259,10 +259,12 @@ async fn reject_race(cluster: &Cluster, round: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_postgres_tests),
+    ignore = "needs PostgreSQL: set BATON_TEST_POSTGRES to an admin URL"
+)]
 async fn three_nodes_random_traffic_keeps_every_invariant() {
-    let Some(admin) = postgres_admin_url() else {
-        return;
-    };
+    let admin = postgres_admin_url();
     let seed = seed();
     eprintln!("seed {seed} (BATON_TEST_SEED={seed} replays the same choices)");
     let cluster = Cluster::start(&admin, 3, CONFIG).await;
@@ -418,10 +420,12 @@ async fn wait_running_with_output(cluster: &Cluster, via: &Api, session: &str, i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_postgres_tests),
+    ignore = "needs PostgreSQL: set BATON_TEST_POSTGRES to an admin URL"
+)]
 async fn killing_the_node_running_a_task_hands_it_over() {
-    let Some(admin) = postgres_admin_url() else {
-        return;
-    };
+    let admin = postgres_admin_url();
     let mut cluster = Cluster::start(&admin, 2, &lease_config()).await;
     let (a, b) = (cluster.api(0), cluster.api(1));
     let (node_a, node_b) = (cluster.nodes[0].id.clone(), cluster.nodes[1].id.clone());
@@ -507,10 +511,12 @@ async fn killing_the_node_running_a_task_hands_it_over() {
 // 3. A stalled node
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_postgres_tests),
+    ignore = "needs PostgreSQL: set BATON_TEST_POSTGRES to an admin URL"
+)]
 async fn a_paused_node_writes_nothing_for_tasks_it_lost() {
-    let Some(admin) = postgres_admin_url() else {
-        return;
-    };
+    let admin = postgres_admin_url();
     let cluster = Cluster::start(&admin, 2, &lease_config()).await;
     let (a, b) = (cluster.api(0), cluster.api(1));
     let node_a = cluster.nodes[0].id.clone();
@@ -585,10 +591,12 @@ async fn a_paused_node_writes_nothing_for_tasks_it_lost() {
 // 4. A lost LISTEN connection
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_postgres_tests),
+    ignore = "needs PostgreSQL: set BATON_TEST_POSTGRES to an admin URL"
+)]
 async fn a_dropped_listen_connection_loses_no_event() {
-    let Some(admin) = postgres_admin_url() else {
-        return;
-    };
+    let admin = postgres_admin_url();
     let cluster = Cluster::start(&admin, 2, CONFIG).await;
     let (a, b) = (cluster.api(0), cluster.api(1));
     let session = "listen";

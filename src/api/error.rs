@@ -16,6 +16,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub extra: Map<String, Value>,
+    /// The connection cannot carry another request (its body was not read to the end).
+    pub close_connection: bool,
 }
 
 impl ApiError {
@@ -25,7 +27,14 @@ impl ApiError {
             code,
             message: message.into(),
             extra: Map::new(),
+            close_connection: false,
         }
+    }
+
+    /// Answers with `Connection: close`.
+    pub fn closing(mut self) -> Self {
+        self.close_connection = true;
+        self
     }
 
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -52,6 +61,7 @@ impl ApiError {
             format!("the body is larger than {limit} bytes"),
         )
         .with("limit", limit)
+        .closing()
     }
 
     pub fn method_not_allowed() -> Self {
@@ -83,8 +93,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
-            // The rest of the body was not read: the connection cannot carry another request.
+        if self.close_connection {
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,
                 axum::http::HeaderValue::from_static("close"),

@@ -1,9 +1,13 @@
 //! Extractors whose rejections are the API's own errors, so malformed input gets the same
 //! error shape as every other error.
 
+use std::time::Duration;
+
+use axum::body::{BodyDataStream, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Uri, header};
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -11,19 +15,47 @@ use super::AppState;
 use super::error::ApiError;
 use crate::model::{InteractionId, SessionId};
 
-/// The `{id}` of `/v1/sessions/{id}/…`, validated on the raw (still percent-encoded) path,
-/// so an encoded `/` or any escape is `400 invalid_session_id`, never a 404.
+/// The `{id}` of `/v1/sessions/{id}/…`, percent-decoded and then validated: `a%3Ab` is the
+/// session `a:b`, and an encoded `/` decodes to a character ids cannot hold, so it is
+/// `400 invalid_session_id`, never a 404.
 pub struct SessionPath(pub SessionId);
 
 /// `/v1/sessions/{id}/interactions/{iid}`: a malformed `iid` is simply not found.
 pub struct InteractionPath(pub SessionId, pub InteractionId);
 
-fn raw_segment(uri: &Uri, index: usize) -> &str {
-    uri.path().split('/').nth(index).unwrap_or("")
+/// The `index`th segment of the path, percent-decoded; `None` when an escape is malformed or
+/// decodes to something that is not UTF-8.
+fn path_segment(uri: &Uri, index: usize) -> Option<String> {
+    percent_decode(uri.path().split('/').nth(index).unwrap_or(""))
+}
+
+/// Decodes `%XX` escapes (and nothing else: a `+` in a path is a `+`).
+pub fn percent_decode(raw: &str) -> Option<String> {
+    if !raw.contains('%') {
+        return Some(raw.to_string());
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 pub fn session_id_from_uri(uri: &Uri) -> Result<SessionId, ApiError> {
-    SessionId::parse(raw_segment(uri, 3)).map_err(|e| ApiError::invalid_session_id(e.0))
+    let invalid = |message: String| ApiError::invalid_session_id(message);
+    let raw = path_segment(uri, 3)
+        .ok_or_else(|| invalid("the session id is not a valid percent-encoded string".into()))?;
+    SessionId::parse(&raw).map_err(|e| invalid(e.0))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
@@ -39,8 +71,9 @@ impl<S: Send + Sync> FromRequestParts<S> for InteractionPath {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         let session = session_id_from_uri(&parts.uri)?;
-        let id = InteractionId::parse(raw_segment(&parts.uri, 5))
-            .map_err(|_| ApiError::not_found("interaction not found in this session"))?;
+        let id = path_segment(&parts.uri, 5)
+            .and_then(|raw| InteractionId::parse(&raw).ok())
+            .ok_or_else(|| ApiError::not_found("interaction not found in this session"))?;
         Ok(InteractionPath(session, id))
     }
 }
@@ -98,16 +131,80 @@ pub struct JsonBody<T>(pub T);
 /// Like [`JsonBody`], but an empty body gives `T::default()`.
 pub struct OptionalJsonBody<T>(pub T);
 
-async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    if let Some(length) = content_length(req.headers())
-        && length > limit
-    {
+/// How much of an oversized body is still read (and thrown away) after the `413` answer, so a
+/// client that uploads everything before it reads gets that answer instead of a connection
+/// reset (what nginx calls a lingering close).
+const DRAIN_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// How long that draining may take.
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(5);
+
+/// Reads the whole body: `413` past `limit` bytes, `400` when it is cut short or malformed
+/// (bad chunked encoding, fewer bytes than its `Content-Length`) or does not arrive within
+/// `timeout`.
+pub async fn read_body(req: Request, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
+    let declared = content_length(req.headers());
+    // A client waiting for `100 Continue` has not sent its body: nothing to drain.
+    let expects_continue = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut body = req.into_body().into_data_stream();
+    if declared.is_some_and(|length| length > limit) {
+        if !expects_continue {
+            drain_in_background(body);
+        }
         return Err(ApiError::payload_too_large(limit));
     }
-    // A body that is cut off or exceeds the limit while streaming ends up here too.
-    axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|_| ApiError::payload_too_large(limit))
+    let read = async {
+        let mut buffer = Vec::with_capacity(declared.unwrap_or(0));
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|_| BodyError::Malformed)?;
+            if buffer.len() + chunk.len() > limit {
+                return Err(BodyError::TooLarge);
+            }
+            buffer.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(buffer))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(BodyError::TooLarge)) => {
+            drain_in_background(body);
+            Err(ApiError::payload_too_large(limit))
+        }
+        Ok(Err(BodyError::Malformed)) => Err(ApiError::invalid_request(
+            "the body is malformed or shorter than its Content-Length",
+        )
+        .closing()),
+        Err(_) => Err(ApiError::invalid_request(format!(
+            "the body did not arrive within {} s",
+            timeout.as_secs_f64()
+        ))
+        .closing()),
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    Malformed,
+}
+
+/// Keeps reading what the client still sends, within [`DRAIN_MAX_BYTES`] and
+/// [`DRAIN_MAX_TIME`], while the `413` answer is written. The connection lives as long as
+/// the body is held, so graceful shutdown waits for this too; the bounds end it.
+fn drain_in_background(mut body: BodyDataStream) {
+    tokio::spawn(async move {
+        let drain = async {
+            let mut drained = 0;
+            while let Some(Ok(chunk)) = body.next().await {
+                drained += chunk.len();
+                if drained > DRAIN_MAX_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_MAX_TIME, drain).await;
+    });
 }
 
 fn content_length(headers: &HeaderMap) -> Option<usize> {
@@ -136,7 +233,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_body(req, state.max_body_bytes).await?;
+        let bytes = read_body(req, state.max_body_bytes, state.body_timeout).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::invalid_request("a JSON body is required"));
         }
@@ -148,7 +245,7 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJsonBody<T
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = read_body(req, state.max_body_bytes).await?;
+        let bytes = read_body(req, state.max_body_bytes, state.body_timeout).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJsonBody(T::default()));
         }

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::extract::{InteractionPath, JsonBody, OptionalJsonBody, QueryParams, SessionPath};
 use crate::engine::{MessageOutcome, MessageRequest};
 use crate::model::{
-    Interaction, InteractionId, JsonObject, Policy, Session, validate_idempotency_key,
+    Interaction, InteractionId, JsonObject, Policy, Session, SessionId, validate_idempotency_key,
 };
 
 type ApiResult<T = Response> = Result<T, ApiError>;
@@ -45,6 +45,12 @@ pub struct MessageBody {
 pub struct CancelBody {
     pub interaction_id: Option<String>,
 }
+
+/// The body of `POST …/clear` and `DELETE /v1/sessions/{id}`: none, or `{}`. Anything else
+/// is refused before the session is touched.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyBody {}
 
 #[derive(Serialize)]
 struct SessionsPage {
@@ -196,7 +202,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 pub async fn list_sessions(State(state): State<AppState>, query: QueryParams) -> ApiResult {
     let limit = query.int("limit", 1, 1000)?.unwrap_or(100) as u32;
-    let after = query.get("after")?.map(str::to_string);
+    let after = match query.get("after")? {
+        Some(raw) => Some(
+            SessionId::parse(raw)
+                .map_err(|_| ApiError::invalid_request("after must be a cursor from next"))?
+                .to_string(),
+        ),
+        None => None,
+    };
     let page = state.engine.list_sessions(after, limit).await?;
     Ok(Json(SessionsPage {
         sessions: page.items,
@@ -241,6 +254,7 @@ pub async fn get_session(State(state): State<AppState>, SessionPath(id): Session
 pub async fn delete_session(
     State(state): State<AppState>,
     SessionPath(id): SessionPath,
+    OptionalJsonBody(EmptyBody {}): OptionalJsonBody<EmptyBody>,
 ) -> ApiResult {
     state.engine.delete_session(id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -379,7 +393,11 @@ pub async fn cancel(
     Ok(Json(json!({ "cancelled": cancelled })).into_response())
 }
 
-pub async fn clear(State(state): State<AppState>, SessionPath(session): SessionPath) -> ApiResult {
+pub async fn clear(
+    State(state): State<AppState>,
+    SessionPath(session): SessionPath,
+    OptionalJsonBody(EmptyBody {}): OptionalJsonBody<EmptyBody>,
+) -> ApiResult {
     let cleared = state.engine.clear(session).await?;
     Ok(Json(json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled})).into_response())
 }

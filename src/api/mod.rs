@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod feed;
 pub mod http;
+pub mod listener;
 pub mod sse;
 pub mod ws;
 
@@ -24,6 +25,8 @@ pub struct AppState {
     pub engine: Engine,
     /// Largest accepted body, in bytes.
     pub max_body_bytes: usize,
+    /// Longest wait for a request's whole body.
+    pub body_timeout: std::time::Duration,
     /// Open streaming connections and their bounds.
     pub connections: Arc<Connections>,
     pub ws: WsSettings,

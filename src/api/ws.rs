@@ -112,6 +112,23 @@ enum Outbound {
     Close(u16, String),
 }
 
+/// The close (RFC 6455 §7.4.1) owed to a peer whose frame could not be read: `1009` for a
+/// frame past the size limit, `1007` for text that is not UTF-8, `1002` for any other
+/// protocol violation (unmasked frame, reserved opcode or bits, oversized control frame).
+/// A transport error owes nothing: the peer is gone.
+fn close_for_read_error(error: &axum::BoxError) -> Option<Outbound> {
+    use tokio_tungstenite::tungstenite::Error;
+    match error.downcast_ref::<Error>()? {
+        Error::Capacity(_) => Some(Outbound::Close(1009, "frame too large".into())),
+        Error::Utf8(_) => Some(Outbound::Close(
+            1007,
+            "text frame is not valid UTF-8".into(),
+        )),
+        Error::Protocol(_) => Some(Outbound::Close(1002, "protocol error".into())),
+        _ => None,
+    }
+}
+
 /// Why the writer loop ended, and how to close.
 enum Ending {
     Close(u16, String),
@@ -136,13 +153,7 @@ impl Connection {
                 let message = match message {
                     Ok(message) => message,
                     Err(e) => {
-                        // A frame past the size limit is the one error worth telling the peer.
-                        let inner = e.into_inner();
-                        if matches!(
-                            inner.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
-                            Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
-                        ) {
-                            let close = Outbound::Close(1009, "frame too large".into());
+                        if let Some(close) = close_for_read_error(&e.into_inner()) {
                             let _ = replies.send(close).await;
                         }
                         break;

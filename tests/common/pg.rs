@@ -1,6 +1,7 @@
 //! Test databases on the PostgreSQL named by `BATON_TEST_POSTGRES` (an admin URL, e.g.
 //! `postgres://postgres@127.0.0.1:5432/postgres`): each test gets a database of its own,
-//! dropped when it ends. Without the variable the PostgreSQL tests are skipped, saying so.
+//! dropped when it ends. Without the variable (at build time: see `build.rs`) the PostgreSQL
+//! tests are marked ignored.
 
 use super::TIMEOUT;
 use super::cluster::Pg;
@@ -8,17 +9,15 @@ use super::cluster::Pg;
 /// The variable that names the PostgreSQL admin URL.
 pub const POSTGRES_ENV: &str = "BATON_TEST_POSTGRES";
 
-/// What a test says on stderr when it skips itself.
-pub const SKIP_MESSAGE: &str = "PostgreSQL suite skipped: set \
-     BATON_TEST_POSTGRES=postgres://postgres@127.0.0.1:5432/postgres to run it";
-
-/// The admin URL, or `None` (after saying so on stderr) when the suite is to be skipped.
-pub fn postgres_admin_url() -> Option<String> {
-    let url = admin_url_from(std::env::var(POSTGRES_ENV).ok());
-    if url.is_none() {
-        eprintln!("{SKIP_MESSAGE}");
-    }
-    url
+/// The admin URL. The PostgreSQL tests are compiled as ignored unless the variable was set
+/// when they were built, so one that runs without it (`--ignored`) says what it misses.
+pub fn postgres_admin_url() -> String {
+    admin_url_from(std::env::var(POSTGRES_ENV).ok()).unwrap_or_else(|| {
+        panic!(
+            "set {POSTGRES_ENV}=postgres://postgres@127.0.0.1:5432/postgres (an admin URL) \
+             to run the PostgreSQL suite"
+        )
+    })
 }
 
 /// The admin URL a variable's value names: unset or blank means none.
@@ -108,9 +107,4 @@ impl Drop for TestDatabase {
             Err(_) => eprintln!("warning: dropping database {} panicked", self.name),
         }
     }
-}
-
-/// Whether to run PostgreSQL tests (saying on stderr how to enable them when not).
-pub fn enabled() -> bool {
-    postgres_admin_url().is_some()
 }
