@@ -1,0 +1,518 @@
+//! The README tells the truth: its curl walk-through, run command by command against a fresh
+//! server started the way the Quick start starts it, gives every answer the README shows; and
+//! every relative link in the README, BENCHMARKS.md and `docs/` leads to a file (and heading)
+//! of this repository.
+//!
+//! The walk-through is the first ```sh block after the heading "A walk-through with curl".
+//! In it, a line `# → ANSWER` (continued by lines `#` + at least two spaces) shows the output
+//! of the command just above it, where `…` stands for any text; other comments are prose.
+//! Every command must show its answer, except function definitions (`name() { … }`), which
+//! are run before each command.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest wait for the server to start, and for any one command.
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// The heading whose first ```sh block is the walk-through.
+const WALKTHROUGH_HEADING: &str = "### A walk-through with curl";
+/// The address the README uses, replaced by the test server's.
+const README_ADDRESS: &str = "localhost:7420";
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The walk-through
+
+/// One command of the walk-through and the answer the README shows for it.
+#[derive(Debug)]
+struct Step {
+    /// Line number in README.md, for messages.
+    line: usize,
+    command: String,
+    /// The answer with `…` wildcards; `None` for a definition run before every command.
+    expected: Option<String>,
+}
+
+/// The lines of the first ```sh block after `heading`, with their README line numbers.
+fn shell_block_after(markdown: &str, heading: &str) -> Vec<(usize, String)> {
+    let mut lines = markdown.lines().enumerate();
+    lines
+        .by_ref()
+        .find(|(_, line)| line.trim_end() == heading)
+        .unwrap_or_else(|| panic!("README.md has no heading {heading:?}"));
+    lines
+        .by_ref()
+        .find(|(_, line)| line.trim_end() == "```sh")
+        .unwrap_or_else(|| panic!("no ```sh block after {heading:?} in README.md"));
+    let block: Vec<(usize, String)> = lines
+        .take_while(|(_, line)| line.trim_end() != "```")
+        .map(|(i, line)| (i + 1, line.to_string()))
+        .collect();
+    assert!(!block.is_empty(), "the walk-through block is empty");
+    block
+}
+
+fn is_definition(command: &str) -> bool {
+    let head = command.trim_start();
+    head.split_once("()").is_some_and(|(name, rest)| {
+        !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && rest.trim_start().starts_with('{')
+    })
+}
+
+/// Splits the block into commands (joining `\` continuations) and their shown answers.
+fn parse_walkthrough(block: &[(usize, String)]) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    // Whether the previous line was part of an answer (so `#  …` continues it).
+    let mut in_answer = false;
+    let mut pending: Option<(usize, String)> = None;
+    for (number, line) in block {
+        if let Some((start, mut command)) = pending.take() {
+            command.push('\n');
+            command.push_str(line);
+            if line.trim_end().ends_with('\\') {
+                pending = Some((start, command));
+            } else {
+                steps.push(Step {
+                    line: start,
+                    command,
+                    expected: None,
+                });
+            }
+            continue;
+        }
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            in_answer = false;
+        } else if let Some(answer) = trimmed.strip_prefix("# →") {
+            let step = steps
+                .last_mut()
+                .filter(|step| step.expected.is_none() && !is_definition(&step.command))
+                .unwrap_or_else(|| {
+                    panic!("README.md line {number}: an answer that follows no command")
+                });
+            step.expected = Some(answer.trim().to_string());
+            in_answer = true;
+        } else if in_answer && trimmed.starts_with("#  ") {
+            let step = steps.last_mut().expect("an answer belongs to a step");
+            let expected = step.expected.as_mut().expect("continuing an answer");
+            expected.push_str(trimmed.trim_start_matches('#').trim());
+        } else if trimmed.starts_with('#') {
+            in_answer = false;
+        } else {
+            in_answer = false;
+            if trimmed.ends_with('\\') {
+                pending = Some((*number, line.clone()));
+            } else {
+                steps.push(Step {
+                    line: *number,
+                    command: line.clone(),
+                    expected: None,
+                });
+            }
+        }
+    }
+    assert!(pending.is_none(), "the walk-through ends inside a command");
+    for step in &steps {
+        assert!(
+            step.expected.is_some() || is_definition(&step.command),
+            "README.md line {}: the command shows no answer (add a `# → …` line):\n{}",
+            step.line,
+            step.command
+        );
+    }
+    steps
+}
+
+/// Whether `actual` matches `pattern`, in which `…` stands for any text (possibly none).
+fn matches(pattern: &str, actual: &str) -> bool {
+    let pieces: Vec<&str> = pattern.split('…').collect();
+    let (first, rest) = pieces
+        .split_first()
+        .expect("split gives one piece at least");
+    let Some(mut remaining) = actual.strip_prefix(first) else {
+        return false;
+    };
+    let Some((last, middle)) = rest.split_last() else {
+        return remaining.is_empty();
+    };
+    for piece in middle {
+        match remaining.find(piece) {
+            Some(at) => remaining = &remaining[at + piece.len()..],
+            None => return false,
+        }
+    }
+    remaining.ends_with(last)
+}
+
+#[test]
+fn answers_match_their_patterns() {
+    assert!(matches("a…c", "abbbc"));
+    assert!(matches("a…c", "ac"));
+    assert!(matches("{\"cancelled\":[…]}", "{\"cancelled\":[]}"));
+    assert!(matches("…x…", "yyxyy"));
+    assert!(!matches("a…c", "abcd"));
+    assert!(!matches("x 200", "x 202"));
+    assert!(!matches("a…b…b", "ab"));
+    assert!(!matches("abc", "abcd"));
+}
+
+/// The server binary as the Quick start runs it, on a free port and a fresh database; killed
+/// when dropped, also when the test panics.
+struct ChildServer {
+    child: Child,
+    address: String,
+    stderr_path: PathBuf,
+}
+
+impl ChildServer {
+    fn start(dir: &Path) -> Self {
+        let stderr_path = dir.join("server.stderr");
+        let stderr = std::fs::File::create(&stderr_path).expect("create the stderr file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
+        command
+            .current_dir(repo_root())
+            .args(["serve", "--config", "examples/baton.toml"])
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--database")
+            .arg(format!("sqlite://{}", dir.join("baton.db").display()));
+        // The caller's BATON_* variables would override the example's settings.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("BATON_") {
+                command.env_remove(&name);
+            }
+        }
+        let mut child = command
+            .env("BATON_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start baton serve");
+        let stdout = child.stdout.take().expect("the server's stdout");
+        let (found, address) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("baton listening on http://") {
+                    let _ = found.send(url.trim().to_string());
+                }
+            }
+        });
+        let mut server = Self {
+            child,
+            address: String::new(),
+            stderr_path,
+        };
+        match address.recv_timeout(TIMEOUT) {
+            Ok(address) => server.address = address,
+            Err(_) => panic!(
+                "the server did not print `baton listening on …` within {TIMEOUT:?}; its stderr:\n{}",
+                server.stderr()
+            ),
+        }
+        server
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A finished shell command.
+struct Output {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `script` with bash, killing it past [`TIMEOUT`].
+fn run_bash(script: &str, dir: &Path) -> Output {
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        // Our own .curlrc (a time limit) instead of the user's; no proxy for loopback.
+        .env("CURL_HOME", dir)
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run bash");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for bash") {
+            break status;
+        }
+        if started.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("this command ran longer than {TIMEOUT:?}:\n{script}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+fn require_curl() {
+    let found = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        found,
+        "curl is not installed: this test runs the README's curl walk-through, install curl \
+         (e.g. `apt-get install curl`) to run it"
+    );
+}
+
+#[test]
+fn the_curl_walkthrough_gives_the_answers_the_readme_shows() {
+    require_curl();
+    let readme = read(&repo_root().join("README.md"));
+    let steps = parse_walkthrough(&shell_block_after(&readme, WALKTHROUGH_HEADING));
+    let checked: Vec<&Step> = steps.iter().filter(|s| s.expected.is_some()).collect();
+    // The walk-through exists to show these; they must stay in it (and so stay true).
+    for (what, needle) in [
+        ("a refused message", "\"code\":\"session_busy\""),
+        ("a queued message", "\"status\":\"queued\""),
+    ] {
+        assert!(
+            checked
+                .iter()
+                .any(|s| s.expected.as_deref().is_some_and(|e| e.contains(needle))),
+            "the walk-through no longer shows {what} ({needle})"
+        );
+    }
+    assert!(
+        checked.len() >= 10,
+        "only {} checked commands found in the walk-through",
+        checked.len()
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(".curlrc"), "max-time = 20\n").expect("write .curlrc");
+    let server = ChildServer::start(dir.path());
+    let mut definitions = String::new();
+    for step in &steps {
+        let command = step.command.replace(README_ADDRESS, &server.address);
+        let Some(expected) = &step.expected else {
+            definitions.push_str(&command);
+            definitions.push('\n');
+            continue;
+        };
+        let output = run_bash(&format!("{definitions}{command}"), dir.path());
+        let actual = output.stdout.trim_end_matches('\n');
+        assert!(
+            output.status.success() && matches(expected, actual),
+            "README.md line {}: the answer differs from the one shown.\ncommand:\n{}\n\
+             shown:    {expected}\nanswered: {actual}\nexit: {}, stderr: {}\n\
+             server stderr:\n{}",
+            step.line,
+            step.command,
+            output.status,
+            output.stderr,
+            server.stderr()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Links
+
+/// The documents whose links are checked: README.md, BENCHMARKS.md and docs/*.md.
+fn documents() -> Vec<PathBuf> {
+    let root = repo_root();
+    let mut files = vec![root.join("README.md"), root.join("BENCHMARKS.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .expect("the docs folder")
+        .map(|entry| entry.expect("a docs entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+        .collect();
+    docs.sort();
+    assert!(!docs.is_empty(), "docs/ holds no .md file");
+    files.extend(docs);
+    files
+}
+
+/// The markdown without fenced code blocks and inline code spans (links there are not links).
+fn prose(markdown: &str) -> String {
+    let mut out = String::new();
+    let mut fenced = false;
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            out.push('\n');
+            continue;
+        }
+        if !fenced {
+            let mut in_code = false;
+            for c in line.chars() {
+                if c == '`' {
+                    in_code = !in_code;
+                } else if !in_code {
+                    out.push(c);
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Link targets: inline `[text](target)` and reference definitions `[label]: target`.
+fn link_targets(markdown: &str) -> Vec<String> {
+    let text = prose(markdown);
+    let mut targets = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("](") {
+        rest = &rest[at + 2..];
+        if let Some(end) = rest.find(')') {
+            let target = rest[..end].split_whitespace().next().unwrap_or("");
+            targets.push(target.trim_matches(|c| c == '<' || c == '>').to_string());
+        }
+    }
+    for line in text.lines() {
+        let line = line.trim_start();
+        if line.starts_with('[')
+            && let Some((_, target)) = line.split_once("]: ")
+        {
+            targets.push(target.split_whitespace().next().unwrap_or("").to_string());
+        }
+    }
+    targets
+}
+
+/// GitHub's anchors for the headings of a markdown file.
+fn anchors(markdown: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    let mut fenced = false;
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced || !line.starts_with('#') {
+            continue;
+        }
+        let title = line.trim_start_matches('#').trim();
+        let slug: String = title
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        let mut anchor = slug.clone();
+        let mut n = 0;
+        while seen.contains(&anchor) {
+            n += 1;
+            anchor = format!("{slug}-{n}");
+        }
+        seen.push(anchor);
+    }
+    seen
+}
+
+#[test]
+fn anchors_follow_github() {
+    let doc = "# Baton API reference (v1)\n## `/clear`\n### Why an interaction fails\n## A\n## A\n```sh\n# not a heading\n```\n";
+    assert_eq!(
+        anchors(doc),
+        [
+            "baton-api-reference-v1",
+            "clear",
+            "why-an-interaction-fails",
+            "a",
+            "a-1"
+        ]
+    );
+}
+
+#[test]
+fn relative_links_resolve_inside_the_repository() {
+    let root = repo_root().canonicalize().expect("the repository root");
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for document in documents() {
+        let text = read(&document);
+        let name = document.strip_prefix(&root).unwrap_or(&document).display();
+        if text.contains("../shared") {
+            broken.push(format!(
+                "{name}: mentions ../shared, which users of this repository do not have"
+            ));
+        }
+        for target in link_targets(&text) {
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            checked += 1;
+            let (path, anchor) = match target.split_once('#') {
+                Some((path, anchor)) => (path, Some(anchor)),
+                None => (target.as_str(), None),
+            };
+            let file = if path.is_empty() {
+                document.clone()
+            } else {
+                document.parent().expect("a folder").join(path)
+            };
+            let Ok(file) = file.canonicalize() else {
+                broken.push(format!("{name}: {target}: no such file"));
+                continue;
+            };
+            if !file.starts_with(&root) {
+                broken.push(format!("{name}: {target}: outside the repository"));
+                continue;
+            }
+            if let Some(anchor) = anchor {
+                let is_markdown = file.extension().is_some_and(|ext| ext == "md");
+                if !is_markdown || !anchors(&read(&file)).iter().any(|a| a == anchor) {
+                    broken.push(format!("{name}: {target}: no heading with that anchor"));
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 0,
+        "no relative link found: is the link parser broken?"
+    );
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
