@@ -70,6 +70,14 @@ async fn openapi_describes_every_route() {
     ] {
         assert!(paths.contains_key(path), "{path} is described");
     }
+    // The agents a session may name are this server's configured ones.
+    let agent = &doc.body["paths"]["/v1/sessions/{id}"]["put"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"]["agent"];
+    assert_eq!(
+        agent["enum"],
+        serde_json::json!(["default", "slow", null]),
+        "{agent}"
+    );
     // Every $ref points at something that exists.
     let text = doc.body.to_string();
     for reference in text.split("\"$ref\":\"#/").skip(1) {

@@ -246,7 +246,8 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJsonBody<T
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = read_body(req, state.max_body_bytes, state.body_timeout).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        // Only no body at all is "no body": whitespace is malformed JSON.
+        if bytes.is_empty() {
             return Ok(OptionalJsonBody(T::default()));
         }
         parse_json(&bytes).map(OptionalJsonBody)

@@ -438,15 +438,32 @@ pub async fn patch_context(
     Ok(Json(context).into_response())
 }
 
-/// The OpenAPI 3 description of the HTTP API (a static document, checked to parse in tests).
+/// The OpenAPI 3 description of the HTTP API (checked to parse in tests).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-pub async fn openapi() -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI,
-    )
-        .into_response()
+/// [`OPENAPI`] with the configured agents as the values `agent` may take, so the document
+/// says exactly what this server accepts.
+pub async fn openapi(State(state): State<AppState>) -> Response {
+    let mut document: Value = match serde_json::from_str(OPENAPI) {
+        Ok(document) => document,
+        Err(e) => {
+            tracing::error!(error = %e, "the embedded OpenAPI document does not parse");
+            return ApiError::internal().into_response();
+        }
+    };
+    let names: Vec<Value> = state
+        .engine
+        .agents()
+        .iter()
+        .map(|(name, _)| Value::from(name))
+        .chain([Value::Null])
+        .collect();
+    if let Some(agent) = document.pointer_mut(
+        "/paths/~1v1~1sessions~1{id}/put/requestBody/content/application~1json/schema/properties/agent",
+    ) {
+        agent["enum"] = Value::Array(names);
+    }
+    Json(document).into_response()
 }
 
 pub async fn not_found() -> ApiError {

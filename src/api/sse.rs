@@ -26,12 +26,14 @@ pub fn start_position(
     query: &QueryParams,
     last_event_id: Option<&str>,
 ) -> Result<(Option<i64>, bool), ApiError> {
+    // A malformed header is refused even where `after` wins over it.
+    let last_event_id = match last_event_id {
+        Some(raw) => Some(parse_seq(raw.trim(), "Last-Event-ID")?),
+        None => None,
+    };
     let after = match query.get("after")? {
         Some(raw) => Some(parse_seq(raw, "after")?),
-        None => match last_event_id {
-            Some(raw) => Some(parse_seq(raw.trim(), "Last-Event-ID")?),
-            None => None,
-        },
+        None => last_event_id,
     };
     let replay = match query.get("replay")? {
         None | Some("false") => false,
