@@ -251,3 +251,46 @@ async fn watch_prints_the_event_stream_as_json_lines() {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
     server.stop().await;
 }
+
+/// The entries of a `-h` listing (`Arguments:` and `Options:`) that have no description.
+fn undescribed(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut missing = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if indent < 2 || !(trimmed.starts_with('-') || trimmed.starts_with('<')) {
+            continue;
+        }
+        // `  --name <NAME>  description`, or the description on the next, deeper line.
+        let inline = trimmed.split_once("  ").map(|(_, rest)| rest.trim());
+        let below = lines.get(i + 1).and_then(|next| {
+            let rest = next.trim_start();
+            (next.len() - rest.len() > indent && !rest.starts_with('-')).then_some(rest)
+        });
+        let description = inline.filter(|d| !d.is_empty()).or(below).unwrap_or("");
+        if description.is_empty() || description.starts_with('[') {
+            missing.push(trimmed.to_string());
+        }
+    }
+    missing
+}
+
+#[test]
+fn every_argument_and_flag_is_described() {
+    for command in ["serve", "send", "chat", "watch", "bench", "history"] {
+        for flag in ["-h", "--help"] {
+            let out = baton(&[command, flag]);
+            assert!(out.status.success());
+            let help = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(undescribed(&help), Vec::<String>::new(), "{command} {flag}");
+        }
+    }
+    let out = baton(&["bench", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(!help.contains("seed peer"), "{help}");
+    assert!(help.contains("reference Python server"), "{help}");
+    let out = baton(&["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(!help.contains("seed peer"), "{help}");
+}
