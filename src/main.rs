@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use baton::client::{DEFAULT_SERVER, ServerError};
+use baton::client::DEFAULT_SERVER;
 use baton::config::{Config, Overrides};
 
 #[derive(Parser)]
@@ -156,16 +156,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
-        Ok(code) => code,
-        Err(e) => {
-            match e.downcast_ref::<ServerError>() {
-                Some(server) => eprintln!("error: {}: {}", server.code, server.message),
-                None => eprintln!("error: {e:#}"),
-            }
-            ExitCode::FAILURE
-        }
-    }
+    baton::cli::exit_code(runtime.block_on(run(cli.command)))
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {

@@ -1,4 +1,5 @@
-//! The `baton send` and `baton history` commands against a real server.
+//! The command-line clients (`send`, `chat`, `watch`, `history`) against a real server: what
+//! they print, how they fail, and that they end quietly when their output is closed.
 
 mod common;
 
@@ -250,6 +251,227 @@ async fn watch_prints_the_event_stream_as_json_lines() {
     let seqs: Vec<i64> = events.iter().filter_map(|e| e["seq"].as_i64()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
     server.stop().await;
+}
+
+/// Waits for the child to exit; kills it and panics after the timeout.
+fn wait_exit(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit in time");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Runs `baton args` with stdout a pipe that is closed before anything is written to it.
+fn run_with_stdout_closed(args: &[&str]) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .env("BATON_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run baton");
+    drop(child.stdout.take());
+    let status = wait_exit(&mut child, &args.join(" "));
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    (status, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_ends_quietly_when_stdout_is_closed() {
+    let server = TestServer::start_default().await;
+    let url = server.url.clone();
+    for text in ["one two three", "four five six"] {
+        let done = server
+            .post(
+                "/v1/sessions/pipe/messages?wait=10",
+                &serde_json::json!({ "content": text }),
+            )
+            .await;
+        assert_eq!(done.status, 200);
+    }
+    let commands: [&[&str]; 3] = [
+        &["send", "pipe", "seven eight", "--policy", "enqueue"],
+        &["history", "pipe"],
+        &["history", "pipe", "--json"],
+    ];
+    for command in commands {
+        let mut full = args(command);
+        full.extend(args(&["--server", &url]));
+        let (status, stderr) = tokio::task::spawn_blocking(move || {
+            let full: Vec<&str> = full.iter().map(String::as_str).collect();
+            run_with_stdout_closed(&full)
+        })
+        .await
+        .expect("join");
+        assert!(status.success(), "{command:?}: {status:?} {stderr}");
+        assert_eq!(stderr, "", "{command:?} ends quietly");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_quietly_when_its_reader_stops_reading() {
+    use std::io::{BufRead, Read};
+    let server = TestServer::start_default().await;
+    let done = server
+        .post(
+            "/v1/sessions/head/messages?wait=10",
+            &serde_json::json!({"content": "a b c d e f"}),
+        )
+        .await;
+    assert_eq!(done.status, 200);
+    // `baton watch head --replay | head -3`
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["watch", "head", "--replay", "--server", &server.url])
+        .env("BATON_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (child, read) = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let read: Vec<String> = lines.by_ref().take(3).map_while(Result::ok).collect();
+        drop(lines);
+        (child, read)
+    })
+    .await
+    .expect("join");
+    assert_eq!(read.len(), 3, "{read:?}");
+    // More events while it follows: its next write finds the pipe closed, if nothing sooner.
+    let more = server
+        .post(
+            "/v1/sessions/head/messages?wait=10",
+            &serde_json::json!({"content": "g h"}),
+        )
+        .await;
+    assert_eq!(more.status, 200);
+    let (status, stderr) = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        let status = wait_exit(&mut child, "watch");
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr)
+            .expect("read stderr");
+        (status, stderr)
+    })
+    .await
+    .expect("join");
+    assert!(status.success(), "{status:?} {stderr}");
+    assert_eq!(stderr, "", "ends quietly");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_when_its_reader_goes_away_even_without_new_events() {
+    let server = TestServer::start_default().await;
+    let done = server
+        .post(
+            "/v1/sessions/idle/messages?wait=10",
+            &serde_json::json!({"content": "a"}),
+        )
+        .await;
+    assert_eq!(done.status, 200);
+    let url = server.url.clone();
+    // `baton watch idle | head -1` on a session where nothing happens: watch must not wait
+    // for the next event to notice that nobody reads any more.
+    let (status, stderr) = tokio::task::spawn_blocking(move || {
+        run_with_stdout_closed(&["watch", "idle", "--server", &url])
+    })
+    .await
+    .expect("join");
+    assert!(status.success(), "{status:?} {stderr}");
+    assert_eq!(stderr, "");
+    server.stop().await;
+}
+
+/// A server address where nothing listens.
+fn nothing_listens() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_one_shape_code_colon_message() {
+    let server = TestServer::start_default().await;
+    let url = server.url.clone();
+    let not_found = "error: not_found: session not found\n";
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (args(&["history", "missing"]), not_found),
+        (args(&["watch", "missing"]), not_found),
+        (args(&["watch", "missing", "--replay"]), not_found),
+        (
+            args(&["send", "bad id", "x"]),
+            "error: invalid_session_id: ",
+        ),
+        (
+            args(&["send", "bad/id", "x"]),
+            "error: invalid_session_id: ",
+        ),
+        (args(&["history", "bad/id"]), "error: invalid_session_id: "),
+        (args(&["watch", "bad/id"]), "error: invalid_session_id: "),
+        (
+            args(&["chat", "c", "--agent", "nope"]),
+            "error: unknown_agent: ",
+        ),
+        (
+            args(&["send", "s", "x", "--policy", "bogus"]),
+            "error: invalid_request: ",
+        ),
+    ];
+    for (mut command, expected) in cases {
+        command.extend(args(&["--server", &url]));
+        let out = baton_async(command.clone()).await;
+        assert!(!out.status.success(), "{command:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with(expected), "{command:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{command:?}: {stderr}");
+    }
+    server.stop().await;
+
+    let nowhere = nothing_listens();
+    let expected = format!("error: cannot reach the server at {nowhere}: ");
+    for command in [
+        &["send", "s", "x"][..],
+        &["chat", "s"],
+        &["chat", "s", "--agent", "default"],
+        &["watch", "s"],
+        &["watch", "s", "--replay"],
+        &["history", "s"],
+    ] {
+        let mut command = args(command);
+        command.extend(args(&["--server", &nowhere]));
+        let started = std::time::Instant::now();
+        let out = baton_async(command.clone()).await;
+        assert!(!out.status.success(), "{command:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with(&expected), "{command:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{command:?}: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{command:?} gives up at once when the server was never reached"
+        );
+    }
 }
 
 /// The entries of a `-h` listing (`Arguments:` and `Options:`) that have no description.
