@@ -1,6 +1,7 @@
 //! The command-line clients: `send`, `chat`, `watch` and `history`; and how every command
 //! ends: what it writes to stdout, its exit code, its error line on stderr.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -221,8 +222,63 @@ fn finish_send(interaction: &Value) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// What `/help` prints in `baton chat`.
+const CHAT_HELP: &str = "\
+/clear   forget the conversation: cancel what runs or waits, start a new epoch
+/cancel  stop the reply that is running (the queued messages then run)
+/help    list these commands
+/quit    leave (so does Ctrl-D); the session and a running reply go on
+A line is sent to the agent; while a reply runs it waits its turn. To send a line that
+starts with /, type // (one / is removed).";
+
+/// A line typed in `baton chat`.
+#[derive(Debug, PartialEq, Eq)]
+enum ChatInput<'a> {
+    Nothing,
+    Message(&'a str),
+    Clear,
+    Cancel,
+    Help,
+    Quit,
+    /// `/word` that is not a command: never sent to the agent by mistake.
+    Unknown(&'a str),
+}
+
+impl<'a> ChatInput<'a> {
+    fn parse(line: &'a str) -> Self {
+        let line = line.trim();
+        if line.starts_with("//") {
+            return Self::Message(&line[1..]);
+        }
+        let first = line.split_whitespace().next().unwrap_or_default();
+        let Some(word) = first.strip_prefix('/') else {
+            return if line.is_empty() {
+                Self::Nothing
+            } else {
+                Self::Message(line)
+            };
+        };
+        // A path such as `/etc/hosts is…` is a message, not a command.
+        if word.is_empty()
+            || !word
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
+        {
+            return Self::Message(line);
+        }
+        match word {
+            "clear" => Self::Clear,
+            "cancel" => Self::Cancel,
+            "help" => Self::Help,
+            "quit" | "exit" => Self::Quit,
+            _ => Self::Unknown(first),
+        }
+    }
+}
+
 /// `baton chat`: an interactive client. Lines typed are sent (queued behind a running reply);
-/// `/clear`, `/cancel` and `/quit` do what they say; replies stream as they are produced.
+/// `/clear`, `/cancel`, `/help` and `/quit` do what they say; replies stream as they are
+/// produced.
 pub async fn chat(server: &str, session: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
     if let Some(agent) = agent {
         Client::new(server)?
@@ -231,90 +287,161 @@ pub async fn chat(server: &str, session: &str, agent: Option<&str>) -> anyhow::R
     }
     let mut socket = SessionSocket::open(server, session, None).await?;
     out(&format!(
-        "baton chat: session {session} (agent {}). /clear, /cancel, /quit.\n",
+        "baton chat: session {session} (agent {}). /help lists the commands.\n",
         socket.hello["session"]["agent"].as_str().unwrap_or("?")
     ))?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut screen = ChatScreen::default();
     let mut reference = 0i64;
-    let mut streaming = false;
+    // The refs of `/cancel`s not answered yet: an empty answer says there was nothing to cancel.
+    let mut cancels: HashSet<i64> = HashSet::new();
     loop {
         tokio::select! {
             line = lines.next_line() => {
                 let Some(line) = line.context("reading stdin")? else { break };
-                let line = line.trim();
                 reference += 1;
-                match line {
-                    "" => {}
-                    "/quit" | "/exit" => break,
-                    "/cancel" => socket.send(json!({"op": "cancel", "ref": reference})).await?,
-                    "/clear" => socket.send(json!({"op": "clear", "ref": reference})).await?,
-                    text => socket.send_message(text, "enqueue", reference).await?,
+                match ChatInput::parse(&line) {
+                    ChatInput::Nothing => {}
+                    ChatInput::Quit => break,
+                    ChatInput::Help => screen.notice(CHAT_HELP)?,
+                    ChatInput::Unknown(word) => {
+                        screen.notice(&format!("[unknown command {word}: /help lists them]"))?;
+                    }
+                    ChatInput::Cancel => {
+                        cancels.insert(reference);
+                        socket.send(json!({"op": "cancel", "ref": reference})).await?;
+                    }
+                    ChatInput::Clear => {
+                        socket.send(json!({"op": "clear", "ref": reference})).await?;
+                    }
+                    ChatInput::Message(text) => {
+                        socket.send_message(text, "enqueue", reference).await?;
+                    }
                 }
             }
             frame = socket.next() => match frame? {
-                Frame::Event(event) => show_chat_event(&event, &mut streaming)?,
-                Frame::Reply(reply) if reply["ok"] != true => {
-                    out(&format!("[error] {}\n", ServerError::from_reply(&reply)))?;
+                Frame::Event(event) => screen.show(&event)?,
+                Frame::Reply(reply) => {
+                    let was_cancel = reply["ref"].as_i64().is_some_and(|r| cancels.remove(&r));
+                    if reply["ok"] != true {
+                        screen.notice(&format!("[error: {}]", ServerError::from_reply(&reply)))?;
+                    } else if was_cancel
+                        && reply["data"]["cancelled"].as_array().is_some_and(Vec::is_empty)
+                    {
+                        screen.notice("[nothing to cancel]")?;
+                    }
                 }
-                Frame::Reply(_) | Frame::Pong(_) => {}
+                Frame::Pong(_) => {}
                 Frame::Deleted => {
+                    screen.end_reply()?;
                     out("[the session was deleted]\n")?;
                     break;
                 }
             }
         }
     }
+    screen.end_reply()?;
     socket.close().await;
     Ok(ExitCode::SUCCESS)
 }
 
-fn show_chat_event(event: &Value, streaming: &mut bool) -> anyhow::Result<()> {
-    let data = &event["data"];
-    let end_line = |streaming: &mut bool| {
-        if std::mem::take(streaming) {
-            out("\n")
-        } else {
-            Ok(())
+/// What `baton chat` has on the terminal. A reply streams on one line, `agent> …`; a notice
+/// that comes meanwhile (a queued message, an answer to a command) waits until that line
+/// ends, so a reply is never split and a prompt never lands in the middle of a line.
+#[derive(Default)]
+struct ChatScreen {
+    /// The interaction whose reply is streaming, its line not ended yet.
+    streaming: Option<String>,
+    /// Notices held until the reply's line ends.
+    held: Vec<String>,
+}
+
+impl ChatScreen {
+    fn show(&mut self, event: &Value) -> anyhow::Result<()> {
+        let data = &event["data"];
+        let interaction = &data["interaction"];
+        let id = interaction["id"]
+            .as_str()
+            .or(data["interaction_id"].as_str())
+            .map(str::to_string);
+        match event["type"].as_str().unwrap_or_default() {
+            "task.started" => self.start_reply(id),
+            "task.delta" => {
+                // Joined while a reply was already streaming: it starts a line too.
+                if self.streaming.is_none() {
+                    self.start_reply(id)?;
+                }
+                out(data["text"].as_str().unwrap_or(""))
+            }
+            "task.completed" if self.is_streaming(&id) => self.end_reply(),
+            "task.failed" if self.is_streaming(&id) => {
+                self.end_reply()?;
+                out(&format!(
+                    "[failed: {}]\n",
+                    interaction["error"]["message"].as_str().unwrap_or("")
+                ))
+            }
+            "task.failed" => self.notice(&format!(
+                "[failed: {}]",
+                interaction["error"]["message"].as_str().unwrap_or("")
+            )),
+            "task.cancelled" if self.is_streaming(&id) => {
+                self.end_reply()?;
+                out(&format!(
+                    "[cancelled: {}]\n",
+                    interaction["cancel_reason"].as_str().unwrap_or("")
+                ))
+            }
+            // A queued message dropped (by a clear, say) before it ran.
+            "task.cancelled" => self.notice(&format!(
+                "[cancelled before it ran ({}): {}]",
+                interaction["cancel_reason"].as_str().unwrap_or(""),
+                interaction["content"].as_str().unwrap_or("")
+            )),
+            "interaction.queued" => self.notice(&format!(
+                "[queued: {}]",
+                interaction["content"].as_str().unwrap_or("")
+            )),
+            "session.cleared" => {
+                self.end_reply()?;
+                out(&format!("[cleared: epoch {}]\n", data["epoch"]))
+            }
+            _ => Ok(()),
         }
-    };
-    match event["type"].as_str().unwrap_or_default() {
-        "task.started" => {
-            end_line(streaming)?;
-            out("agent> ")?;
-            *streaming = true;
-        }
-        "task.delta" => out(data["text"].as_str().unwrap_or(""))?,
-        "task.completed" => end_line(streaming)?,
-        "task.failed" => {
-            end_line(streaming)?;
-            out(&format!(
-                "[failed: {}]\n",
-                data["interaction"]["error"]["message"]
-                    .as_str()
-                    .unwrap_or("")
-            ))?;
-        }
-        "task.cancelled" => {
-            end_line(streaming)?;
-            out(&format!(
-                "[cancelled: {}]\n",
-                data["interaction"]["cancel_reason"].as_str().unwrap_or("")
-            ))?;
-        }
-        "interaction.queued" => {
-            end_line(streaming)?;
-            out(&format!(
-                "[queued: {}]\n",
-                data["interaction"]["content"].as_str().unwrap_or("")
-            ))?;
-        }
-        "session.cleared" => {
-            end_line(streaming)?;
-            out(&format!("[cleared: epoch {}]\n", data["epoch"]))?;
-        }
-        _ => {}
     }
-    Ok(())
+
+    fn is_streaming(&self, id: &Option<String>) -> bool {
+        self.streaming.is_some() && self.streaming == *id
+    }
+
+    fn start_reply(&mut self, id: Option<String>) -> anyhow::Result<()> {
+        self.end_reply()?;
+        out("agent> ")?;
+        // An event without an id still opens the line (and the next start closes it).
+        self.streaming = Some(id.unwrap_or_default());
+        Ok(())
+    }
+
+    /// Ends the reply's line, if one is open, then prints what was held meanwhile.
+    fn end_reply(&mut self) -> anyhow::Result<()> {
+        if self.streaming.take().is_some() {
+            out("\n")?;
+        }
+        for notice in std::mem::take(&mut self.held) {
+            out(&format!("{notice}\n"))?;
+        }
+        Ok(())
+    }
+
+    /// Prints a notice on its own line: now, or once the streaming reply's line has ended.
+    fn notice(&mut self, text: &str) -> anyhow::Result<()> {
+        if self.streaming.is_some() {
+            self.held.push(text.to_string());
+            Ok(())
+        } else {
+            out(&format!("{text}\n"))
+        }
+    }
 }
 
 /// `baton watch`: prints the session's events as JSON lines (over SSE, which creates
@@ -418,4 +545,40 @@ pub async fn history(server: &str, session: &str, json: bool) -> anyhow::Result<
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChatInput;
+
+    #[test]
+    fn chat_input_commands_messages_and_unknown_words() {
+        assert_eq!(ChatInput::parse("  "), ChatInput::Nothing);
+        assert_eq!(
+            ChatInput::parse(" hello /clear "),
+            ChatInput::Message("hello /clear")
+        );
+        assert_eq!(ChatInput::parse("/clear"), ChatInput::Clear);
+        assert_eq!(ChatInput::parse(" /cancel "), ChatInput::Cancel);
+        assert_eq!(ChatInput::parse("/help"), ChatInput::Help);
+        assert_eq!(ChatInput::parse("/quit"), ChatInput::Quit);
+        assert_eq!(ChatInput::parse("/exit"), ChatInput::Quit);
+        assert_eq!(ChatInput::parse("/x"), ChatInput::Unknown("/x"));
+        assert_eq!(
+            ChatInput::parse("/summarize this"),
+            ChatInput::Unknown("/summarize")
+        );
+        // Not a word after the slash: a message.
+        assert_eq!(
+            ChatInput::parse("/etc/hosts is a file"),
+            ChatInput::Message("/etc/hosts is a file")
+        );
+        assert_eq!(ChatInput::parse("/ spaced"), ChatInput::Message("/ spaced"));
+        assert_eq!(ChatInput::parse("/"), ChatInput::Message("/"));
+        // `//` sends a line that starts with `/`.
+        assert_eq!(
+            ChatInput::parse("//help me"),
+            ChatInput::Message("/help me")
+        );
+    }
 }

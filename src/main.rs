@@ -49,7 +49,7 @@ enum Command {
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
     },
-    /// Chat with a session's agent interactively (/clear, /cancel, /quit).
+    /// Chat with a session's agent interactively (/clear, /cancel, /help, /quit).
     Chat {
         /// Session id (created with the default agent if it does not exist).
         session: String,

@@ -135,9 +135,54 @@ fn read_until(output: &std::sync::mpsc::Receiver<String>, seen: &mut String, nee
     }
 }
 
+/// A child process that is killed, and reaped, when the test is done with it, even on panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A person at `baton chat`'s terminal: types lines, reads what appears.
+struct Terminal {
+    keyboard: std::process::ChildStdin,
+    screen: std::sync::mpsc::Receiver<String>,
+    /// Everything shown so far, as the terminal shows it (typed lines are echoed, `\r\n`).
+    seen: String,
+}
+
+impl Terminal {
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        self.keyboard
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("type");
+    }
+
+    fn wait_for(&mut self, needle: &str) {
+        read_until(&self.screen, &mut self.seen, needle);
+    }
+}
+
+/// Runs `steps` on the terminal off the async runtime, and hands it back.
+async fn at_the_terminal(
+    terminal: Terminal,
+    steps: impl FnOnce(&mut Terminal) + Send + 'static,
+) -> Terminal {
+    tokio::task::spawn_blocking(move || {
+        let mut terminal = terminal;
+        steps(&mut terminal);
+        terminal
+    })
+    .await
+    .expect("the chat behaved")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_in_a_terminal_streams_replies_and_handles_commands() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let server = TestServer::start_default().await;
     // `script` runs the chat on a pseudo-terminal, as a person at a terminal would.
     let command = format!(
@@ -145,16 +190,18 @@ async fn chat_in_a_terminal_streams_replies_and_handles_commands() {
         env!("CARGO_BIN_EXE_baton"),
         server.url
     );
-    let mut child = Command::new("script")
-        .args(["-qfec", &command, "/dev/null"])
-        .env("BATON_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("script is installed (util-linux)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let (tx, output) = std::sync::mpsc::channel();
+    let mut child = KillOnDrop(
+        Command::new("script")
+            .args(["-qfec", &command, "/dev/null"])
+            .env("BATON_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("script is installed (util-linux)"),
+    );
+    let keyboard = child.0.stdin.take().expect("stdin");
+    let mut stdout = child.0.stdout.take().expect("stdout");
+    let (tx, screen) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stdout.read(&mut buf) {
@@ -167,20 +214,66 @@ async fn chat_in_a_terminal_streams_replies_and_handles_commands() {
             }
         }
     });
-    let mut seen = String::new();
-    let result = tokio::task::spawn_blocking(move || {
-        read_until(&output, &mut seen, "baton chat: session tty (agent slow)");
-        stdin.write_all(b"hello from a terminal\n").expect("type");
-        read_until(&output, &mut seen, "agent> hello from a terminal");
-        stdin.write_all(b"/clear\n").expect("type");
-        read_until(&output, &mut seen, "[cleared: epoch 1]");
-        stdin.write_all(b"/quit\n").expect("type");
-        seen
+    let terminal = Terminal {
+        keyboard,
+        screen,
+        seen: String::new(),
+    };
+    // The slow agent takes 100 ms a word: two seconds to type during its reply.
+    let long: Vec<String> = (1..=20).map(|i| format!("w{i:02}")).collect();
+    let long = long.join(" ");
+    let long_reply = long.clone();
+    let terminal = at_the_terminal(terminal, move |t| {
+        t.wait_for("baton chat: session tty (agent slow). /help lists the commands.");
+        t.type_line("/help");
+        for command in ["/clear   ", "/cancel  ", "/help    ", "/quit    "] {
+            t.wait_for(command);
+        }
+        t.type_line("/cancel");
+        t.wait_for("[nothing to cancel]");
+        t.type_line("/bogus now");
+        t.wait_for("[unknown command /bogus: /help lists them]");
+        t.type_line(&long_reply);
+        t.wait_for("agent> w01 ");
+        t.type_line("typed during the reply");
+        t.wait_for("agent> typed during the reply\r\n");
     })
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let seen = result.expect("the chat behaved");
+    // The commands went to the chat, not to the agent.
+    let list = server.get("/v1/sessions/tty/interactions").await;
+    let contents: Vec<&str> = list.body["interactions"]
+        .as_array()
+        .expect("interactions")
+        .iter()
+        .filter_map(|i| i["content"].as_str())
+        .collect();
+    assert_eq!(
+        contents,
+        ["typed during the reply", long.as_str()],
+        "newest first"
+    );
+
+    let terminal = at_the_terminal(terminal, |t| {
+        t.type_line("hello from a terminal");
+        t.wait_for("agent> hello from a terminal");
+        t.type_line("/clear");
+        t.wait_for("[cleared: epoch 1]");
+        t.type_line("/quit");
+    })
+    .await;
+    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child.0, "chat"))
+        .await
+        .expect("join");
+    assert!(status.success(), "/quit leaves");
+    let seen = terminal.seen;
+    // The line typed during the reply is echoed by the terminal where it was typed; apart from
+    // that, the reply is one whole line, the queued notice follows it on its own line, and the
+    // next reply starts a line of its own.
+    let shown = seen.replacen("typed during the reply\r\n", "", 1);
+    let expected = format!(
+        "agent> {long}\r\n[queued: typed during the reply]\r\nagent> typed during the reply\r\n"
+    );
+    assert!(shown.contains(&expected), "{seen:?}");
     // Streamed once: the reply is not printed twice.
     assert_eq!(
         seen.matches("agent> hello from a terminal").count(),
