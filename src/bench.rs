@@ -1451,11 +1451,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             results.push(measure("seed-py peer", &peer.url, peer.pid(), &options, false).await?);
             drop(peer);
         }
-        println!("{}", report(&results, Some("baton / peer")));
+        crate::cli::out(&format!("{}\n", report(&results, Some("baton / peer"))))?;
     }
     if options.wants(CLUSTER) {
         let results = cluster(&options).await?;
-        println!("{}", report(&results, None));
+        crate::cli::out(&format!("{}\n", report(&results, None)))?;
     }
     Ok(())
 }

@@ -1,29 +1,134 @@
-//! The command-line clients: `send`, `chat`, `watch` and `history`.
+//! The command-line clients: `send`, `chat`, `watch` and `history`; and how every command
+//! ends: what it writes to stdout, its exit code, its error line on stderr.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::client::Client;
 use crate::client::stream::{Frame, SessionSocket};
+use crate::client::{Client, ServerError, session_path};
 
-fn print_flush(text: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
+/// Stdout's reader has gone (`baton watch s | head -3`): the command ends quietly.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+pub struct StdoutClosed;
+
+/// Writes `text` to stdout and flushes it, so streamed text shows as it comes. Every command
+/// prints through this: a reader that has gone away is [`StdoutClosed`], which
+/// [`exit_code`] turns into a quiet exit instead of the panic of `println!`.
+pub fn out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => anyhow::Error::new(StdoutClosed),
+            _ => anyhow::Error::new(e).context("writing to stdout"),
+        })
 }
 
-/// The error text of a failed reply.
-fn reply_error(reply: &Value) -> String {
-    format!(
-        "{}: {}",
-        reply["error"]["code"].as_str().unwrap_or("error"),
-        reply["error"]["message"].as_str().unwrap_or("")
-    )
+/// Notices stdout's reader going away, so a command that follows a stream ends with its
+/// reader, not at its next write, which may be long in coming (as `tail -f` does). A thread
+/// waits in poll(2) for stdout's error condition (a pipe without a reader; nothing for a file
+/// or a terminal); dropping the watch wakes and joins it.
+struct StdoutWatch {
+    closed: tokio::sync::oneshot::Receiver<()>,
+    /// Dropping this wakes the thread: its end of the pipe sees the hang-up.
+    stop: Option<std::io::PipeWriter>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StdoutWatch {
+    fn start() -> anyhow::Result<Self> {
+        let (wake, stop) = std::io::pipe().context("creating a pipe")?;
+        let (tell, closed) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("stdout-watch".into())
+            .spawn(move || {
+                if wait_for_stdout_error(&wake) {
+                    let _ = tell.send(());
+                }
+            })
+            .context("starting the stdout watch")?;
+        Ok(Self {
+            closed,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Resolves once stdout's reader has gone; never, where that cannot be known.
+    async fn closed(&mut self) {
+        if (&mut self.closed).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for StdoutWatch {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Blocks until stdout reports an error or a hang-up (true), or `wake` is woken (false).
+fn wait_for_stdout_error(wake: &std::io::PipeReader) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    let mut fds = [
+        // No events asked: poll(2) reports errors and hang-ups whatever is asked.
+        PollFd::new(stdout.as_fd(), PollFlags::empty()),
+        PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+    ];
+    loop {
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+        if fds[1].any().unwrap_or(true) {
+            return false;
+        }
+        let gone = PollFlags::POLLERR | PollFlags::POLLHUP;
+        if fds[0].revents().is_some_and(|r| r.intersects(gone)) {
+            return true;
+        }
+        if fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLNVAL))
+        {
+            return false;
+        }
+    }
+}
+
+/// The exit code of a command's outcome; an error is printed on stderr as one line, `error: …`,
+/// and an error answer of the server always as `error: code: message`, whatever context the
+/// command added to it.
+pub fn exit_code(outcome: anyhow::Result<ExitCode>) -> ExitCode {
+    let error = match outcome {
+        Ok(code) => return code,
+        Err(error) => error,
+    };
+    if error.downcast_ref::<StdoutClosed>().is_some() {
+        return ExitCode::SUCCESS;
+    }
+    let line = match error.downcast_ref::<ServerError>() {
+        Some(server) => format!("error: {server}\n"),
+        None => format!("error: {error:#}\n"),
+    };
+    // Nothing more can be done when stderr is closed too.
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    ExitCode::FAILURE
 }
 
 /// `baton send`: posts over the session's WebSocket, streams the reply's deltas to stdout as
@@ -43,12 +148,11 @@ pub async fn send(
         let event = match socket.next().await? {
             Frame::Reply(reply) => {
                 if reply["ok"] != true {
-                    eprintln!("error: {}", reply_error(&reply));
-                    return Ok(ExitCode::FAILURE);
+                    return Err(ServerError::from_reply(&reply).into());
                 }
                 let data = &reply["data"];
                 if data.get("epoch").is_some() {
-                    println!("cleared (epoch {})", data["epoch"]);
+                    out(&format!("cleared (epoch {})\n", data["epoch"]))?;
                     return Ok(ExitCode::SUCCESS);
                 }
                 if matches!(
@@ -56,74 +160,125 @@ pub async fn send(
                     Some("completed" | "failed" | "cancelled")
                 ) {
                     // An idempotent replay of a finished interaction: nothing more will come.
-                    return Ok(finish_send(data));
+                    return finish_send(data);
                 }
                 id = data["id"].as_str().map(str::to_string);
-                let mut done = None;
-                for event in early.drain(..) {
-                    if let Some(code) = show_send_event(&event, id.as_deref()) {
-                        done = Some(code);
+                for event in std::mem::take(&mut early) {
+                    if let Some(code) = show_send_event(&event, id.as_deref())? {
+                        return Ok(code);
                     }
-                }
-                if let Some(code) = done {
-                    return Ok(code);
                 }
                 continue;
             }
             Frame::Event(event) => event,
             Frame::Pong(_) => continue,
-            Frame::Deleted => bail!("the session was deleted"),
+            Frame::Deleted => return Err(anyhow!("the session was deleted")),
         };
         if id.is_none() {
             early.push(event);
-        } else if let Some(code) = show_send_event(&event, id.as_deref()) {
+        } else if let Some(code) = show_send_event(&event, id.as_deref())? {
             return Ok(code);
         }
     }
 }
 
 /// Prints a delta of the interaction; on its final event, returns the exit code.
-fn show_send_event(event: &Value, id: Option<&str>) -> Option<ExitCode> {
+fn show_send_event(event: &Value, id: Option<&str>) -> anyhow::Result<Option<ExitCode>> {
     let data = &event["data"];
     let about = data["interaction_id"]
         .as_str()
         .or(data["interaction"]["id"].as_str());
     if about != id {
-        return None;
+        return Ok(None);
     }
     match event["type"].as_str() {
         Some("task.delta") => {
-            print_flush(data["text"].as_str().unwrap_or(""));
-            None
+            out(data["text"].as_str().unwrap_or(""))?;
+            Ok(None)
         }
         Some("task.completed" | "task.failed" | "task.cancelled") => {
-            println!();
-            Some(finish_send(&data["interaction"]))
+            out("\n")?;
+            finish_send(&data["interaction"]).map(Some)
         }
-        _ => None,
+        _ => Ok(None),
     }
 }
 
-fn finish_send(interaction: &Value) -> ExitCode {
+/// Success if the interaction completed; otherwise its failure as `code: message`.
+fn finish_send(interaction: &Value) -> anyhow::Result<ExitCode> {
+    let id = interaction["id"].as_str().unwrap_or("");
     match interaction["status"].as_str() {
-        Some("completed") => ExitCode::SUCCESS,
-        status => {
-            let why = interaction["error"]["message"]
-                .as_str()
-                .or(interaction["cancel_reason"].as_str())
-                .unwrap_or("");
-            eprintln!(
-                "error: interaction {} {}: {why}",
-                interaction["id"].as_str().unwrap_or(""),
-                status.unwrap_or("unknown")
-            );
-            ExitCode::FAILURE
+        Some("completed") => Ok(ExitCode::SUCCESS),
+        Some("cancelled") => Err(anyhow!(
+            "cancelled: interaction {id} was cancelled (reason: {})",
+            interaction["cancel_reason"].as_str().unwrap_or("unknown")
+        )),
+        status => Err(anyhow!(
+            "{}: interaction {id} {}: {}",
+            interaction["error"]["code"].as_str().unwrap_or("failed"),
+            status.unwrap_or("ended"),
+            interaction["error"]["message"].as_str().unwrap_or("")
+        )),
+    }
+}
+
+/// What `/help` prints in `baton chat`.
+const CHAT_HELP: &str = "\
+/clear   forget the conversation: cancel what runs or waits, start a new epoch
+/cancel  stop the reply that is running (the queued messages then run)
+/help    list these commands
+/quit    leave (so does Ctrl-D); the session and a running reply go on
+A line is sent to the agent; while a reply runs it waits its turn. To send a line that
+starts with /, type // (one / is removed).";
+
+/// A line typed in `baton chat`.
+#[derive(Debug, PartialEq, Eq)]
+enum ChatInput<'a> {
+    Nothing,
+    Message(&'a str),
+    Clear,
+    Cancel,
+    Help,
+    Quit,
+    /// `/word` that is not a command: never sent to the agent by mistake.
+    Unknown(&'a str),
+}
+
+impl<'a> ChatInput<'a> {
+    fn parse(line: &'a str) -> Self {
+        let line = line.trim();
+        if line.starts_with("//") {
+            return Self::Message(&line[1..]);
+        }
+        let first = line.split_whitespace().next().unwrap_or_default();
+        let Some(word) = first.strip_prefix('/') else {
+            return if line.is_empty() {
+                Self::Nothing
+            } else {
+                Self::Message(line)
+            };
+        };
+        // A path such as `/etc/hosts is…` is a message, not a command.
+        if word.is_empty()
+            || !word
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
+        {
+            return Self::Message(line);
+        }
+        match word {
+            "clear" => Self::Clear,
+            "cancel" => Self::Cancel,
+            "help" => Self::Help,
+            "quit" | "exit" => Self::Quit,
+            _ => Self::Unknown(first),
         }
     }
 }
 
 /// `baton chat`: an interactive client. Lines typed are sent (queued behind a running reply);
-/// `/clear`, `/cancel` and `/quit` do what they say; replies stream as they are produced.
+/// `/clear`, `/cancel`, `/help` and `/quit` do what they say; replies stream as they are
+/// produced.
 pub async fn chat(server: &str, session: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
     if let Some(agent) = agent {
         Client::new(server)?
@@ -131,93 +286,181 @@ pub async fn chat(server: &str, session: &str, agent: Option<&str>) -> anyhow::R
             .await?;
     }
     let mut socket = SessionSocket::open(server, session, None).await?;
-    println!(
-        "baton chat: session {session} (agent {}). /clear, /cancel, /quit.",
+    out(&format!(
+        "baton chat: session {session} (agent {}). /help lists the commands.\n",
         socket.hello["session"]["agent"].as_str().unwrap_or("?")
-    );
+    ))?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut screen = ChatScreen::default();
     let mut reference = 0i64;
-    let mut streaming = false;
+    // The refs of `/cancel`s not answered yet: an empty answer says there was nothing to cancel.
+    let mut cancels: HashSet<i64> = HashSet::new();
     loop {
         tokio::select! {
             line = lines.next_line() => {
                 let Some(line) = line.context("reading stdin")? else { break };
-                let line = line.trim();
                 reference += 1;
-                match line {
-                    "" => {}
-                    "/quit" | "/exit" => break,
-                    "/cancel" => socket.send(json!({"op": "cancel", "ref": reference})).await?,
-                    "/clear" => socket.send(json!({"op": "clear", "ref": reference})).await?,
-                    text => socket.send_message(text, "enqueue", reference).await?,
+                match ChatInput::parse(&line) {
+                    ChatInput::Nothing => {}
+                    ChatInput::Quit => break,
+                    ChatInput::Help => screen.notice(CHAT_HELP)?,
+                    ChatInput::Unknown(word) => {
+                        screen.notice(&format!("[unknown command {word}: /help lists them]"))?;
+                    }
+                    ChatInput::Cancel => {
+                        cancels.insert(reference);
+                        socket.send(json!({"op": "cancel", "ref": reference})).await?;
+                    }
+                    ChatInput::Clear => {
+                        socket.send(json!({"op": "clear", "ref": reference})).await?;
+                    }
+                    ChatInput::Message(text) => {
+                        socket.send_message(text, "enqueue", reference).await?;
+                    }
                 }
             }
             frame = socket.next() => match frame? {
-                Frame::Event(event) => show_chat_event(&event, &mut streaming),
-                Frame::Reply(reply) if reply["ok"] != true => {
-                    println!("[error] {}", reply_error(&reply));
+                Frame::Event(event) => screen.show(&event)?,
+                Frame::Reply(reply) => {
+                    let was_cancel = reply["ref"].as_i64().is_some_and(|r| cancels.remove(&r));
+                    if reply["ok"] != true {
+                        screen.notice(&format!("[error: {}]", ServerError::from_reply(&reply)))?;
+                    } else if was_cancel
+                        && reply["data"]["cancelled"].as_array().is_some_and(Vec::is_empty)
+                    {
+                        screen.notice("[nothing to cancel]")?;
+                    }
                 }
-                Frame::Reply(_) | Frame::Pong(_) => {}
+                Frame::Pong(_) => {}
                 Frame::Deleted => {
-                    println!("[the session was deleted]");
+                    screen.end_reply()?;
+                    out("[the session was deleted]\n")?;
                     break;
                 }
             }
         }
     }
+    screen.end_reply()?;
     socket.close().await;
     Ok(ExitCode::SUCCESS)
 }
 
-fn show_chat_event(event: &Value, streaming: &mut bool) {
-    let data = &event["data"];
-    let end_line = |streaming: &mut bool| {
-        if std::mem::take(streaming) {
-            println!();
-        }
-    };
-    match event["type"].as_str().unwrap_or_default() {
-        "task.started" => {
-            end_line(streaming);
-            print_flush("agent> ");
-            *streaming = true;
-        }
-        "task.delta" => print_flush(data["text"].as_str().unwrap_or("")),
-        "task.completed" => end_line(streaming),
-        "task.failed" => {
-            end_line(streaming);
-            println!(
+/// What `baton chat` has on the terminal. A reply streams on one line, `agent> …`; a notice
+/// that comes meanwhile (a queued message, an answer to a command) waits until that line
+/// ends, so a reply is never split and a prompt never lands in the middle of a line.
+#[derive(Default)]
+struct ChatScreen {
+    /// The interaction whose reply is streaming, its line not ended yet.
+    streaming: Option<String>,
+    /// Notices held until the reply's line ends.
+    held: Vec<String>,
+}
+
+impl ChatScreen {
+    fn show(&mut self, event: &Value) -> anyhow::Result<()> {
+        let data = &event["data"];
+        let interaction = &data["interaction"];
+        let id = interaction["id"]
+            .as_str()
+            .or(data["interaction_id"].as_str())
+            .map(str::to_string);
+        match event["type"].as_str().unwrap_or_default() {
+            "task.started" => self.start_reply(id),
+            "task.delta" => {
+                // Joined while a reply was already streaming: it starts a line too.
+                if self.streaming.is_none() {
+                    self.start_reply(id)?;
+                }
+                out(data["text"].as_str().unwrap_or(""))
+            }
+            "task.completed" if self.is_streaming(&id) => self.end_reply(),
+            "task.failed" if self.is_streaming(&id) => {
+                self.end_reply()?;
+                out(&format!(
+                    "[failed: {}]\n",
+                    interaction["error"]["message"].as_str().unwrap_or("")
+                ))
+            }
+            "task.failed" => self.notice(&format!(
                 "[failed: {}]",
-                data["interaction"]["error"]["message"]
-                    .as_str()
-                    .unwrap_or("")
-            );
-        }
-        "task.cancelled" => {
-            end_line(streaming);
-            println!(
-                "[cancelled: {}]",
-                data["interaction"]["cancel_reason"].as_str().unwrap_or("")
-            );
-        }
-        "interaction.queued" => {
-            end_line(streaming);
-            println!(
+                interaction["error"]["message"].as_str().unwrap_or("")
+            )),
+            "task.cancelled" if self.is_streaming(&id) => {
+                self.end_reply()?;
+                out(&format!(
+                    "[cancelled: {}]\n",
+                    interaction["cancel_reason"].as_str().unwrap_or("")
+                ))
+            }
+            // A queued message dropped (by a clear, say) before it ran.
+            "task.cancelled" => self.notice(&format!(
+                "[cancelled before it ran ({}): {}]",
+                interaction["cancel_reason"].as_str().unwrap_or(""),
+                interaction["content"].as_str().unwrap_or("")
+            )),
+            "interaction.queued" => self.notice(&format!(
                 "[queued: {}]",
-                data["interaction"]["content"].as_str().unwrap_or("")
-            );
+                interaction["content"].as_str().unwrap_or("")
+            )),
+            "session.cleared" => {
+                self.end_reply()?;
+                out(&format!("[cleared: epoch {}]\n", data["epoch"]))
+            }
+            _ => Ok(()),
         }
-        "session.cleared" => {
-            end_line(streaming);
-            println!("[cleared: epoch {}]", data["epoch"]);
+    }
+
+    fn is_streaming(&self, id: &Option<String>) -> bool {
+        self.streaming.is_some() && self.streaming == *id
+    }
+
+    fn start_reply(&mut self, id: Option<String>) -> anyhow::Result<()> {
+        self.end_reply()?;
+        out("agent> ")?;
+        // An event without an id still opens the line (and the next start closes it).
+        self.streaming = Some(id.unwrap_or_default());
+        Ok(())
+    }
+
+    /// Ends the reply's line, if one is open, then prints what was held meanwhile.
+    fn end_reply(&mut self) -> anyhow::Result<()> {
+        if self.streaming.take().is_some() {
+            out("\n")?;
         }
-        _ => {}
+        for notice in std::mem::take(&mut self.held) {
+            out(&format!("{notice}\n"))?;
+        }
+        Ok(())
+    }
+
+    /// Prints a notice on its own line: now, or once the streaming reply's line has ended.
+    fn notice(&mut self, text: &str) -> anyhow::Result<()> {
+        if self.streaming.is_some() {
+            self.held.push(text.to_string());
+            Ok(())
+        } else {
+            out(&format!("{text}\n"))
+        }
     }
 }
 
 /// `baton watch`: prints the session's events as JSON lines (over SSE, which creates
-/// nothing), resuming with `Last-Event-ID` when the stream drops.
+/// nothing), resuming with `Last-Event-ID` when the stream drops; it ends when the session is
+/// deleted or when stdout's reader goes away.
 pub async fn watch(
+    server: &str,
+    session: &str,
+    after: Option<i64>,
+    replay: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut stdout = StdoutWatch::start()?;
+    tokio::select! {
+        () = stdout.closed() => Ok(ExitCode::SUCCESS),
+        outcome = follow_events(server, session, after, replay) => outcome,
+    }
+}
+
+async fn follow_events(
     server: &str,
     session: &str,
     after: Option<i64>,
@@ -227,24 +470,13 @@ pub async fn watch(
     let mut last: Option<i64> = after;
     if after.is_none() && !replay {
         // Only new events: start after the session's last seq, so a resume never replays.
-        let url = client.url(&format!("/v1/sessions/{session}"));
-        let response = client
-            .http()
-            .get(url)
-            .send()
-            .await
-            .context("connecting to the server")?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let body = response.text().await.unwrap_or_default();
-            bail!("the server answered {status}: {body}");
-        }
-        let current: Value = response.json().await.context("reading the session")?;
-        last = current["last_seq"].as_i64();
+        last = client.get_session(session).await?["last_seq"].as_i64();
     }
-    let mut attempts = 0u32;
+    // Reconnects in a row after the stream dropped; the first connection is never retried, so
+    // a wrong URL or session fails at once.
+    let mut reconnects: Option<u32> = None;
     loop {
-        let mut url = client.url(&format!("/v1/sessions/{session}/events"));
+        let mut url = client.url(&session_path(session, "/events"));
         if last.is_none() && replay {
             url.push_str("?replay=true");
         }
@@ -252,22 +484,22 @@ pub async fn watch(
         if let Some(seq) = last {
             request = request.header("last-event-id", seq.to_string());
         }
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(e) if attempts < 20 => {
-                attempts += 1;
-                tracing::debug!(error = %e, "reconnecting");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                continue;
-            }
-            Err(e) => return Err(e).context("connecting to the server"),
+        let response = match client.send(request).await {
+            Ok(response) => Client::check(response).await?,
+            Err(e) => match reconnects {
+                Some(n) if n < 20 => {
+                    reconnects = Some(n + 1);
+                    tracing::debug!(error = %e, "reconnecting");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
+                }
+                Some(_) => {
+                    return Err(e.context("the event stream dropped and could not be resumed"));
+                }
+                None => return Err(e),
+            },
         };
-        if !response.status().is_success() {
-            let status = response.status();
-            let body = response.text().await.unwrap_or_default();
-            bail!("the server answered {status}: {body}");
-        }
-        attempts = 0;
+        reconnects = Some(0);
         let mut body = response.bytes_stream();
         let mut buffer = String::new();
         let mut deleted = false;
@@ -278,7 +510,7 @@ pub async fn watch(
                 let block: String = buffer.drain(..end + 2).collect();
                 for line in block.lines() {
                     if let Some(data) = line.strip_prefix("data: ") {
-                        println!("{data}");
+                        out(&format!("{data}\n"))?;
                         let event: Value = serde_json::from_str(data).unwrap_or(Value::Null);
                         if let Some(seq) = event["seq"].as_i64() {
                             last = Some(seq);
@@ -301,16 +533,52 @@ pub async fn history(server: &str, session: &str, json: bool) -> anyhow::Result<
     let client = Client::new(server)?;
     for interaction in client.history(session).await? {
         if json {
-            println!("{interaction}");
+            out(&format!("{interaction}\n"))?;
         } else {
-            println!(
-                "[{}] {} > {}\n{}\n",
+            out(&format!(
+                "[{}] {} > {}\n{}\n\n",
                 interaction["created_at"].as_str().unwrap_or(""),
                 interaction["status"].as_str().unwrap_or(""),
                 interaction["content"].as_str().unwrap_or(""),
                 interaction["response"].as_str().unwrap_or(""),
-            );
+            ))?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChatInput;
+
+    #[test]
+    fn chat_input_commands_messages_and_unknown_words() {
+        assert_eq!(ChatInput::parse("  "), ChatInput::Nothing);
+        assert_eq!(
+            ChatInput::parse(" hello /clear "),
+            ChatInput::Message("hello /clear")
+        );
+        assert_eq!(ChatInput::parse("/clear"), ChatInput::Clear);
+        assert_eq!(ChatInput::parse(" /cancel "), ChatInput::Cancel);
+        assert_eq!(ChatInput::parse("/help"), ChatInput::Help);
+        assert_eq!(ChatInput::parse("/quit"), ChatInput::Quit);
+        assert_eq!(ChatInput::parse("/exit"), ChatInput::Quit);
+        assert_eq!(ChatInput::parse("/x"), ChatInput::Unknown("/x"));
+        assert_eq!(
+            ChatInput::parse("/summarize this"),
+            ChatInput::Unknown("/summarize")
+        );
+        // Not a word after the slash: a message.
+        assert_eq!(
+            ChatInput::parse("/etc/hosts is a file"),
+            ChatInput::Message("/etc/hosts is a file")
+        );
+        assert_eq!(ChatInput::parse("/ spaced"), ChatInput::Message("/ spaced"));
+        assert_eq!(ChatInput::parse("/"), ChatInput::Message("/"));
+        // `//` sends a line that starts with `/`.
+        assert_eq!(
+            ChatInput::parse("//help me"),
+            ChatInput::Message("/help me")
+        );
+    }
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use baton::client::{DEFAULT_SERVER, ServerError};
+use baton::client::DEFAULT_SERVER;
 use baton::config::{Config, Overrides};
 
 #[derive(Parser)]
@@ -38,25 +38,32 @@ enum Command {
     },
     /// Send a message, stream the reply to stdout; non-zero exit unless it completed.
     Send {
+        /// Session id (created with the default agent if it does not exist).
         session: String,
+        /// The message to send.
         text: String,
-        /// reject | enqueue | interrupt
+        /// What to do if the session is busy: reject, enqueue (wait its turn) or interrupt
+        /// (cancel what runs and what waits).
         #[arg(long, default_value = "reject")]
         policy: String,
+        /// URL of the Baton server.
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
     },
-    /// Chat with a session's agent interactively (/clear, /cancel, /quit).
+    /// Chat with a session's agent interactively (/clear, /cancel, /help, /quit).
     Chat {
+        /// Session id (created with the default agent if it does not exist).
         session: String,
         /// Switch the session to this agent first.
         #[arg(long)]
         agent: Option<String>,
+        /// URL of the Baton server.
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
     },
     /// Print the session's events as JSON lines, following live.
     Watch {
+        /// Session id (an existing one: watching creates nothing).
         session: String,
         /// Start after this event seq (replays the stored ones after it).
         #[arg(long)]
@@ -64,18 +71,22 @@ enum Command {
         /// Replay every retained event first.
         #[arg(long)]
         replay: bool,
+        /// URL of the Baton server.
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
     },
-    /// Load-test this build (and optionally the seed peer) and print the figures.
+    /// Load-test this build (and, optionally, the reference Python server side by side) and
+    /// print the figures.
     Bench {
         /// Measure a running server at this URL instead of starting one.
         #[arg(long)]
         server: Option<String>,
-        /// The seed peer's folder (with server.py): measure it too, in the same run.
+        /// Folder of the reference Python server (with server.py), to measure it too, side by
+        /// side in the same run: a FastAPI server with locks and one JSON file per session,
+        /// used as a baseline. It is not part of Baton; give the path to your copy.
         #[arg(long)]
         peer: Option<PathBuf>,
-        /// Python with the peer's requirements installed.
+        /// Python with the reference server's requirements installed (for --peer).
         #[arg(long, default_value = "python3")]
         peer_python: PathBuf,
         /// Seconds of the throughput measurement.
@@ -117,10 +128,12 @@ enum Command {
     },
     /// Print the interactions of a session, oldest first.
     History {
+        /// Session id.
         session: String,
         /// Print one JSON object per line instead of text.
         #[arg(long)]
         json: bool,
+        /// URL of the Baton server.
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
     },
@@ -151,16 +164,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
-        Ok(code) => code,
-        Err(e) => {
-            match e.downcast_ref::<ServerError>() {
-                Some(server) => eprintln!("error: {}: {}", server.code, server.message),
-                None => eprintln!("error: {e:#}"),
-            }
-            ExitCode::FAILURE
-        }
-    }
+    baton::cli::exit_code(runtime.block_on(run(cli.command)))
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {

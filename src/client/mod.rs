@@ -12,14 +12,97 @@ use serde_json::{Value, json};
 /// The default server URL of the CLI.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7420";
 
-/// An error answer of the server: its status and the contract's `{"error": {...}}` body.
+/// An error answer of the server, in the contract's shape. The CLI prints every one the same
+/// way, `code: message`, whether it came over HTTP or as a WebSocket reply.
 #[derive(Debug, thiserror::Error)]
-#[error("{code}: {message} (HTTP {status})")]
+#[error("{code}: {message}")]
 pub struct ServerError {
-    pub status: StatusCode,
+    /// The HTTP status; `None` for a WebSocket reply.
+    pub status: Option<StatusCode>,
     pub code: String,
     pub message: String,
-    pub body: Value,
+}
+
+impl ServerError {
+    /// The error of an HTTP answer: the contract's `{"error": {"code", "message"}}`, or, from
+    /// something in front of the server that does not speak the contract, the status and body.
+    pub fn from_http(status: StatusCode, body: &[u8]) -> Self {
+        let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        match Self::from_error_object(&json["error"]) {
+            Some(mut error) => {
+                error.status = Some(status);
+                error
+            }
+            None => {
+                let text = String::from_utf8_lossy(body);
+                let text = text.trim();
+                Self {
+                    status: Some(status),
+                    code: format!("http_{}", status.as_u16()),
+                    message: if text.is_empty() {
+                        status.to_string()
+                    } else {
+                        text.chars().take(500).collect()
+                    },
+                }
+            }
+        }
+    }
+
+    /// The error of a failed WebSocket reply (`{"ok": false, "error": {...}}`).
+    pub fn from_reply(reply: &Value) -> Self {
+        Self::from_error_object(&reply["error"]).unwrap_or_else(|| Self {
+            status: None,
+            code: "unknown".into(),
+            message: reply.to_string(),
+        })
+    }
+
+    fn from_error_object(error: &Value) -> Option<Self> {
+        Some(Self {
+            status: None,
+            code: error["code"].as_str()?.to_string(),
+            message: error["message"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+/// The server could not be reached at all (refused, unresolvable, timed out).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the server at {server}: {reason}")]
+pub struct Unreachable {
+    pub server: String,
+    /// The innermost cause (e.g. `Connection refused (os error 111)`): the layers above it
+    /// only repeat the URL.
+    pub reason: String,
+}
+
+impl Unreachable {
+    pub fn new(server: &str, error: &(dyn std::error::Error + 'static)) -> Self {
+        let mut root = error;
+        while let Some(source) = root.source() {
+            root = source;
+        }
+        Self {
+            server: server.to_string(),
+            reason: root.to_string(),
+        }
+    }
+}
+
+/// The path of a session's resource: the id is percent-encoded, so an id the server would
+/// refuse reaches it as one path segment and is answered `invalid_session_id`.
+pub fn session_path(session: &str, rest: &str) -> String {
+    let mut path = String::from("/v1/sessions/");
+    for byte in session.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~:".contains(&byte) {
+            path.push(char::from(byte));
+        } else {
+            path.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    path.push_str(rest);
+    path
 }
 
 /// A client of one Baton server.
@@ -31,6 +114,9 @@ pub struct Client {
 
 impl Client {
     pub fn new(server: &str) -> anyhow::Result<Self> {
+        if !(server.starts_with("http://") || server.starts_with("https://")) {
+            bail!("the server URL must start with http:// or https:// (got {server})");
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(256)
@@ -55,19 +141,38 @@ impl Client {
         &self.base
     }
 
-    /// `PUT /v1/sessions/{id}` with an agent.
-    pub async fn put_session_agent(&self, session: &str, agent: &str) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .put(self.url(&format!("/v1/sessions/{session}")))
-            .json(&json!({ "agent": agent }))
-            .send()
-            .await
-            .with_context(|| format!("connecting to {}", self.base))?;
-        Ok(Self::decode(response).await?.1)
+    /// Sends a request; a server that cannot be reached is [`Unreachable`].
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
+        request.send().await.map_err(|e| {
+            if e.is_connect() {
+                Unreachable::new(&self.base, &e).into()
+            } else {
+                anyhow::Error::new(e).context(format!("talking to the server at {}", self.base))
+            }
+        })
     }
 
+    /// `PUT /v1/sessions/{id}` with an agent.
+    pub async fn put_session_agent(&self, session: &str, agent: &str) -> anyhow::Result<Value> {
+        let request = self
+            .http
+            .put(self.url(&session_path(session, "")))
+            .json(&json!({ "agent": agent }));
+        Ok(Self::decode(self.send(request).await?).await?.1)
+    }
+
+    /// `GET /v1/sessions/{id}`.
+    pub async fn get_session(&self, session: &str) -> anyhow::Result<Value> {
+        let request = self.http.get(self.url(&session_path(session, "")));
+        Ok(Self::decode(self.send(request).await?).await?.1)
+    }
+
+    /// The body of a successful answer; a failed one is a [`ServerError`].
     async fn decode(response: reqwest::Response) -> anyhow::Result<(StatusCode, Value)> {
+        let response = Self::check(response).await?;
         let status = response.status();
         let bytes = response.bytes().await.context("reading the response")?;
         let body: Value = if bytes.is_empty() {
@@ -80,17 +185,17 @@ impl Client {
                 )
             })?
         };
-        if status.is_client_error() || status.is_server_error() {
-            let error = &body["error"];
-            return Err(ServerError {
-                status,
-                code: error["code"].as_str().unwrap_or("unknown").to_string(),
-                message: error["message"].as_str().unwrap_or("").to_string(),
-                body,
-            }
-            .into());
-        }
         Ok((status, body))
+    }
+
+    /// The response if it is not an error answer; otherwise its [`ServerError`].
+    pub async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+        let status = response.status();
+        if !(status.is_client_error() || status.is_server_error()) {
+            return Ok(response);
+        }
+        let bytes = response.bytes().await.unwrap_or_default();
+        Err(ServerError::from_http(status, &bytes).into())
     }
 
     /// Posts a message; with `wait`, the server holds the answer until it is final (or not).
@@ -101,23 +206,20 @@ impl Client {
         policy: &str,
         wait: Option<u32>,
     ) -> anyhow::Result<(StatusCode, Value)> {
-        let mut url = self.url(&format!("/v1/sessions/{session}/messages"));
+        let mut url = self.url(&session_path(session, "/messages"));
         if let Some(wait) = wait {
             url.push_str(&format!("?wait={wait}"));
         }
-        let response = self
+        let request = self
             .http
             .post(url)
-            .json(&json!({"content": content, "policy": policy}))
-            .send()
-            .await
-            .with_context(|| format!("connecting to {}", self.base))?;
-        Self::decode(response).await
+            .json(&json!({"content": content, "policy": policy}));
+        Self::decode(self.send(request).await?).await
     }
 
     pub async fn get_interaction(&self, session: &str, id: &str) -> anyhow::Result<Value> {
-        let url = self.url(&format!("/v1/sessions/{session}/interactions/{id}"));
-        let response = self.http.get(url).send().await?;
+        let url = self.url(&session_path(session, &format!("/interactions/{id}")));
+        let response = self.send(self.http.get(url)).await?;
         Ok(Self::decode(response).await?.1)
     }
 
@@ -126,11 +228,11 @@ impl Client {
         let mut all = Vec::new();
         let mut before: Option<String> = None;
         loop {
-            let mut url = self.url(&format!("/v1/sessions/{session}/interactions?limit=1000"));
+            let mut url = self.url(&session_path(session, "/interactions?limit=1000"));
             if let Some(cursor) = &before {
                 url.push_str(&format!("&before={cursor}"));
             }
-            let response = self.http.get(url).send().await?;
+            let response = self.send(self.http.get(url)).await?;
             let (_, page) = Self::decode(response).await?;
             let Some(items) = page["interactions"].as_array() else {
                 bail!("the server's answer has no interactions list");
@@ -143,5 +245,37 @@ impl Client {
         }
         all.reverse();
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_id_is_one_path_segment() {
+        assert_eq!(
+            session_path("a:b.c-d_e~1", "/ws"),
+            "/v1/sessions/a:b.c-d_e~1/ws"
+        );
+        assert_eq!(session_path("bad/id", ""), "/v1/sessions/bad%2Fid");
+        assert_eq!(session_path("a b?#%", ""), "/v1/sessions/a%20b%3F%23%25");
+        assert_eq!(session_path("é", ""), "/v1/sessions/%C3%A9");
+    }
+
+    #[test]
+    fn an_error_answer_becomes_code_and_message() {
+        let contract = br#"{"error": {"code": "not_found", "message": "session not found"}}"#;
+        let error = ServerError::from_http(StatusCode::NOT_FOUND, contract);
+        assert_eq!(error.to_string(), "not_found: session not found");
+        let proxy = ServerError::from_http(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>");
+        assert_eq!(proxy.to_string(), "http_502: <html>bad gateway</html>");
+        let empty = ServerError::from_http(StatusCode::BAD_GATEWAY, b"");
+        assert_eq!(empty.to_string(), "http_502: 502 Bad Gateway");
+        let reply = json!({"kind": "reply", "ok": false, "error": {"code": "session_busy", "message": "busy"}});
+        assert_eq!(
+            ServerError::from_reply(&reply).to_string(),
+            "session_busy: busy"
+        );
     }
 }

@@ -7,9 +7,11 @@ use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::{ServerError, Unreachable, session_path};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -27,6 +29,8 @@ pub enum Frame {
 
 /// A session's WebSocket with automatic resume.
 pub struct SessionSocket {
+    /// The server's URL as given, for messages.
+    server: String,
     ws_base: String,
     session: String,
     socket: Socket,
@@ -44,33 +48,27 @@ fn ws_base(server: &str) -> anyhow::Result<String> {
     } else if server.starts_with("ws://") || server.starts_with("wss://") {
         Ok(server.to_string())
     } else {
-        bail!("the server URL must start with http:// or ws:// (got {server})")
+        bail!("the server URL must start with http:// or https:// (got {server})")
     }
 }
 
 async fn connect(
+    server: &str,
     ws_base: &str,
     session: &str,
     after: Option<i64>,
 ) -> anyhow::Result<(Socket, Value)> {
-    let mut url = format!("{ws_base}/v1/sessions/{session}/ws");
+    let mut url = format!("{ws_base}{}", session_path(session, "/ws"));
     if let Some(after) = after {
         url.push_str(&format!("?after={after}"));
     }
     let (mut socket, _) = match tokio_tungstenite::connect_async(url.as_str()).await {
         Ok(connected) => connected,
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response
-                .body()
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default()
-                .to_string();
-            bail!(
-                "the server refused the WebSocket ({}): {body}",
-                response.status()
-            );
+        Err(WsError::Http(response)) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            return Err(ServerError::from_http(response.status(), body).into());
         }
+        Err(e @ WsError::Io(_)) => return Err(Unreachable::new(server, &e).into()),
         Err(e) => return Err(e).with_context(|| format!("connecting to {url}")),
     };
     loop {
@@ -92,9 +90,11 @@ impl SessionSocket {
     /// Connects; with `after`, the stored events after that seq are replayed first.
     pub async fn open(server: &str, session: &str, after: Option<i64>) -> anyhow::Result<Self> {
         let ws_base = ws_base(server)?;
-        let (socket, hello) = connect(&ws_base, session, after).await?;
+        let (socket, hello) =
+            connect(server.trim_end_matches('/'), &ws_base, session, after).await?;
         let last_seq = after.unwrap_or_else(|| hello["session"]["last_seq"].as_i64().unwrap_or(0));
         Ok(Self {
+            server: server.trim_end_matches('/').to_string(),
             ws_base,
             session: session.to_string(),
             socket,
@@ -169,7 +169,14 @@ impl SessionSocket {
                 tokio::time::sleep(Duration::from_millis((200 * u64::from(attempts)).min(3000)))
                     .await;
             }
-            match connect(&self.ws_base, &self.session, Some(self.last_seq)).await {
+            match connect(
+                &self.server,
+                &self.ws_base,
+                &self.session,
+                Some(self.last_seq),
+            )
+            .await
+            {
                 Ok((socket, _)) => self.socket = socket,
                 Err(e) if attempts < 20 => {
                     tracing::debug!(error = %e, "reconnecting");
