@@ -188,7 +188,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tracing::info!(listen = %addr, database = %database, "baton serving");
                 // A plain line on stdout, once requests are served, so that scripts and
                 // tests can wait for it and find an ephemeral port.
-                println!("baton listening on http://{addr}");
+                // A closed stdout must not stop the server: nobody is waiting for the line.
+                let _ = baton::cli::out(&format!("baton listening on http://{addr}\n"));
             })
             .await?;
             tracing::info!("baton stopped");
