@@ -1,10 +1,31 @@
-//! Marks the PostgreSQL test suite as runnable when `BATON_TEST_POSTGRES` is set; without it,
-//! `cargo test` lists those tests as ignored instead of counting them as passed.
+//! Marks the tests that need something outside Rust as runnable only where it is there, so
+//! that elsewhere `cargo test` lists them as ignored instead of counting them as passed: the
+//! PostgreSQL suite needs `BATON_TEST_POSTGRES`, the README walk-through needs `curl`.
+
+use std::path::PathBuf;
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(baton_postgres_tests)");
+    println!("cargo::rustc-check-cfg=cfg(baton_has_curl)");
+    println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=BATON_TEST_POSTGRES");
+    println!("cargo::rerun-if-env-changed=PATH");
     if std::env::var("BATON_TEST_POSTGRES").is_ok_and(|url| !url.trim().is_empty()) {
         println!("cargo::rustc-cfg=baton_postgres_tests");
     }
+    match find_in_path("curl") {
+        Some(curl) => {
+            println!("cargo::rerun-if-changed={}", curl.display());
+            println!("cargo::rustc-cfg=baton_has_curl");
+        }
+        // Looked for again once it is installed there.
+        None => println!("cargo::rerun-if-changed=/usr/bin/curl"),
+    }
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
 }

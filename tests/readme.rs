@@ -303,6 +303,10 @@ fn require_curl() {
 }
 
 #[test]
+#[cfg_attr(
+    not(baton_has_curl),
+    ignore = "needs curl (e.g. `apt-get install curl`): the walk-through is curl commands"
+)]
 fn the_curl_walkthrough_gives_the_answers_the_readme_shows() {
     require_curl();
     let readme = read(&repo_root().join("README.md"));
