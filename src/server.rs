@@ -70,7 +70,7 @@ pub async fn build_engine(config: &Config, agents: AgentRegistry) -> anyhow::Res
     if resumed > 0 {
         tracing::info!(resumed, "started queued work left from the last run");
     }
-    engine.start_cluster_duties();
+    engine.start_background_duties();
     Ok(engine)
 }
 

@@ -503,13 +503,8 @@ async fn events_after_pages_in_order(kind: Kind) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(baton_postgres_tests),
-    ignore = "needs PostgreSQL: set BATON_TEST_POSTGRES to an admin URL"
-)]
-async fn postgres_retention_compacts_final_deltas_then_old_events() {
-    let f = open(Kind::Postgres).await;
+async fn retention_compacts_final_deltas_then_old_events(kind: Kind) {
+    let f = open(kind).await;
     let done = f
         .store
         .accept_message(message("s", "a", Policy::Reject))
@@ -618,4 +613,110 @@ on_every_backend!(
     recovery_fails_running_and_starts_queued,
     a_deleted_session_never_reuses_a_seq,
     events_after_pages_in_order,
+    retention_compacts_final_deltas_then_old_events,
 );
+
+/// Deleted sessions and compacted events give their pages back: the file shrinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_gives_freed_pages_back() {
+    let f = open(Kind::Sqlite).await;
+    let DatabaseLocation::SqliteFile(path) = &f.location else {
+        unreachable!("an SQLite fixture");
+    };
+    let pages = || -> i64 {
+        let conn = rusqlite::Connection::open(path).expect("open");
+        conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("page_count")
+    };
+    let empty = pages();
+    let padding = "p".repeat(2000);
+    for i in 0..100 {
+        let session = format!("s{i}");
+        let accepted = f
+            .store
+            .accept_message(message(&session, &padding, Policy::Reject))
+            .await
+            .expect("accept");
+        let deltas = (0..10)
+            .map(|_| TaskOutput::Delta(padding.clone()))
+            .collect();
+        f.store
+            .append_outputs(accepted.interaction.id.clone(), deltas)
+            .await
+            .expect("deltas");
+        f.store
+            .finish(
+                accepted.interaction.id,
+                Vec::new(),
+                TaskEnd::Completed { response: None },
+                true,
+            )
+            .await
+            .expect("finish");
+    }
+    let full = pages();
+    assert!(full > empty + 100, "{empty} → {full} pages");
+    for i in 0..100 {
+        f.store
+            .delete_session(sid(&format!("s{i}")))
+            .await
+            .expect("delete");
+    }
+    let past = baton::model::Millis(0);
+    f.store.compact(past, past).await.expect("compact");
+    let after = pages();
+    assert!(
+        after < empty + (full - empty) / 10,
+        "the freed pages went back: {empty} empty, {full} full, {after} after"
+    );
+}
+
+/// A database written before events had their own time (schema version 1, no incremental
+/// vacuum) is upgraded at start-up: each event's time is read from its envelope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_sqlite_database_is_upgraded_for_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("old.db");
+    let location = DatabaseLocation::SqliteFile(path.clone());
+    {
+        let (store, _bus) = connect(&location).await;
+        store
+            .accept_message(message("s", "hello", Policy::Reject))
+            .await
+            .expect("accept");
+    }
+    {
+        // Back to what version 1 wrote.
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(
+            "ALTER TABLE events DROP COLUMN at; PRAGMA user_version = 1; \
+             PRAGMA auto_vacuum = NONE; VACUUM;",
+        )
+        .expect("downgrade");
+        let mode: i64 = conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, 0);
+    }
+    let (store, _bus) = connect(&location).await;
+    let events = store.events_after(sid("s"), 0, 10).await.expect("events");
+    assert!(!events.is_empty());
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let mode: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+        .expect("mode");
+    assert_eq!(mode, 2, "incremental vacuum");
+    let mut stmt = conn
+        .prepare("SELECT at, json_extract(envelope, '$.at') FROM events ORDER BY id")
+        .expect("select");
+    let rows: Vec<(i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    for (at, text) in rows {
+        let parsed = baton::model::Millis::parse_rfc3339(&text).expect("rfc 3339");
+        assert_eq!(at, parsed.0, "{text}");
+    }
+    drop(store);
+}

@@ -167,27 +167,10 @@ impl Engine {
         Ok(count)
     }
 
-    /// With a store shared by several nodes: heartbeats this node's lease, takes over the
-    /// work of lost nodes, and stops local tasks that other nodes cancelled. Runs until
-    /// shutdown begins; a no-op for a single-node store.
-    pub fn start_cluster_duties(&self) {
-        let Some(lease) = self.inner.store.lease() else {
-            return;
-        };
-        if let Some(mut cancels) = self.inner.store.take_remote_cancels() {
-            let inner = Arc::clone(&self.inner);
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = inner.stopping.cancelled() => return,
-                        id = cancels.recv() => match id {
-                            Some(id) => inner.tasks.cancel(&[id]),
-                            None => return,
-                        },
-                    }
-                }
-            });
-        }
+    /// The store's background duties, until shutdown begins: retention (every store), and
+    /// with a store shared by several nodes, the heartbeat of this node's lease, taking over
+    /// the work of lost nodes, and stopping local tasks that other nodes cancelled.
+    pub fn start_background_duties(&self) {
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(COMPACTION_INTERVAL);
@@ -213,6 +196,23 @@ impl Engine {
                 }
             }
         });
+        let Some(lease) = self.inner.store.lease() else {
+            return;
+        };
+        if let Some(mut cancels) = self.inner.store.take_remote_cancels() {
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = inner.stopping.cancelled() => return,
+                        id = cancels.recv() => match id {
+                            Some(id) => inner.tasks.cancel(&[id]),
+                            None => return,
+                        },
+                    }
+                }
+            });
+        }
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(lease / 4);

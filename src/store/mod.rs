@@ -291,7 +291,7 @@ impl Store {
         events_before: crate::model::Millis,
     ) -> StoreResult<u64> {
         match &*self.backend {
-            Backend::Sqlite(_) => Ok(0),
+            Backend::Sqlite(b) => b.compact(deltas_before, events_before, 1000).await,
             Backend::Postgres(b) => b.compact(deltas_before, events_before, 1000).await,
         }
     }

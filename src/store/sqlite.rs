@@ -6,7 +6,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -44,7 +44,8 @@ const WAL_RESTART_BYTES: u64 = 32 * 1024 * 1024;
 const WAL_KEEP_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Schema versions, applied in order at start-up (`PRAGMA user_version` counts them).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sessions (
     id          TEXT PRIMARY KEY,
     agent       TEXT NOT NULL,
@@ -92,7 +93,15 @@ CREATE TABLE retired_sessions (
     id       TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+-- When each event was appended (ms since the epoch), for retention; earlier rows take it from
+-- their envelope's RFC 3339 `at`.
+ALTER TABLE events ADD COLUMN at INTEGER NOT NULL DEFAULT 0;
+UPDATE events SET at =
+    CAST(round((julianday(json_extract(envelope, '$.at')) - 2440587.5) * 86400000.0) AS INTEGER);
+"#,
+];
 
 /// The columns [`read_interaction`] reads, as a literal for `concat!`.
 macro_rules! interaction_columns {
@@ -131,6 +140,10 @@ pub(super) struct SqliteStore {
     stats: Arc<StoreStats>,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: mpsc::Sender<()>,
+    /// Retention: every event up to this id has been looked at for delta compaction (rows are
+    /// appended in commit order, so a walk by id is a walk in time). Starts over after a
+    /// restart, which only re-reads what is left.
+    delta_cursor: AtomicI64,
 }
 
 /// Called after the batch's commit (or its failure) with the commit error, if any.
@@ -142,6 +155,7 @@ impl SqliteStore {
     pub(super) fn open(path: &Path, options: SqliteOptions, bus: Arc<Bus>) -> StoreResult<Self> {
         let mut conn = Connection::open(path)?;
         configure(&conn, options.synchronous)?;
+        incremental_vacuum_mode(&conn)?;
         migrate(&mut conn)?;
         let readers = ReadPool::open(path, options.readers.max(1))?;
         let stats = Arc::new(StoreStats::default());
@@ -164,6 +178,7 @@ impl SqliteStore {
             bus,
             stats,
             _checkpointer: checkpointer,
+            delta_cursor: AtomicI64::new(0),
         })
     }
 
@@ -688,6 +703,70 @@ impl SqliteStore {
         .await
     }
 
+    /// Retention, in jobs of at most `batch` rows each (short writer turns, so live traffic
+    /// goes on between them): the `task.delta` events of interactions that are final (or
+    /// gone, removed by a clear or a delete) and older than `deltas_before`, then every event
+    /// older than `events_before`; then the freed pages go back to the file system. A delta
+    /// of an interaction still active when the walk passed it is left for `events_before`.
+    /// Returns the events deleted.
+    pub(super) async fn compact(
+        &self,
+        deltas_before: Millis,
+        events_before: Millis,
+        batch: i64,
+    ) -> StoreResult<u64> {
+        let mut total = 0;
+        loop {
+            let from = self.delta_cursor.load(Ordering::Relaxed);
+            let walk = self
+                .write(move |tx| compact_deltas(tx.conn, from, deltas_before, batch))
+                .await?;
+            self.delta_cursor.fetch_max(walk.reached, Ordering::Relaxed);
+            total += walk.deleted;
+            if walk.done {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        loop {
+            let deleted = self
+                .write(move |tx| {
+                    Ok(tx
+                        .conn
+                        .prepare_cached(
+                            "DELETE FROM events WHERE id IN \
+                             (SELECT id FROM events ORDER BY id LIMIT ?2) AND at < ?1",
+                        )?
+                        .execute(params![events_before.0, batch])? as u64)
+                })
+                .await?;
+            total += deleted;
+            if deleted < batch.max(1) as u64 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        // Free pages (from this, from deleted sessions, from clears) go back in steps.
+        let mut before = i64::MAX;
+        loop {
+            let left = self
+                .write(move |tx| {
+                    tx.conn
+                        .execute_batch(&format!("PRAGMA incremental_vacuum({batch})"))?;
+                    Ok(tx
+                        .conn
+                        .query_row("PRAGMA freelist_count", [], |r| r.get::<_, i64>(0))?)
+                })
+                .await?;
+            if left == 0 || left >= before {
+                break;
+            }
+            before = left;
+            tokio::task::yield_now().await;
+        }
+        Ok(total)
+    }
+
     pub(super) fn stats(&self) -> &StoreStats {
         &self.stats
     }
@@ -716,6 +795,26 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> StoreResult<()> {
         "PRAGMA synchronous = {sync}; PRAGMA temp_store = MEMORY; PRAGMA cache_size = -8000; \
          PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_KEEP_BYTES};"
     ))?;
+    Ok(())
+}
+
+/// Deleted rows' pages go back to the file system: the database is in incremental vacuum mode
+/// (set before the first table on a new file; an older file is converted once, by a VACUUM),
+/// and retention hands free pages back in bounded steps ([`SqliteStore::compact`]).
+fn incremental_vacuum_mode(conn: &Connection) -> StoreResult<()> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == INCREMENTAL {
+        return Ok(());
+    }
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    if pages > 1 {
+        tracing::info!(
+            pages,
+            "converting the database to incremental vacuum (once)"
+        );
+    }
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")?;
     Ok(())
 }
 
@@ -996,8 +1095,8 @@ impl Tx<'_> {
         event.interaction = interaction;
         self.conn
             .prepare_cached(
-                "INSERT INTO events (session, seq, type, interaction_id, envelope) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO events (session, seq, type, interaction_id, envelope, at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
             .execute(params![
                 row.id.as_str(),
@@ -1005,6 +1104,7 @@ impl Tx<'_> {
                 kind.as_str(),
                 interaction_id.map(InteractionId::as_str),
                 &*event.envelope,
+                self.now.0,
             ])?;
         self.events.push(event);
         Ok(())
@@ -1260,6 +1360,58 @@ impl Tx<'_> {
         }
         Ok(cancelled)
     }
+}
+
+/// One step of the delta walk of [`SqliteStore::compact`].
+struct DeltaWalk {
+    deleted: u64,
+    /// The last event id looked at.
+    reached: i64,
+    /// The walk met an event too recent, or the end of the log.
+    done: bool,
+}
+
+/// Looks at up to `batch` events after id `from`, in order, deleting the deltas of
+/// interactions no longer active, and stops at the first event at or after `before`.
+fn compact_deltas(
+    conn: &Connection,
+    from: i64,
+    before: Millis,
+    batch: i64,
+) -> StoreResult<DeltaWalk> {
+    let mut walk = DeltaWalk {
+        deleted: 0,
+        reached: from,
+        done: false,
+    };
+    let rows: Vec<(i64, i64, bool, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT id, at, type = 'task.delta', interaction_id FROM events \
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?
+        .query_map(params![from, batch], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    walk.done = rows.len() < usize::try_from(batch).unwrap_or(usize::MAX);
+    let mut active = conn.prepare_cached(
+        "SELECT 1 FROM interactions WHERE id = ?1 AND status IN ('queued', 'running')",
+    )?;
+    let mut delete = conn.prepare_cached("DELETE FROM events WHERE id = ?1")?;
+    for (id, at, is_delta, interaction) in rows {
+        if at >= before.0 {
+            walk.done = true;
+            break;
+        }
+        walk.reached = id;
+        let Some(interaction) = interaction.filter(|_| is_delta) else {
+            continue;
+        };
+        if !active.exists([&interaction])? {
+            walk.deleted += delete.execute([id])? as u64;
+        }
+    }
+    Ok(walk)
 }
 
 fn require_session(conn: &Connection, id: &SessionId) -> StoreResult<()> {
