@@ -58,6 +58,46 @@ pub(super) fn number_after(text: &str, key: &str) -> Option<i64> {
     rest[..end].parse().ok()
 }
 
+/// Milliseconds from an event frame's `at` (its creation, millisecond precision) to
+/// `receipt`; 0 where the clocks disagree.
+pub(super) fn delivery_ms(text: &str, receipt: crate::model::Millis) -> Option<u32> {
+    // `"at":"…"` sits right after the type in every envelope.
+    let at = text
+        .find("\"at\":\"")
+        .and_then(|i| text.get(i + 6..i + 30))
+        .and_then(crate::model::Millis::parse_rfc3339)?;
+    let ms = (receipt.0 - at.0).max(0);
+    Some(u32::try_from(ms).unwrap_or(u32::MAX))
+}
+
+/// The continuity of one subscriber's seqs, from its hello's `last_seq` on.
+#[derive(Debug, Default)]
+pub(super) struct SeqCheck {
+    last_seq: Option<i64>,
+    /// Seqs missing from the stream, and events whose seq was not above the last one.
+    pub(super) gaps: u64,
+    pub(super) duplicates: u64,
+}
+
+impl SeqCheck {
+    /// A `hello` frame: the seqs that follow continue from its `last_seq`.
+    pub(super) fn hello(&mut self, text: &str) {
+        self.last_seq = number_after(text, "\"last_seq\":");
+    }
+
+    /// An `event` frame.
+    pub(super) fn event(&mut self, text: &str) {
+        if let Some(seq) = number_after(text, "\"seq\":") {
+            match self.last_seq {
+                Some(last) if seq <= last => self.duplicates += 1,
+                Some(last) => self.gaps += u64::try_from(seq - last - 1).unwrap_or(0),
+                None => {}
+            }
+            self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
+        }
+    }
+}
+
 /// Reads a subscriber's frames until half a second after the window: the latency of each
 /// event in the window, and the continuity of its seqs (from the hello's `last_seq` on).
 pub(super) async fn receive_events(
@@ -66,7 +106,7 @@ pub(super) async fn receive_events(
 ) -> Received {
     use futures_util::StreamExt;
     let mut received = Received::default();
-    let mut last_seq: Option<i64> = None;
+    let mut seqs = SeqCheck::default();
     let stop = tokio::time::sleep_until((window.end + Duration::from_millis(500)).into());
     tokio::pin!(stop);
     loop {
@@ -85,35 +125,22 @@ pub(super) async fn receive_events(
         let at_receipt = crate::model::Millis::now();
         let now = Instant::now();
         if text.starts_with("{\"kind\":\"hello\"") {
-            last_seq = number_after(&text, "\"last_seq\":");
+            seqs.hello(&text);
             continue;
         }
         if !text.starts_with("{\"kind\":\"event\"") {
             continue;
         }
-        if let Some(seq) = number_after(&text, "\"seq\":") {
-            match last_seq {
-                Some(last) if seq <= last => received.duplicates += 1,
-                Some(last) => received.gaps += u64::try_from(seq - last - 1).unwrap_or(0),
-                None => {}
-            }
-            last_seq = Some(last_seq.map_or(seq, |last| last.max(seq)));
-        }
+        seqs.event(&text);
         if !window.contains(now) {
             continue;
         }
-        // `"at":"…"` sits right after the type in every envelope.
-        if let Some(at) = text
-            .find("\"at\":\"")
-            .and_then(|i| text.get(i + 6..i + 30))
-            .and_then(crate::model::Millis::parse_rfc3339)
-        {
-            let ms = (at_receipt.0 - at.0).max(0);
-            received
-                .latencies
-                .push(u32::try_from(ms).unwrap_or(u32::MAX));
+        if let Some(ms) = delivery_ms(&text, at_receipt) {
+            received.latencies.push(ms);
         }
     }
+    received.gaps = seqs.gaps;
+    received.duplicates = seqs.duplicates;
     received
 }
 
@@ -142,5 +169,23 @@ mod tests {
         let frame = r#"{"kind":"event","seq":42,"session":"s","type":"task.delta"}"#;
         assert_eq!(number_after(frame, "\"seq\":"), Some(42));
         assert_eq!(number_after(frame, "\"last_seq\":"), None);
+    }
+
+    #[test]
+    fn seq_check_counts_gaps_and_duplicates_after_the_hello() {
+        let mut seqs = SeqCheck::default();
+        seqs.hello(r#"{"kind":"hello","session":{"id":"s","last_seq":4}}"#);
+        for seq in [5, 7, 7, 8] {
+            seqs.event(&format!(r#"{{"kind":"event","seq":{seq}}}"#));
+        }
+        assert_eq!((seqs.gaps, seqs.duplicates), (1, 1));
+    }
+
+    #[test]
+    fn delivery_ms_reads_the_at_of_the_envelope() {
+        let frame = r#"{"kind":"event","seq":1,"session":"s","type":"task.delta","at":"2026-11-28T08:00:00.123Z","data":{}}"#;
+        let at = crate::model::Millis::parse_rfc3339("2026-11-28T08:00:00.123Z");
+        let receipt = crate::model::Millis(at.map_or(0, |m| m.0) + 7);
+        assert_eq!(delivery_ms(frame, receipt), Some(7));
     }
 }
