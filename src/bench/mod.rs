@@ -11,6 +11,15 @@
 //! - **cancel**: cancel request → the `task.cancelled` event, for a running task of an echo,
 //!   a `command` (a shell that honours SIGTERM) and an `openai` agent (streaming from a mock
 //!   endpoint that this process serves).
+//! - **streams**: N sessions (`--streams`, 1,000 by default), one WebSocket subscriber each,
+//!   all streaming at once from an echo agent paced like an LLM (`[agents.paced]`, a word every
+//!   `--stream-delay-ms`, 20 ms = 50 words/s); each session gets `--stream-messages` messages
+//!   (3) of `--stream-words` words (50), the next posted when the previous one's final event
+//!   reaches the subscriber. Figures: the pace each subscriber received between a reply's
+//!   first and last word, as a share of the agent's (p50, and p5 = the slowest 5 % of the
+//!   streams), delivery latency (`at` → receipt) and first-delta latency (POST → first
+//!   `task.delta`), p50 and p99. `baton bench --only streams`; against `--server URL`, that
+//!   server needs the `paced` agent.
 //! - **cluster** (with `--postgres ADMIN_URL`): the throughput load spread over N `baton serve`
 //!   nodes sharing one fresh PostgreSQL database (and, for comparison, over one node on
 //!   SQLite), with WebSocket subscribers on every node measuring cross-node delivery.
@@ -19,9 +28,11 @@
 //!
 //! One module per scenario, each with its figures, its load and its rows of the report:
 //! `throughput`, `accept`, `memory`, `fanout`, `idle`, `cancel` (with the mock LLM),
-//! `cluster`. Beside them: `spawn` starts the servers and reads their memory, `ws` holds the
-//! WebSocket subscriber shared by the fan-out and cluster scenarios, `report` writes the
-//! table. This module says what runs, in which order.
+//! `streams` (a folder: the scenario, and `stream`, one session's messages and what its
+//! subscriber saw), `cluster`. Beside them: `spawn` starts the servers and reads their
+//! memory, `ws` holds the WebSocket subscriber's frame parsing (and the whole subscriber of
+//! the fan-out and cluster scenarios), `report` writes the table. This module says what runs,
+//! in which order.
 
 mod accept;
 mod cancel;
@@ -31,6 +42,7 @@ mod idle;
 mod memory;
 mod report;
 mod spawn;
+mod streams;
 mod throughput;
 mod ws;
 
@@ -45,6 +57,7 @@ use idle::{Idle, idle};
 use memory::{Memory, memory};
 use report::report;
 use spawn::{spawn_baton, spawn_peer, wait_healthy};
+use streams::{Streams, StreamsPlan, paced_agent_config, streams};
 use throughput::{Throughput, throughput};
 use ws::Delivery;
 
@@ -72,13 +85,20 @@ pub struct BenchOptions {
     pub idle_connections: usize,
     /// Cancels measured per agent in the cancel scenario (0 skips it).
     pub cancel_rounds: usize,
+    /// Sessions of the streams scenario, one WebSocket subscriber each (0 skips it).
+    pub streams: usize,
+    /// Messages sent to each of them, one after another, and words per message.
+    pub stream_messages: usize,
+    pub stream_words: usize,
+    /// The paced echo agent's pause before each word, in ms (20: 50 words/s).
+    pub stream_delay_ms: u64,
     /// PostgreSQL URL of a role that may create databases: enables the cluster scenario, which
     /// creates a fresh database on it per configuration and drops it afterwards.
     pub postgres: Option<String>,
     /// Node counts of the cluster scenario.
     pub nodes: Vec<usize>,
     /// Which scenarios to run (`throughput`, `accept`, `memory`, `fanout`, `idle`, `cancel`,
-    /// `cluster`); empty means all (`cluster` only when `postgres` is given).
+    /// `streams`, `cluster`); empty means all (`cluster` only when `postgres` is given).
     pub only: Vec<String>,
 }
 
@@ -112,6 +132,8 @@ struct Figures {
     /// Server-side time to stop the command agent's processes: (stops, p50 and p99 bucket
     /// bounds in ms).
     process_stops: Option<(u64, f64, f64)>,
+    /// The streams scenario, or why it could not run on this target.
+    streams: Option<Result<Streams, String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +315,24 @@ async fn measure(
             }
         }
     }
+    if wants("streams") && options.streams > 0 {
+        eprintln!(
+            "[{name}] streams: {} sessions x {} messages of {} words, a word every {} ms",
+            options.streams, options.stream_messages, options.stream_words, options.stream_delay_ms
+        );
+        let plan = StreamsPlan {
+            streams: options.streams,
+            messages: options.stream_messages,
+            words: options.stream_words,
+            delay: Duration::from_millis(options.stream_delay_ms),
+        };
+        // A target that cannot run it (say, a server without the paced agent) says why in
+        // the table; the other figures stand.
+        figures.streams = Some(streams(url, plan).await.map_err(|e| {
+            eprintln!("[{name}] streams not measured: {e:#}");
+            format!("{e:#}")
+        }));
+    }
     Ok(figures)
 }
 
@@ -308,14 +348,17 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             }
             None => {
                 let llm = spawn_mock_llm().await?;
-                let config = BENCH_CONFIG.to_string() + &real_agents_config(&llm);
+                let config = BENCH_CONFIG.to_string()
+                    + &real_agents_config(&llm)
+                    + &paced_agent_config(options.stream_delay_ms);
                 let baton = spawn_baton(&config, None).await?;
                 results.push(measure("baton", &baton.url, baton.pid(), &options, true).await?);
                 drop(baton);
             }
         }
         if let Some(peer_dir) = &options.peer_dir {
-            let peer = spawn_peer(peer_dir, &options.peer_python).await?;
+            let config = BENCH_CONFIG.to_string() + &paced_agent_config(options.stream_delay_ms);
+            let peer = spawn_peer(peer_dir, &options.peer_python, &config).await?;
             results.push(measure("seed-py peer", &peer.url, peer.pid(), &options, false).await?);
             drop(peer);
         }

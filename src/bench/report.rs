@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{Figures, accept, cancel, cluster, fanout, idle, memory, throughput};
+use super::{Figures, accept, cancel, cluster, fanout, idle, memory, streams, throughput};
 
 /// A duration as milliseconds with two decimals.
 pub(super) fn ms(d: Duration) -> String {
@@ -90,5 +90,6 @@ pub(super) fn report(results: &[Figures], ratio_header: Option<&str>) -> String 
     idle::rows(&mut table);
     cluster::rows(&mut table);
     cancel::rows(&mut table);
+    streams::rows(&mut table);
     table.out
 }

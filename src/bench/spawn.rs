@@ -10,8 +10,6 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::BENCH_CONFIG;
-
 /// A server process started by the benchmark; killed when dropped.
 pub(super) struct Spawned {
     child: Child,
@@ -70,17 +68,22 @@ pub(super) async fn spawn_baton(config: &str, database: Option<&str>) -> anyhow:
     })
 }
 
-pub(super) async fn spawn_peer(peer_dir: &Path, python: &Path) -> anyhow::Result<Spawned> {
+/// Starts the peer's `server.py` with `config`, on a fresh data folder.
+pub(super) async fn spawn_peer(
+    peer_dir: &Path,
+    python: &Path,
+    config: &str,
+) -> anyhow::Result<Spawned> {
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("bench.toml");
-    std::fs::write(&config, BENCH_CONFIG)?;
+    let config_file = dir.path().join("bench.toml");
+    std::fs::write(&config_file, config)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let child = Command::new(python)
         .arg(peer_dir.join("server.py"))
         .arg("--config")
-        .arg(&config)
+        .arg(&config_file)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--data")

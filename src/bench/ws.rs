@@ -58,6 +58,13 @@ pub(super) fn number_after(text: &str, key: &str) -> Option<i64> {
     rest[..end].parse().ok()
 }
 
+/// The text right after `"key":"` in a frame, up to the closing quote, e.g. the event type
+/// after `"type":"`.
+pub(super) fn string_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &text[text.find(key)? + key.len()..];
+    rest.get(..rest.find('"')?)
+}
+
 /// Milliseconds from an event frame's `at` (its creation, millisecond precision) to
 /// `receipt`; 0 where the clocks disagree.
 pub(super) fn delivery_ms(text: &str, receipt: crate::model::Millis) -> Option<u32> {
@@ -169,6 +176,8 @@ mod tests {
         let frame = r#"{"kind":"event","seq":42,"session":"s","type":"task.delta"}"#;
         assert_eq!(number_after(frame, "\"seq\":"), Some(42));
         assert_eq!(number_after(frame, "\"last_seq\":"), None);
+        assert_eq!(string_after(frame, "\"type\":\""), Some("task.delta"));
+        assert_eq!(string_after(frame, "\"at\":\""), None);
     }
 
     #[test]
