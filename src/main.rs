@@ -113,6 +113,19 @@ enum Command {
         /// Cancels per agent kind in the cancel scenario (0 skips it).
         #[arg(long, default_value_t = 200)]
         cancel_rounds: usize,
+        /// Sessions of the streams scenario, one WebSocket subscriber each, all streaming from
+        /// a paced echo agent at once (0 skips it).
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Messages sent to each stream session, one after another.
+        #[arg(long, default_value_t = 3)]
+        stream_messages: usize,
+        /// Words per message of the streams scenario (the agent streams one delta per word).
+        #[arg(long, default_value_t = 50)]
+        stream_words: usize,
+        /// The paced agent's pause before each word, in ms (20: 50 words/s).
+        #[arg(long, default_value_t = 20)]
+        stream_delay_ms: u64,
         /// PostgreSQL URL of a role that may create databases, e.g.
         /// postgres://postgres@127.0.0.1:5432/postgres: enables the cluster scenario (a fresh
         /// database per configuration, dropped afterwards).
@@ -121,8 +134,8 @@ enum Command {
         /// Node counts of the cluster scenario.
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         nodes: Vec<usize>,
-        /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel, cluster
-        /// (repeatable; all but cluster by default, cluster too with --postgres).
+        /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel, streams,
+        /// cluster (repeatable; all but cluster by default, cluster too with --postgres).
         #[arg(long)]
         only: Vec<String>,
     },
@@ -224,6 +237,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             fanout_subscribers,
             idle_connections,
             cancel_rounds,
+            streams,
+            stream_messages,
+            stream_words,
+            stream_delay_ms,
             postgres,
             nodes,
             only,
@@ -240,6 +257,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 fanout_subscribers,
                 idle_connections,
                 cancel_rounds,
+                streams,
+                stream_messages,
+                stream_words,
+                stream_delay_ms,
                 postgres,
                 nodes,
                 only,
