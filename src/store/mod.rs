@@ -6,6 +6,7 @@
 //! [`Store`] is the one API; the backend behind it is chosen by the database URL.
 
 mod postgres;
+mod rules;
 mod shared;
 mod sqlite;
 
@@ -20,6 +21,7 @@ use crate::model::{
     SessionId,
 };
 pub use postgres::PgOptions;
+use rules::{Operation, Outcome};
 
 /// Errors of store operations. Each refusal leaves the stored state unchanged.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -197,7 +199,23 @@ macro_rules! dispatch {
     };
 }
 
+/// Registers the [`FinalWatch`] an accepted message asked for; called in the transaction,
+/// before its commit publishes, so no final event of the interaction can be missed.
+fn register_final_watch(bus: &Arc<Bus>, outcome: &mut Outcome) {
+    if let Outcome::Accepted(accepted) = outcome {
+        let i = &accepted.interaction;
+        if !i.status.is_final() {
+            accepted.final_watch = Some(bus.watch_final(&i.session, &i.id));
+        }
+    }
+}
+
 impl Store {
+    /// Runs one operation of the session rules: one transaction on the backend.
+    async fn run(&self, session: Option<SessionId>, op: Operation) -> StoreResult<Outcome> {
+        dispatch!(self.run(session, op))
+    }
+
     /// Opens (creating and migrating as needed) the SQLite database at `location`.
     /// Committed events are published to `bus`.
     pub fn open(
@@ -313,7 +331,12 @@ impl Store {
         context: Option<JsonObject>,
         default_agent: String,
     ) -> StoreResult<(Session, bool)> {
-        dispatch!(self.put_session(id, agent, context, default_agent))
+        let op = Operation::PutSession {
+            agent,
+            context,
+            default_agent,
+        };
+        self.run(Some(id), op).await?.into_session()
     }
 
     pub async fn get_session(&self, id: SessionId) -> StoreResult<Session> {
@@ -331,12 +354,17 @@ impl Store {
 
     /// Cancels its interactions (`delete`), emits `session.deleted` and removes everything.
     pub async fn delete_session(&self, id: SessionId) -> StoreResult<Vec<InteractionId>> {
-        dispatch!(self.delete_session(id))
+        self.run(Some(id), Operation::DeleteSession)
+            .await?
+            .into_deleted()
     }
 
     /// Accepts a message under its policy (idempotency first, then the busy check).
     pub async fn accept_message(&self, message: NewMessage) -> StoreResult<Accepted> {
-        dispatch!(self.accept_message(message))
+        let session = message.session.clone();
+        self.run(Some(session), Operation::Accept(message))
+            .await?
+            .into_accepted()
     }
 
     /// Appends a running task's outputs; refused with [`StoreError::Fenced`] unless `id` is
@@ -346,7 +374,9 @@ impl Store {
         id: InteractionId,
         outputs: Vec<TaskOutput>,
     ) -> StoreResult<()> {
-        dispatch!(self.append_outputs(id, outputs))
+        self.run(None, Operation::Append { id, outputs })
+            .await?
+            .into_appended()
     }
 
     /// Appends the task's last `outputs`, makes the running interaction final and, when
@@ -358,7 +388,13 @@ impl Store {
         end: TaskEnd,
         start_next: bool,
     ) -> StoreResult<Option<StartedTask>> {
-        dispatch!(self.finish(id, outputs, end, start_next))
+        let op = Operation::Finish {
+            id,
+            outputs,
+            end,
+            start_next,
+        };
+        self.run(None, op).await?.into_started()
     }
 
     /// Cancels the target; when it was the running one and `start_next`, starts the next
@@ -370,13 +406,20 @@ impl Store {
         reason: CancelReason,
         start_next: bool,
     ) -> StoreResult<Cancelled> {
-        dispatch!(self.cancel(session, target, reason, start_next))
+        let op = Operation::Cancel {
+            target,
+            reason,
+            start_next,
+        };
+        self.run(Some(session), op).await?.into_cancelled()
     }
 
     /// Cancels every running and queued interaction (`clear`), removes interactions and
     /// context, bumps the epoch and emits `session.cleared`. Creates the session if absent.
     pub async fn clear(&self, session: SessionId, default_agent: String) -> StoreResult<Cleared> {
-        dispatch!(self.clear(session, default_agent))
+        self.run(Some(session), Operation::Clear { default_agent })
+            .await?
+            .into_cleared()
     }
 
     pub async fn get_context(&self, session: SessionId) -> StoreResult<JsonObject> {
@@ -391,7 +434,12 @@ impl Store {
         patch: bool,
         default_agent: String,
     ) -> StoreResult<JsonObject> {
-        dispatch!(self.update_context(session, value, patch, default_agent))
+        let op = Operation::UpdateContext {
+            value,
+            patch,
+            default_agent,
+        };
+        self.run(Some(session), op).await?.into_context()
     }
 
     /// Interactions of the current epoch, newest first, before the cursor `before`.

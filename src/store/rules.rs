@@ -1,0 +1,875 @@
+//! The rules of a session, written once for both backends.
+//!
+//! A backend loads a [`Snapshot`] of one session inside its transaction (the session's row,
+//! its running interaction, its queue, and what the operation names: the interaction holding
+//! an idempotency key, a cancel's target), calls [`decide`], applies the returned [`Plan`]
+//! with its own SQL (the [`Write`]s in order, then the events, then the session's `last_seq`)
+//! and commits. A refusal is an `Err`: the backend writes nothing.
+//!
+//! Nothing here does I/O, awaits or reads a clock: `now` and a fresh interaction id come in
+//! with the snapshot and the operation, so the same inputs always give the same plan.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    Accepted, CancelTarget, Cancelled, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, StartedTask,
+    StoreError, StoreResult, TaskEnd, TaskOutput,
+};
+use crate::model::{
+    CancelReason, ErrorInfo, Event, EventType, Interaction, InteractionId, JsonObject, Millis,
+    Policy, Session, SessionId, Status, merge_patch,
+};
+use std::sync::Arc;
+
+/// A session's row as loaded by a backend.
+#[derive(Debug, Clone)]
+pub(super) struct SessionRow {
+    pub(super) agent: String,
+    /// The stored JSON text, parsed only when a rule needs it (most never look at it).
+    pub(super) context: Result<JsonObject, String>,
+    pub(super) epoch: i64,
+    pub(super) last_seq: i64,
+    pub(super) created_at: Millis,
+}
+
+impl SessionRow {
+    fn context(&mut self) -> StoreResult<&JsonObject> {
+        if let Err(text) = &self.context {
+            self.context = Ok(serde_json::from_str(text)?);
+        }
+        match &self.context {
+            Ok(context) => Ok(context),
+            Err(_) => Err(StoreError::Internal("context not parsed".into())),
+        }
+    }
+}
+
+/// One session's state, read in the transaction that will apply the plan.
+#[derive(Debug, Clone)]
+pub(super) struct Snapshot {
+    pub(super) id: SessionId,
+    /// The time of this transaction: every row and event it writes carries it.
+    pub(super) now: Millis,
+    /// `None`: the session does not exist.
+    pub(super) session: Option<SessionRow>,
+    /// The last seq of a deleted session of this id (0 if none): a session created again
+    /// continues after it, so no seq is ever reused.
+    pub(super) retired_seq: i64,
+    pub(super) running: Option<Interaction>,
+    /// Oldest first.
+    pub(super) queued: Vec<Interaction>,
+    /// The interaction holding the operation's idempotency key, if any.
+    pub(super) keyed: Option<Interaction>,
+    /// The interaction a cancel names, if it exists (in any session: the rules check).
+    pub(super) named: Option<Interaction>,
+    /// The id a message gets if it is stored (not a replay): allocated by the backend, after
+    /// every id of the session.
+    pub(super) fresh_id: Option<InteractionId>,
+}
+
+impl Snapshot {
+    /// A snapshot of a session that does not exist.
+    pub(super) fn absent(id: SessionId, now: Millis) -> Self {
+        Self {
+            id,
+            now,
+            session: None,
+            retired_seq: 0,
+            running: None,
+            queued: Vec::new(),
+            keyed: None,
+            named: None,
+            fresh_id: None,
+        }
+    }
+}
+
+/// An operation on one session.
+#[derive(Debug, Clone)]
+pub(super) enum Operation {
+    /// Create the session if absent; set its agent and/or replace its context if given.
+    PutSession {
+        agent: Option<String>,
+        context: Option<JsonObject>,
+        default_agent: String,
+    },
+    DeleteSession,
+    /// The snapshot's `fresh_id` is its id if the message is stored (not a replay).
+    Accept(NewMessage),
+    Append {
+        id: InteractionId,
+        outputs: Vec<TaskOutput>,
+    },
+    Finish {
+        id: InteractionId,
+        outputs: Vec<TaskOutput>,
+        end: TaskEnd,
+        start_next: bool,
+    },
+    Cancel {
+        target: CancelTarget,
+        reason: CancelReason,
+        start_next: bool,
+    },
+    Clear {
+        default_agent: String,
+    },
+    UpdateContext {
+        value: JsonObject,
+        patch: bool,
+        default_agent: String,
+    },
+    /// The task of `id` is gone (the server stopped, its node was lost): if `id` still runs
+    /// it fails with `error`; then, if nothing runs, the oldest queued interaction starts.
+    Interrupt {
+        id: InteractionId,
+        error: ErrorInfo,
+    },
+    /// If nothing runs, the oldest queued interaction starts.
+    StartQueued,
+}
+
+impl Operation {
+    /// The idempotency key whose holder the snapshot must carry in `keyed`.
+    pub(super) fn idempotency_key(&self) -> Option<&str> {
+        match self {
+            Operation::Accept(message) => message.idempotency_key.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The interaction the snapshot must carry in `named`.
+    pub(super) fn named(&self) -> Option<&InteractionId> {
+        match self {
+            Operation::Cancel {
+                target: CancelTarget::Named(id),
+                ..
+            } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The interaction whose session this operation is about, for operations addressed by
+    /// interaction (a task's writes). Its backend finds the session first; if the
+    /// interaction is gone, [`Operation::when_gone`] says what the operation answers.
+    pub(super) fn task(&self) -> Option<&InteractionId> {
+        match self {
+            Operation::Append { id, .. }
+            | Operation::Finish { id, .. }
+            | Operation::Interrupt { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// What a task's operation answers when its interaction (or its session) is gone.
+    pub(super) fn when_gone(&self) -> StoreResult<Outcome> {
+        match self {
+            Operation::Interrupt { .. } | Operation::StartQueued => Ok(Outcome::Started(None)),
+            _ => Err(StoreError::Fenced),
+        }
+    }
+
+    /// Whether the caller wants a [`FinalWatch`](crate::bus::FinalWatch) of the accepted
+    /// interaction, registered before the commit publishes.
+    pub(super) fn watches_final(&self) -> bool {
+        matches!(self, Operation::Accept(message) if message.watch_final)
+    }
+
+    /// Whether the operation may store a new interaction (its snapshot needs a `fresh_id`).
+    pub(super) fn inserts(&self) -> bool {
+        matches!(self, Operation::Accept(_))
+    }
+
+    /// Whether the session's retired seq matters (the operation creates an absent session).
+    pub(super) fn creates(&self) -> bool {
+        matches!(
+            self,
+            Operation::PutSession { .. }
+                | Operation::Accept { .. }
+                | Operation::Clear { .. }
+                | Operation::UpdateContext { .. }
+        )
+    }
+}
+
+/// A row change, applied by the backend in order.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Write {
+    /// Insert the session (created at the plan's `now`, epoch 0) and drop its retired row.
+    CreateSession {
+        agent: String,
+        context: JsonObject,
+        last_seq: i64,
+    },
+    SetAgent(String),
+    SetContext(JsonObject),
+    /// Remove every interaction of the session, empty its context, set its epoch.
+    Clear {
+        epoch: i64,
+    },
+    /// Remove the session, its interactions and its events; retire its last seq.
+    Delete {
+        last_seq: i64,
+    },
+    /// An expired idempotency key is free again.
+    ForgetKey(InteractionId),
+    /// A new interaction (queued, or running on this node).
+    Insert {
+        interaction: Interaction,
+        epoch: i64,
+        idempotency_key: Option<String>,
+    },
+    /// Deltas appended to a running interaction's stored response.
+    AppendResponse {
+        id: InteractionId,
+        text: String,
+    },
+    /// The interaction became final: status, response, error, cancel reason, finished_at.
+    Finalize(Interaction),
+    /// A queued interaction starts running (on this node): status and started_at.
+    Start(Interaction),
+}
+
+/// What an operation answers, by operation.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    Session {
+        session: Session,
+        created: bool,
+    },
+    Deleted(Vec<InteractionId>),
+    Accepted(Accepted),
+    Appended,
+    /// Finish, Interrupt, StartQueued: the task started next, if any.
+    Started(Option<StartedTask>),
+    Cancelled(Cancelled),
+    Cleared(Cleared),
+    Context(JsonObject),
+}
+
+/// `Outcome::into_x()`: the answer of the operation that gives an `x`.
+macro_rules! outcome_as {
+    ($($name:ident: $pat:pat => $value:expr, $ty:ty;)+) => {
+        impl Outcome {
+            $(
+                pub(super) fn $name(self) -> StoreResult<$ty> {
+                    match self {
+                        $pat => Ok($value),
+                        other => Err(StoreError::Internal(format!(
+                            "{}: unexpected outcome {other:?}",
+                            stringify!($name)
+                        ))),
+                    }
+                }
+            )+
+        }
+    };
+}
+
+outcome_as! {
+    into_session: Outcome::Session { session, created } => (session, created), (Session, bool);
+    into_deleted: Outcome::Deleted(ids) => ids, Vec<InteractionId>;
+    into_accepted: Outcome::Accepted(accepted) => accepted, Accepted;
+    into_appended: Outcome::Appended => (), ();
+    into_started: Outcome::Started(next) => next, Option<StartedTask>;
+    into_cancelled: Outcome::Cancelled(cancelled) => cancelled, Cancelled;
+    into_cleared: Outcome::Cleared(cleared) => cleared, Cleared;
+    into_context: Outcome::Context(context) => context, JsonObject;
+}
+
+/// What one operation changes: apply `writes` in order, then store `events` (unless
+/// `deletes_session`: they are then only published), then save `save_seq`, then commit.
+#[derive(Debug)]
+pub(super) struct Plan {
+    pub(super) session: SessionId,
+    pub(super) now: Millis,
+    pub(super) writes: Vec<Write>,
+    /// With their seqs, contiguous after the session's `last_seq`.
+    pub(super) events: Vec<Event>,
+    /// The session's new `last_seq`, when it must be saved.
+    pub(super) save_seq: Option<i64>,
+    /// Interactions whose tasks must stop (cancelled, or failed because their task is gone).
+    pub(super) stopped: Vec<InteractionId>,
+    pub(super) outcome: Outcome,
+}
+
+impl Plan {
+    /// Whether the plan removes the session: its events are published, never stored.
+    pub(super) fn deletes_session(&self) -> bool {
+        self.writes
+            .iter()
+            .any(|w| matches!(w, Write::Delete { .. }))
+    }
+}
+
+/// The rules: what `operation` does to the session in `snapshot`, or why it is refused.
+pub(super) fn decide(snapshot: Snapshot, operation: Operation) -> StoreResult<Plan> {
+    let mut d = Decider::new(snapshot);
+    let outcome = match operation {
+        Operation::PutSession {
+            agent,
+            context,
+            default_agent,
+        } => d.put_session(agent, context, default_agent)?,
+        Operation::DeleteSession => d.delete_session()?,
+        Operation::Accept(message) => d.accept(message)?,
+        Operation::Append { id, outputs } => {
+            d.running_task(&id)?;
+            let text = d.write_outputs(&id, outputs)?;
+            if !text.is_empty() {
+                d.writes.push(Write::AppendResponse { id, text });
+            }
+            Outcome::Appended
+        }
+        Operation::Finish {
+            id,
+            outputs,
+            end,
+            start_next,
+        } => d.finish(id, outputs, end, start_next)?,
+        Operation::Cancel {
+            target,
+            reason,
+            start_next,
+        } => d.cancel(target, reason, start_next)?,
+        Operation::Clear { default_agent } => d.clear(default_agent)?,
+        Operation::UpdateContext {
+            value,
+            patch,
+            default_agent,
+        } => {
+            d.session_or_create(default_agent, JsonObject::new())?;
+            let context = if patch {
+                patched(d.row()?.context()?, value)?
+            } else {
+                value
+            };
+            d.set_context(&context)?;
+            Outcome::Context(context)
+        }
+        Operation::Interrupt { id, error } => {
+            if d.s.session.is_none() {
+                return d.done(Outcome::Started(None));
+            }
+            if let Some(mut running) = d.s.running.take_if(|r| r.id == id) {
+                d.make_final(&mut running, Status::Failed, Some(error), None)?;
+                d.stopped.push(running.id);
+            }
+            let next = d.start_next()?;
+            Outcome::Started(next)
+        }
+        Operation::StartQueued => {
+            if d.s.session.is_none() {
+                return d.done(Outcome::Started(None));
+            }
+            Outcome::Started(d.start_next()?)
+        }
+    };
+    d.done(outcome)
+}
+
+/// Works on a snapshot, recording what changes.
+struct Decider {
+    s: Snapshot,
+    /// The stored `last_seq`, to know whether it must be saved.
+    saved_seq: i64,
+    writes: Vec<Write>,
+    events: Vec<Event>,
+    stopped: Vec<InteractionId>,
+}
+
+impl Decider {
+    fn new(s: Snapshot) -> Self {
+        let saved_seq = s.session.as_ref().map_or(s.retired_seq, |r| r.last_seq);
+        Self {
+            s,
+            saved_seq,
+            writes: Vec::new(),
+            events: Vec::new(),
+            stopped: Vec::new(),
+        }
+    }
+
+    fn done(mut self, outcome: Outcome) -> StoreResult<Plan> {
+        let last_seq = self.s.session.as_ref().map(|r| r.last_seq);
+        let mut save_seq = last_seq.filter(|seq| *seq != self.saved_seq);
+        if let Some(Write::CreateSession { last_seq, .. }) = self.writes.first_mut()
+            && let Some(seq) = save_seq.take()
+        {
+            // Inserted with its final seq: no second write of the row.
+            *last_seq = seq;
+        }
+        if self
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::Delete { .. }))
+        {
+            save_seq = None;
+        }
+        Ok(Plan {
+            session: self.s.id,
+            now: self.s.now,
+            writes: self.writes,
+            events: self.events,
+            save_seq,
+            stopped: self.stopped,
+            outcome,
+        })
+    }
+
+    fn row(&mut self) -> StoreResult<&mut SessionRow> {
+        self.s.session.as_mut().ok_or(StoreError::SessionNotFound)
+    }
+
+    /// Creates the session if absent (with `session.created`); returns whether it did.
+    fn session_or_create(&mut self, agent: String, context: JsonObject) -> StoreResult<bool> {
+        if self.s.session.is_some() {
+            return Ok(false);
+        }
+        let last_seq = self.s.retired_seq;
+        let now = self.s.now;
+        self.writes.push(Write::CreateSession {
+            agent: agent.clone(),
+            context: context.clone(),
+            last_seq,
+        });
+        let session = Session {
+            id: self.s.id.clone(),
+            agent: agent.clone(),
+            context: context.clone(),
+            epoch: 0,
+            last_seq: last_seq + 1,
+            created_at: now,
+            running: None,
+            queued: 0,
+        };
+        self.s.session = Some(SessionRow {
+            agent,
+            context: Ok(context),
+            epoch: 0,
+            last_seq,
+            created_at: now,
+        });
+        self.emit(
+            EventType::SessionCreated,
+            None,
+            &SessionData { session: &session },
+            None,
+        )?;
+        Ok(true)
+    }
+
+    /// Allocates the session's next seq and records the event.
+    fn emit<D: Serialize>(
+        &mut self,
+        kind: EventType,
+        interaction_id: Option<&InteractionId>,
+        data: &D,
+        interaction: Option<Arc<Interaction>>,
+    ) -> StoreResult<()> {
+        let now = self.s.now;
+        let row = self.row()?;
+        row.last_seq += 1;
+        let seq = row.last_seq;
+        let mut event = Event::new(&self.s.id, seq, kind, now, interaction_id.cloned(), data)?;
+        event.interaction = interaction;
+        self.events.push(event);
+        Ok(())
+    }
+
+    fn emit_interaction(&mut self, kind: EventType, interaction: &Interaction) -> StoreResult<()> {
+        let shared = Arc::new(interaction.clone());
+        self.emit(
+            kind,
+            Some(&interaction.id),
+            &InteractionData { interaction },
+            Some(shared),
+        )
+    }
+
+    fn set_context(&mut self, context: &JsonObject) -> StoreResult<()> {
+        self.writes.push(Write::SetContext(context.clone()));
+        self.row()?.context = Ok(context.clone());
+        self.emit(
+            EventType::ContextUpdated,
+            None,
+            &ContextData { context },
+            None,
+        )
+    }
+
+    /// The session's view as the API shows it.
+    fn view(&mut self) -> StoreResult<Session> {
+        let running = self.s.running.clone();
+        let queued = self.s.queued.len() as i64;
+        let id = self.s.id.clone();
+        let row = self.row()?;
+        Ok(Session {
+            id,
+            agent: row.agent.clone(),
+            context: row.context()?.clone(),
+            epoch: row.epoch,
+            last_seq: row.last_seq,
+            created_at: row.created_at,
+            running,
+            queued,
+        })
+    }
+
+    fn put_session(
+        &mut self,
+        agent: Option<String>,
+        context: Option<JsonObject>,
+        default_agent: String,
+    ) -> StoreResult<Outcome> {
+        let created = self.session_or_create(
+            agent.clone().unwrap_or(default_agent),
+            context.clone().unwrap_or_default(),
+        )?;
+        if !created {
+            if let Some(agent) = agent {
+                self.row()?.agent = agent.clone();
+                self.writes.push(Write::SetAgent(agent));
+            }
+            if let Some(context) = context {
+                self.set_context(&context)?;
+            }
+        }
+        Ok(Outcome::Session {
+            session: self.view()?,
+            created,
+        })
+    }
+
+    fn delete_session(&mut self) -> StoreResult<Outcome> {
+        self.row()?;
+        let cancelled = self.cancel_all(CancelReason::Delete)?;
+        self.emit(EventType::SessionDeleted, None, &Empty {}, None)?;
+        let last_seq = self.row()?.last_seq;
+        self.writes.push(Write::Delete { last_seq });
+        Ok(Outcome::Deleted(cancelled))
+    }
+
+    fn accept(&mut self, message: NewMessage) -> StoreResult<Outcome> {
+        self.session_or_create(message.default_agent.clone(), JsonObject::new())?;
+        let now = self.s.now;
+        if let Some(key) = &message.idempotency_key
+            && let Some(earlier) = self.s.keyed.take()
+        {
+            debug_assert_eq!(earlier.session, self.s.id);
+            if earlier.created_at.0 < now.0 - IDEMPOTENCY_TTL_MS {
+                debug_assert!(!key.is_empty());
+                self.writes.push(Write::ForgetKey(earlier.id));
+            } else if earlier.content != message.content || earlier.metadata != message.metadata {
+                return Err(StoreError::IdempotencyMismatch);
+            } else {
+                return Ok(Outcome::Accepted(Accepted {
+                    interaction: earlier,
+                    replayed: true,
+                    started: None,
+                    cancelled: Vec::new(),
+                    final_watch: None,
+                }));
+            }
+        }
+        let busy_with = self
+            .s
+            .running
+            .as_ref()
+            .or(self.s.queued.first())
+            .map(|i| i.id.clone());
+        let mut cancelled = Vec::new();
+        if let Some(busy_with) = &busy_with {
+            match message.policy {
+                Policy::Reject => {
+                    return Err(StoreError::Busy {
+                        running: busy_with.clone(),
+                    });
+                }
+                Policy::Enqueue if self.s.queued.len() >= message.queue_limit as usize => {
+                    return Err(StoreError::QueueFull {
+                        limit: message.queue_limit,
+                    });
+                }
+                Policy::Enqueue => {}
+                Policy::Interrupt => cancelled = self.cancel_all(CancelReason::Interrupt)?,
+            }
+        }
+        let start_now = busy_with.is_none() || message.policy == Policy::Interrupt;
+        let id = self.s.fresh_id.take();
+        let interaction = Interaction {
+            id: id.ok_or_else(|| StoreError::Internal("no id for a new interaction".into()))?,
+            session: self.s.id.clone(),
+            content: message.content,
+            metadata: message.metadata,
+            status: if start_now {
+                Status::Running
+            } else {
+                Status::Queued
+            },
+            response: String::new(),
+            error: None,
+            cancel_reason: None,
+            created_at: now,
+            started_at: start_now.then_some(now),
+            finished_at: None,
+        };
+        let row = self.row()?;
+        let (epoch, agent) = (row.epoch, row.agent.clone());
+        self.writes.push(Write::Insert {
+            interaction: interaction.clone(),
+            epoch,
+            idempotency_key: message.idempotency_key,
+        });
+        let started = if start_now {
+            self.emit_interaction(EventType::TaskStarted, &interaction)?;
+            self.s.running = Some(interaction.clone());
+            Some(StartedTask {
+                interaction: interaction.clone(),
+                agent,
+            })
+        } else {
+            self.emit_interaction(EventType::InteractionQueued, &interaction)?;
+            self.s.queued.push(interaction.clone());
+            None
+        };
+        Ok(Outcome::Accepted(Accepted {
+            interaction,
+            replayed: false,
+            started,
+            cancelled,
+            final_watch: None,
+        }))
+    }
+
+    /// A task may write only while its interaction is the session's running one.
+    fn running_task(&mut self, id: &InteractionId) -> StoreResult<()> {
+        match (&self.s.session, &self.s.running) {
+            (Some(_), Some(running)) if &running.id == id => Ok(()),
+            _ => Err(StoreError::Fenced),
+        }
+    }
+
+    /// Records a running task's outputs, one event each, and applies its context patches.
+    /// Returns the text of its deltas.
+    fn write_outputs(
+        &mut self,
+        id: &InteractionId,
+        outputs: Vec<TaskOutput>,
+    ) -> StoreResult<String> {
+        let mut text = String::new();
+        for output in outputs {
+            match output {
+                TaskOutput::Delta(delta) => {
+                    let data = DeltaData {
+                        interaction_id: id,
+                        text: &delta,
+                    };
+                    self.emit(EventType::TaskDelta, Some(id), &data, None)?;
+                    text.push_str(&delta);
+                }
+                TaskOutput::Progress(data) => {
+                    let data = ProgressData {
+                        interaction_id: id,
+                        data: &data,
+                    };
+                    self.emit(EventType::TaskProgress, Some(id), &data, None)?;
+                }
+                TaskOutput::ContextPatch(patch) => {
+                    let context = patched(self.row()?.context()?, patch)?;
+                    self.set_context(&context)?;
+                }
+            }
+        }
+        Ok(text)
+    }
+
+    fn finish(
+        &mut self,
+        id: InteractionId,
+        outputs: Vec<TaskOutput>,
+        end: TaskEnd,
+        start_next: bool,
+    ) -> StoreResult<Outcome> {
+        self.running_task(&id)?;
+        let text = self.write_outputs(&id, outputs)?;
+        let mut interaction = self.s.running.take().ok_or(StoreError::Fenced)?;
+        interaction.response.push_str(&text);
+        let (status, error) = match end {
+            TaskEnd::Completed { response } => {
+                if let Some(response) = response {
+                    interaction.response = response;
+                }
+                (Status::Completed, None)
+            }
+            TaskEnd::Failed(error) => (Status::Failed, Some(error)),
+        };
+        self.make_final(&mut interaction, status, error, None)?;
+        let next = if start_next { self.start_next()? } else { None };
+        Ok(Outcome::Started(next))
+    }
+
+    fn cancel(
+        &mut self,
+        target: CancelTarget,
+        reason: CancelReason,
+        start_next: bool,
+    ) -> StoreResult<Outcome> {
+        self.row()?;
+        let target = match target {
+            CancelTarget::Running => self.s.running.as_ref().map(|r| r.id.clone()),
+            CancelTarget::Named(id) => {
+                let named = self.s.named.as_ref().filter(|i| i.session == self.s.id);
+                let named = named.ok_or(StoreError::InteractionNotFound)?;
+                debug_assert_eq!(named.id, id);
+                (!named.status.is_final()).then_some(id)
+            }
+        };
+        let Some(target) = target else {
+            return Ok(Outcome::Cancelled(Cancelled::default()));
+        };
+        let (mut victim, was_running) = match self.s.running.take_if(|r| r.id == target) {
+            Some(running) => (running, true),
+            None => {
+                let at = self.s.queued.iter().position(|q| q.id == target);
+                // Named but in neither: it is final in a way the snapshot missed. Nothing to do.
+                let Some(at) = at else {
+                    return Ok(Outcome::Cancelled(Cancelled::default()));
+                };
+                (self.s.queued.remove(at), false)
+            }
+        };
+        self.make_final(&mut victim, Status::Cancelled, None, Some(reason))?;
+        self.stopped.push(victim.id.clone());
+        let started = if was_running && start_next {
+            self.start_next()?
+        } else {
+            None
+        };
+        Ok(Outcome::Cancelled(Cancelled {
+            cancelled: vec![victim.id],
+            started,
+        }))
+    }
+
+    fn clear(&mut self, default_agent: String) -> StoreResult<Outcome> {
+        self.session_or_create(default_agent, JsonObject::new())?;
+        let cancelled = self.cancel_all(CancelReason::Clear)?;
+        let row = self.row()?;
+        row.epoch += 1;
+        row.context = Ok(JsonObject::new());
+        let epoch = row.epoch;
+        // The cancelled rows go with the others: only their events remain.
+        self.writes.retain(|w| !matches!(w, Write::Finalize(_)));
+        self.writes.push(Write::Clear { epoch });
+        self.emit(
+            EventType::SessionCleared,
+            None,
+            &ClearedData { epoch },
+            None,
+        )?;
+        Ok(Outcome::Cleared(Cleared { epoch, cancelled }))
+    }
+
+    /// Makes `interaction` final and emits its one final event. The caller has taken it out
+    /// of the snapshot's running slot or queue.
+    fn make_final(
+        &mut self,
+        interaction: &mut Interaction,
+        status: Status,
+        error: Option<ErrorInfo>,
+        reason: Option<CancelReason>,
+    ) -> StoreResult<()> {
+        let kind = EventType::final_for(status)
+            .ok_or_else(|| StoreError::Internal(format!("{status} is not final")))?;
+        interaction.status = status;
+        interaction.error = error;
+        interaction.cancel_reason = reason;
+        interaction.finished_at = Some(self.s.now);
+        self.writes.push(Write::Finalize(interaction.clone()));
+        self.emit_interaction(kind, interaction)
+    }
+
+    /// Starts the oldest queued interaction, unless one runs (I1).
+    fn start_next(&mut self) -> StoreResult<Option<StartedTask>> {
+        if self.s.running.is_some() || self.s.queued.is_empty() {
+            return Ok(None);
+        }
+        let mut next = self.s.queued.remove(0);
+        next.status = Status::Running;
+        next.started_at = Some(self.s.now);
+        self.writes.push(Write::Start(next.clone()));
+        self.emit_interaction(EventType::TaskStarted, &next)?;
+        self.s.running = Some(next.clone());
+        let agent = self.row()?.agent.clone();
+        Ok(Some(StartedTask {
+            interaction: next,
+            agent,
+        }))
+    }
+
+    /// Cancels the running interaction, then every queued one in FIFO order.
+    fn cancel_all(&mut self, reason: CancelReason) -> StoreResult<Vec<InteractionId>> {
+        let mut victims: Vec<Interaction> = self.s.running.take().into_iter().collect();
+        victims.append(&mut self.s.queued);
+        let mut cancelled = Vec::with_capacity(victims.len());
+        for mut victim in victims {
+            self.make_final(&mut victim, Status::Cancelled, None, Some(reason))?;
+            self.stopped.push(victim.id.clone());
+            cancelled.push(victim.id);
+        }
+        Ok(cancelled)
+    }
+}
+
+fn patched(context: &JsonObject, patch: JsonObject) -> StoreResult<JsonObject> {
+    let mut value = Value::Object(context.clone());
+    merge_patch(&mut value, &Value::Object(patch));
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(StoreError::Internal(
+            "a merge patch of objects gave a non-object".into(),
+        )),
+    }
+}
+
+// The `data` of each event type (API.md, "Events").
+
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+struct DeltaData<'a> {
+    interaction_id: &'a InteractionId,
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct ProgressData<'a> {
+    interaction_id: &'a InteractionId,
+    data: &'a Value,
+}
+
+#[derive(Serialize)]
+struct ClearedData {
+    epoch: i64,
+}
+
+#[derive(Serialize)]
+struct InteractionData<'a> {
+    interaction: &'a Interaction,
+}
+
+#[derive(Serialize)]
+struct ContextData<'a> {
+    context: &'a JsonObject,
+}
+
+#[derive(Serialize)]
+struct SessionData<'a> {
+    session: &'a Session,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,814 @@
+//! The session rules without a database: each operation on hand-made snapshots, then random
+//! sequences of operations against a tiny in-memory store, checking I1–I4 after every step.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::model::IdGenerator;
+
+const T0: i64 = 1_700_000_000_000;
+
+fn sid() -> SessionId {
+    SessionId::parse("s").unwrap()
+}
+
+fn object(value: Value) -> JsonObject {
+    match value {
+        Value::Object(map) => map,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn message(content: &str, policy: Policy, key: Option<&str>) -> NewMessage {
+    NewMessage {
+        session: sid(),
+        content: content.into(),
+        metadata: JsonObject::new(),
+        policy,
+        idempotency_key: key.map(str::to_string),
+        queue_limit: 2,
+        default_agent: "default".into(),
+        watch_final: false,
+    }
+}
+
+/// A tiny store: what the backends keep, kept in memory, changed only by applying plans.
+#[derive(Default)]
+struct Memory {
+    session: Option<SessionRow>,
+    retired_seq: i64,
+    /// Every stored interaction, with its idempotency key, in id order.
+    interactions: Vec<(Interaction, Option<String>)>,
+    /// Every event ever published, in order (a deleted session's included).
+    published: Vec<Event>,
+    ids: IdGenerator,
+    now: i64,
+}
+
+impl Memory {
+    fn snapshot(&self, op: &Operation) -> Snapshot {
+        let mut s = Snapshot::absent(sid(), Millis(self.now));
+        s.session = self.session.clone();
+        if s.session.is_none() {
+            s.retired_seq = if op.creates() { self.retired_seq } else { 0 };
+            return s;
+        }
+        for (i, key) in &self.interactions {
+            match i.status {
+                Status::Running => s.running = Some(i.clone()),
+                Status::Queued => s.queued.push(i.clone()),
+                _ => {}
+            }
+            if key.is_some() && key.as_deref() == op.idempotency_key() {
+                s.keyed = Some(i.clone());
+            }
+            if Some(&i.id) == op.named() {
+                s.named = Some(i.clone());
+            }
+        }
+        s
+    }
+
+    fn run(&mut self, op: Operation) -> StoreResult<Plan> {
+        if let Some(task) = op.task()
+            && !self.interactions.iter().any(|(i, _)| &i.id == task)
+        {
+            // The backends answer `when_gone` here; either way nothing changes.
+            return Err(StoreError::Fenced);
+        }
+        let mut snapshot = self.snapshot(&op);
+        if op.inserts() {
+            snapshot.fresh_id = Some(self.ids.next_id());
+        }
+        let plan = decide(snapshot, op)?;
+        self.apply(&plan);
+        Ok(plan)
+    }
+
+    fn accept(&mut self, message: NewMessage) -> StoreResult<Plan> {
+        self.run(Operation::Accept(message))
+    }
+
+    fn find(&mut self, id: &InteractionId) -> &mut Interaction {
+        let (i, _) = self
+            .interactions
+            .iter_mut()
+            .find(|(i, _)| &i.id == id)
+            .unwrap();
+        i
+    }
+
+    fn apply(&mut self, plan: &Plan) {
+        for write in &plan.writes {
+            match write {
+                Write::CreateSession {
+                    agent,
+                    context,
+                    last_seq,
+                } => {
+                    assert!(self.session.is_none(), "created twice");
+                    self.session = Some(SessionRow {
+                        agent: agent.clone(),
+                        context: Ok(context.clone()),
+                        epoch: 0,
+                        last_seq: *last_seq,
+                        created_at: plan.now,
+                    });
+                }
+                Write::SetAgent(agent) => self.session.as_mut().unwrap().agent = agent.clone(),
+                Write::SetContext(c) => self.session.as_mut().unwrap().context = Ok(c.clone()),
+                Write::Clear { epoch } => {
+                    self.interactions.clear();
+                    let row = self.session.as_mut().unwrap();
+                    row.context = Ok(JsonObject::new());
+                    row.epoch = *epoch;
+                }
+                Write::Delete { last_seq } => {
+                    self.interactions.clear();
+                    self.session = None;
+                    self.retired_seq = *last_seq;
+                }
+                Write::ForgetKey(id) => {
+                    for (i, key) in &mut self.interactions {
+                        if &i.id == id {
+                            *key = None;
+                        }
+                    }
+                }
+                Write::Insert {
+                    interaction,
+                    idempotency_key,
+                    ..
+                } => {
+                    if let Some(key) = idempotency_key {
+                        assert!(
+                            !self
+                                .interactions
+                                .iter()
+                                .any(|(_, k)| k.as_ref() == Some(key)),
+                            "the unique key index would refuse this"
+                        );
+                    }
+                    self.interactions
+                        .push((interaction.clone(), idempotency_key.clone()));
+                }
+                Write::AppendResponse { id, text } => self.find(id).response.push_str(text),
+                Write::Finalize(f) => {
+                    let stored = self.find(&f.id);
+                    assert!(!stored.status.is_final(), "finalized twice");
+                    *stored = f.clone();
+                }
+                Write::Start(s) => {
+                    let stored = self.find(&s.id);
+                    assert_eq!(stored.status, Status::Queued);
+                    *stored = s.clone();
+                }
+            }
+        }
+        if let Some(seq) = plan.save_seq {
+            self.session.as_mut().unwrap().last_seq = seq;
+        }
+        self.published.extend(plan.events.iter().cloned());
+        self.now += 1;
+    }
+
+    fn running(&self) -> Vec<&Interaction> {
+        self.interactions
+            .iter()
+            .map(|(i, _)| i)
+            .filter(|i| i.status == Status::Running)
+            .collect()
+    }
+
+    fn kinds_since(&self, from: usize) -> Vec<&'static str> {
+        self.published[from..]
+            .iter()
+            .map(|e| e.kind.as_str())
+            .collect()
+    }
+}
+
+fn new_memory() -> Memory {
+    Memory {
+        now: T0,
+        ..Memory::default()
+    }
+}
+
+fn started_id(plan: &Plan) -> InteractionId {
+    match &plan.outcome {
+        Outcome::Accepted(a) => a.interaction.id.clone(),
+        other => panic!("not accepted: {other:?}"),
+    }
+}
+
+#[test]
+fn accepting_creates_the_session_then_starts() {
+    let mut m = new_memory();
+    let plan = m.accept(message("hi", Policy::Reject, None)).unwrap();
+    assert_eq!(m.kinds_since(0), ["session.created", "task.started"]);
+    assert_eq!(plan.events[0].seq, 1);
+    // The session row is inserted with its final seq: no second write.
+    assert!(matches!(
+        plan.writes[0],
+        Write::CreateSession { last_seq: 2, .. }
+    ));
+    assert_eq!(plan.save_seq, None);
+    let Outcome::Accepted(a) = plan.outcome else {
+        panic!()
+    };
+    assert_eq!(a.interaction.status, Status::Running);
+    assert_eq!(a.started.unwrap().agent, "default");
+    assert!(!a.replayed);
+}
+
+#[test]
+fn each_policy_when_busy() {
+    let mut m = new_memory();
+    let first = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let busy = m.accept(message("b", Policy::Reject, None)).unwrap_err();
+    assert!(matches!(busy, StoreError::Busy { running } if running == first));
+
+    let queued = m.accept(message("b", Policy::Enqueue, None)).unwrap();
+    assert_eq!(queued.events[0].kind, EventType::InteractionQueued);
+    m.accept(message("c", Policy::Enqueue, None)).unwrap();
+    let full = m.accept(message("d", Policy::Enqueue, None)).unwrap_err();
+    assert!(matches!(full, StoreError::QueueFull { limit: 2 }));
+
+    let from = m.published.len();
+    let plan = m.accept(message("e", Policy::Interrupt, None)).unwrap();
+    assert_eq!(
+        m.kinds_since(from),
+        [
+            "task.cancelled",
+            "task.cancelled",
+            "task.cancelled",
+            "task.started"
+        ]
+    );
+    let Outcome::Accepted(a) = plan.outcome else {
+        panic!()
+    };
+    assert_eq!(a.cancelled.len(), 3);
+    assert_eq!(
+        a.cancelled[0], first,
+        "the running one first, then the queue in order"
+    );
+    assert_eq!(m.running().len(), 1);
+    assert_eq!(m.running()[0].content, "e");
+}
+
+#[test]
+fn a_reject_with_only_queued_work_names_the_oldest() {
+    let mut m = new_memory();
+    let first = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let second = started_id(&m.accept(message("b", Policy::Enqueue, None)).unwrap());
+    m.run(Operation::Cancel {
+        target: CancelTarget::Named(first),
+        reason: CancelReason::Cancel,
+        start_next: false,
+    })
+    .unwrap();
+    let busy = m.accept(message("c", Policy::Reject, None)).unwrap_err();
+    assert!(matches!(busy, StoreError::Busy { running } if running == second));
+}
+
+#[test]
+fn idempotency_keys_replay_mismatch_and_expire() {
+    let mut m = new_memory();
+    let first = started_id(&m.accept(message("a", Policy::Reject, Some("k"))).unwrap());
+    let replay = m.accept(message("a", Policy::Reject, Some("k"))).unwrap();
+    assert!(replay.events.is_empty() && replay.writes.is_empty());
+    let Outcome::Accepted(a) = replay.outcome else {
+        panic!()
+    };
+    assert!(a.replayed);
+    assert_eq!(a.interaction.id, first);
+    let mismatch = m.accept(message("other", Policy::Reject, Some("k")));
+    assert!(matches!(mismatch, Err(StoreError::IdempotencyMismatch)));
+
+    m.now += IDEMPOTENCY_TTL_MS + 1;
+    let plan = m
+        .accept(message("other", Policy::Interrupt, Some("k")))
+        .unwrap();
+    assert_eq!(plan.writes[0], Write::ForgetKey(first));
+    assert!(!matches!(
+        plan.outcome,
+        Outcome::Accepted(Accepted { replayed: true, .. })
+    ));
+}
+
+#[test]
+fn a_task_writes_only_while_running() {
+    let mut m = new_memory();
+    let id = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let outputs = vec![
+        TaskOutput::Delta("one ".into()),
+        TaskOutput::Progress(json!({"p": 1})),
+        TaskOutput::ContextPatch(object(json!({"k": 1}))),
+        TaskOutput::Delta("two".into()),
+    ];
+    let plan = m
+        .run(Operation::Append {
+            id: id.clone(),
+            outputs,
+        })
+        .unwrap();
+    let kinds: Vec<_> = plan.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "task.delta",
+            "task.progress",
+            "context.updated",
+            "task.delta"
+        ]
+    );
+    assert!(plan.writes.contains(&Write::AppendResponse {
+        id: id.clone(),
+        text: "one two".into()
+    }));
+    m.run(Operation::Cancel {
+        target: CancelTarget::Running,
+        reason: CancelReason::Cancel,
+        start_next: true,
+    })
+    .unwrap();
+    let late = Operation::Append {
+        id: id.clone(),
+        outputs: vec![TaskOutput::Delta("late".into())],
+    };
+    assert!(matches!(m.run(late), Err(StoreError::Fenced)));
+    let late_end = Operation::Finish {
+        id,
+        outputs: vec![],
+        end: TaskEnd::Completed { response: None },
+        start_next: true,
+    };
+    assert!(matches!(m.run(late_end), Err(StoreError::Fenced)));
+}
+
+#[test]
+fn finishing_keeps_or_replaces_the_response_and_starts_the_next() {
+    let mut m = new_memory();
+    let a = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let b = started_id(&m.accept(message("b", Policy::Enqueue, None)).unwrap());
+    m.run(Operation::Append {
+        id: a.clone(),
+        outputs: vec![TaskOutput::Delta("x".into())],
+    })
+    .unwrap();
+    let plan = m
+        .run(Operation::Finish {
+            id: a.clone(),
+            outputs: vec![TaskOutput::Delta("y".into())],
+            end: TaskEnd::Completed { response: None },
+            start_next: true,
+        })
+        .unwrap();
+    let Outcome::Started(Some(next)) = &plan.outcome else {
+        panic!("{:?}", plan.outcome)
+    };
+    assert_eq!(next.interaction.id, b);
+    assert_eq!(m.find(&a).response, "xy");
+    assert_eq!(m.find(&a).status, Status::Completed);
+
+    let plan = m
+        .run(Operation::Finish {
+            id: b.clone(),
+            outputs: vec![TaskOutput::Delta("partial".into())],
+            end: TaskEnd::Completed {
+                response: Some("whole".into()),
+            },
+            start_next: false,
+        })
+        .unwrap();
+    assert!(matches!(plan.outcome, Outcome::Started(None)));
+    assert_eq!(m.find(&b).response, "whole");
+
+    let c = started_id(&m.accept(message("c", Policy::Reject, None)).unwrap());
+    let error = ErrorInfo {
+        code: "agent_error".into(),
+        message: "boom".into(),
+    };
+    m.run(Operation::Finish {
+        id: c.clone(),
+        outputs: vec![],
+        end: TaskEnd::Failed(error.clone()),
+        start_next: true,
+    })
+    .unwrap();
+    assert_eq!(m.find(&c).status, Status::Failed);
+    assert_eq!(m.find(&c).error, Some(error));
+}
+
+#[test]
+fn cancelling_by_name_or_the_running_one() {
+    let mut m = new_memory();
+    let cancel = |target, start_next| Operation::Cancel {
+        target,
+        reason: CancelReason::Cancel,
+        start_next,
+    };
+    let nothing = m.run(cancel(CancelTarget::Running, true));
+    assert!(matches!(nothing, Err(StoreError::SessionNotFound)));
+    let a = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let b = started_id(&m.accept(message("b", Policy::Enqueue, None)).unwrap());
+    let c = started_id(&m.accept(message("c", Policy::Enqueue, None)).unwrap());
+
+    // A queued one: nothing starts, the running one keeps running.
+    let plan = m.run(cancel(CancelTarget::Named(c.clone()), true)).unwrap();
+    assert!(
+        matches!(&plan.outcome, Outcome::Cancelled(x) if x.cancelled == [c.clone()] && x.started.is_none())
+    );
+    assert_eq!(m.find(&c).cancel_reason, Some(CancelReason::Cancel));
+    // Already final: nothing to do.
+    let plan = m.run(cancel(CancelTarget::Named(c), true)).unwrap();
+    assert!(plan.events.is_empty());
+    // Unknown here.
+    let stranger = m.ids.next_id();
+    let unknown = m.run(cancel(CancelTarget::Named(stranger), true));
+    assert!(matches!(unknown, Err(StoreError::InteractionNotFound)));
+    // The running one, and the next starts.
+    let plan = m.run(cancel(CancelTarget::Running, true)).unwrap();
+    let Outcome::Cancelled(x) = plan.outcome else {
+        panic!()
+    };
+    assert_eq!(x.cancelled, [a]);
+    assert_eq!(x.started.unwrap().interaction.id, b);
+}
+
+#[test]
+fn clear_cancels_everything_and_starts_a_new_epoch() {
+    let mut m = new_memory();
+    m.accept(message("a", Policy::Reject, None)).unwrap();
+    m.accept(message("b", Policy::Enqueue, None)).unwrap();
+    m.run(Operation::UpdateContext {
+        value: object(json!({"k": 1})),
+        patch: false,
+        default_agent: "default".into(),
+    })
+    .unwrap();
+    let from = m.published.len();
+    let plan = m
+        .run(Operation::Clear {
+            default_agent: "default".into(),
+        })
+        .unwrap();
+    assert_eq!(
+        m.kinds_since(from),
+        ["task.cancelled", "task.cancelled", "session.cleared"]
+    );
+    assert_eq!(plan.writes, [Write::Clear { epoch: 1 }]);
+    assert!(m.interactions.is_empty());
+    let row = m.session.as_ref().unwrap();
+    assert_eq!(row.epoch, 1);
+    assert_eq!(row.context.as_ref().unwrap(), &JsonObject::new());
+    assert_eq!(row.last_seq, m.published.last().unwrap().seq);
+}
+
+#[test]
+fn a_deleted_session_is_gone_and_its_seqs_are_never_reused() {
+    let mut m = new_memory();
+    let gone = m.run(Operation::DeleteSession);
+    assert!(matches!(gone, Err(StoreError::SessionNotFound)));
+    m.accept(message("a", Policy::Reject, None)).unwrap();
+    let plan = m.run(Operation::DeleteSession).unwrap();
+    assert!(plan.deletes_session());
+    assert_eq!(plan.save_seq, None);
+    assert_eq!(m.kinds_since(2), ["task.cancelled", "session.deleted"]);
+    assert_eq!(m.retired_seq, 4);
+    let plan = m.accept(message("b", Policy::Reject, None)).unwrap();
+    assert_eq!(plan.events[0].seq, 5);
+    assert_eq!(plan.events[0].kind, EventType::SessionCreated);
+}
+
+#[test]
+fn put_session_creates_or_changes_only_what_is_given() {
+    let mut m = new_memory();
+    let plan = m
+        .run(Operation::PutSession {
+            agent: Some("slow".into()),
+            context: Some(object(json!({"a": 1}))),
+            default_agent: "default".into(),
+        })
+        .unwrap();
+    let Outcome::Session { session, created } = plan.outcome else {
+        panic!()
+    };
+    assert!(created);
+    assert_eq!((session.agent.as_str(), session.last_seq), ("slow", 1));
+    let plan = m
+        .run(Operation::PutSession {
+            agent: Some("other".into()),
+            context: None,
+            default_agent: "default".into(),
+        })
+        .unwrap();
+    assert_eq!(plan.writes, [Write::SetAgent("other".into())]);
+    assert!(plan.events.is_empty());
+    let plan = m
+        .run(Operation::PutSession {
+            agent: None,
+            context: Some(JsonObject::new()),
+            default_agent: "default".into(),
+        })
+        .unwrap();
+    assert_eq!(plan.events[0].kind, EventType::ContextUpdated);
+    let Outcome::Session { session, created } = plan.outcome else {
+        panic!()
+    };
+    assert!(!created);
+    assert_eq!(session.agent, "other");
+    assert_eq!(session.last_seq, 2);
+}
+
+#[test]
+fn context_patches_merge() {
+    let mut m = new_memory();
+    let update = |value: Value, patch| Operation::UpdateContext {
+        value: object(value),
+        patch,
+        default_agent: "default".into(),
+    };
+    m.run(update(json!({"a": 1, "b": {"c": 2}}), false))
+        .unwrap();
+    let plan = m
+        .run(update(json!({"a": null, "b": {"d": 3}}), true))
+        .unwrap();
+    let Outcome::Context(context) = plan.outcome else {
+        panic!()
+    };
+    assert_eq!(Value::Object(context), json!({"b": {"c": 2, "d": 3}}));
+}
+
+#[test]
+fn an_interrupted_task_fails_and_the_queue_goes_on() {
+    let mut m = new_memory();
+    let a = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let b = started_id(&m.accept(message("b", Policy::Enqueue, None)).unwrap());
+    let error = ErrorInfo {
+        code: "interrupted".into(),
+        message: "gone".into(),
+    };
+    // Another id: the running one stays.
+    let plan = m
+        .run(Operation::Interrupt {
+            id: b.clone(),
+            error: error.clone(),
+        })
+        .unwrap();
+    assert!(plan.events.is_empty());
+    let plan = m
+        .run(Operation::Interrupt {
+            id: a.clone(),
+            error,
+        })
+        .unwrap();
+    assert_eq!(plan.stopped, std::slice::from_ref(&a));
+    assert_eq!(m.find(&a).status, Status::Failed);
+    assert!(matches!(plan.outcome, Outcome::Started(Some(s)) if s.interaction.id == b));
+    let plan = m.run(Operation::StartQueued).unwrap();
+    assert!(plan.events.is_empty(), "one runs already");
+}
+
+/// An operation as the property test draws it; ids are picked among those seen so far.
+#[derive(Debug, Clone)]
+enum Step {
+    Accept {
+        policy: Policy,
+        content: u8,
+        key: Option<u8>,
+    },
+    Append(u8, u8),
+    Finish {
+        pick: u8,
+        fail: bool,
+        replace: bool,
+        start_next: bool,
+    },
+    CancelRunning(bool),
+    CancelNamed(u8),
+    Clear,
+    Delete,
+    Put(bool),
+    Patch(u8),
+    Interrupt(u8),
+    StartQueued,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let policy = prop_oneof![
+        Just(Policy::Reject),
+        Just(Policy::Enqueue),
+        Just(Policy::Interrupt)
+    ];
+    prop_oneof![
+        4 => (policy, 0..3u8, proptest::option::of(0..3u8))
+            .prop_map(|(policy, content, key)| Step::Accept { policy, content, key }),
+        3 => (any::<u8>(), 0..3u8).prop_map(|(pick, n)| Step::Append(pick, n)),
+        3 => (any::<u8>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(pick, fail, replace, start_next)| Step::Finish { pick, fail, replace, start_next }
+        ),
+        1 => any::<bool>().prop_map(Step::CancelRunning),
+        1 => any::<u8>().prop_map(Step::CancelNamed),
+        1 => Just(Step::Clear),
+        1 => Just(Step::Delete),
+        1 => any::<bool>().prop_map(Step::Put),
+        1 => any::<u8>().prop_map(Step::Patch),
+        1 => any::<u8>().prop_map(Step::Interrupt),
+        1 => Just(Step::StartQueued),
+    ]
+}
+
+/// What the property test knows of the history, to check I2 and I3.
+#[derive(Default)]
+struct Ledger {
+    /// Every id ever accepted (stored, not replayed), in order.
+    accepted: Vec<InteractionId>,
+    /// Final events seen per interaction.
+    finals: HashMap<InteractionId, usize>,
+    /// The text each running interaction's deltas have added so far.
+    deltas: HashMap<InteractionId, String>,
+}
+
+fn pick(ledger: &Ledger, n: u8) -> Option<InteractionId> {
+    let all = &ledger.accepted;
+    (!all.is_empty()).then(|| all[n as usize % all.len()].clone())
+}
+
+fn to_operation(ledger: &Ledger, step: &Step) -> Option<Operation> {
+    let default_agent = || "default".to_string();
+    Some(match step.clone() {
+        Step::Accept {
+            policy,
+            content,
+            key,
+        } => {
+            let key = key.map(|k| format!("k{k}"));
+            let mut message = message(&format!("c{content}"), policy, key.as_deref());
+            message.metadata = object(json!({"n": content}));
+            Operation::Accept(message)
+        }
+        Step::Append(n, words) => Operation::Append {
+            id: pick(ledger, n)?,
+            outputs: (0..words)
+                .map(|w| TaskOutput::Delta(format!("w{w} ")))
+                .collect(),
+        },
+        Step::Finish {
+            pick: n,
+            fail,
+            replace,
+            start_next,
+        } => Operation::Finish {
+            id: pick(ledger, n)?,
+            outputs: vec![TaskOutput::Delta("end".into())],
+            end: if fail {
+                TaskEnd::Failed(ErrorInfo {
+                    code: "agent_error".into(),
+                    message: "x".into(),
+                })
+            } else {
+                TaskEnd::Completed {
+                    response: replace.then(|| "replaced".into()),
+                }
+            },
+            start_next,
+        },
+        Step::CancelRunning(start_next) => Operation::Cancel {
+            target: CancelTarget::Running,
+            reason: CancelReason::Cancel,
+            start_next,
+        },
+        Step::CancelNamed(n) => Operation::Cancel {
+            target: CancelTarget::Named(pick(ledger, n)?),
+            reason: CancelReason::Cancel,
+            start_next: true,
+        },
+        Step::Clear => Operation::Clear {
+            default_agent: default_agent(),
+        },
+        Step::Delete => Operation::DeleteSession,
+        Step::Put(with_context) => Operation::PutSession {
+            agent: Some("other".into()),
+            context: with_context.then(|| object(json!({"put": true}))),
+            default_agent: default_agent(),
+        },
+        Step::Patch(n) => Operation::UpdateContext {
+            value: object(json!({ format!("k{}", n % 4): n })),
+            patch: true,
+            default_agent: default_agent(),
+        },
+        Step::Interrupt(n) => Operation::Interrupt {
+            id: pick(ledger, n)?,
+            error: ErrorInfo {
+                code: "interrupted".into(),
+                message: "gone".into(),
+            },
+        },
+        Step::StartQueued => Operation::StartQueued,
+    })
+}
+
+/// I1–I4 (and fencing) after one step.
+fn check_step(
+    m: &Memory,
+    ledger: &mut Ledger,
+    op: &Operation,
+    result: &StoreResult<Plan>,
+    before: &[Event],
+) {
+    // I1: at most one running interaction.
+    assert!(m.running().len() <= 1, "I1: {} running", m.running().len());
+    let Ok(plan) = result else {
+        // A refusal changes nothing.
+        assert_eq!(m.published.len(), before.len());
+        if let Some(task) = op.task() {
+            let running = m.running().first().map(|i| i.id.clone());
+            if matches!(op, Operation::Append { .. } | Operation::Finish { .. }) {
+                assert_ne!(running.as_ref(), Some(task), "a running task was fenced");
+            }
+        }
+        return;
+    };
+    // I4: the new events continue the session's seqs without gap, and the row knows the last.
+    let mut seq = before.last().map_or(0, |e| e.seq);
+    for event in &plan.events {
+        assert_eq!(event.seq, seq + 1, "I4: seqs contiguous and increasing");
+        seq = event.seq;
+        let envelope: Value = serde_json::from_str(&event.envelope).unwrap();
+        assert_eq!(envelope["seq"], json!(event.seq));
+        assert_eq!(envelope["type"], json!(event.kind.as_str()));
+        assert_eq!(envelope["session"], json!("s"));
+    }
+    match &m.session {
+        Some(row) => assert_eq!(row.last_seq, seq, "I4: the stored last_seq"),
+        None => assert_eq!(m.retired_seq, seq, "I4: a deleted session's seq is retired"),
+    }
+    // I3: exactly one final event per interaction, and a final status only with it.
+    for event in &plan.events {
+        if event.kind.is_final() {
+            let id = event.interaction_id.clone().unwrap();
+            let count = ledger.finals.entry(id.clone()).or_default();
+            *count += 1;
+            assert_eq!(*count, 1, "I3: a second final event for {id}");
+            let carried = event.interaction.as_ref().unwrap();
+            assert!(carried.status.is_final());
+            if carried.status == Status::Completed && carried.response != "replaced" {
+                let expected = ledger.deltas.get(&id).cloned().unwrap_or_default();
+                assert_eq!(carried.response, expected, "the response is the deltas");
+            }
+        }
+        if event.kind == EventType::TaskDelta {
+            let id = event.interaction_id.clone().unwrap();
+            let data: Value = serde_json::from_str(&event.envelope).unwrap();
+            let text = data["data"]["text"].as_str().unwrap().to_string();
+            ledger.deltas.entry(id).or_default().push_str(&text);
+        }
+    }
+    if let Outcome::Accepted(a) = &plan.outcome
+        && !a.replayed
+    {
+        ledger.accepted.push(a.interaction.id.clone());
+    }
+    for id in &ledger.accepted {
+        let finals = ledger.finals.get(id).copied().unwrap_or(0);
+        let stored = m.interactions.iter().find(|(i, _)| &i.id == id);
+        match stored {
+            Some((i, _)) if !i.status.is_final() => {
+                assert_eq!(finals, 0, "I3: {id} is active yet has a final event")
+            }
+            // Final, or wiped by a clear or a delete: it ended exactly once.
+            _ => assert_eq!(finals, 1, "I3: {id} ended without its final event"),
+        }
+    }
+    // I2: after a clear nothing of the old epoch is left.
+    if matches!(op, Operation::Clear { .. }) {
+        assert!(m.interactions.is_empty());
+        assert_eq!(plan.events.last().unwrap().kind, EventType::SessionCleared);
+        let row = m.session.as_ref().unwrap();
+        assert!(row.context.as_ref().unwrap().is_empty());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_keep_the_invariants(steps in proptest::collection::vec(step(), 1..60)) {
+        let mut m = new_memory();
+        let mut ledger = Ledger::default();
+        for step in &steps {
+            let Some(op) = to_operation(&ledger, step) else {
+                continue;
+            };
+            let before = m.published.clone();
+            let result = m.run(op.clone());
+            check_step(&m, &mut ledger, &op, &result, &before);
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The SQLite backend. Writes are serialised anyway in SQLite, so that is made explicit: one
+//! writer thread owns the write connection and group-commits whatever jobs are waiting (each
+//! job in its own savepoint, so one refused job never undoes another), then publishes the
+//! committed events and answers the callers. Reads run in parallel on a small pool of
+//! read-only connections (WAL lets them see every committed write, never a partial one).
+//!
+//! Every write is one operation of the session rules ([`super::rules`]): the job loads the
+//! session's snapshot, the rules decide, the job applies the plan ([`tx`]).
+
+/// The columns [`read::read_interaction`] reads, as a literal for `concat!`.
+macro_rules! interaction_columns {
+    () => {
+        "id, session, content, metadata, status, response, error_code, error_message, \
+         cancel_reason, created_at, started_at, finished_at"
+    };
+}
+
+mod read;
+mod retention;
+mod schema;
+mod tx;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64};
+use std::sync::mpsc;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::rules::{Operation, Outcome};
+use super::shared::page;
+use super::{
+    Page, SqliteOptions, StartedTask, StoreError, StoreResult, StoreStats, register_final_watch,
+};
+use crate::bus::Bus;
+use crate::model::{ErrorInfo, Event, Interaction, InteractionId, JsonObject, Session, SessionId};
+use read::{
+    ReadPool, SESSION_LIST, conversion_error, read_interaction, read_session, require_session,
+    select_interaction, select_session,
+};
+use schema::{configure, incremental_vacuum_mode, migrate};
+use tx::Tx;
+use writer::{Delivery, Job, Writer, start_checkpointer};
+
+pub(super) struct SqliteStore {
+    // Unbounded, yet bounded in practice: every job has a caller awaiting its answer.
+    jobs: mpsc::Sender<Job>,
+    readers: Arc<ReadPool>,
+    bus: Arc<Bus>,
+    stats: Arc<StoreStats>,
+    /// Dropping it stops the checkpointer thread.
+    _checkpointer: mpsc::Sender<()>,
+    /// Retention: every event up to this id has been looked at for delta compaction (rows are
+    /// appended in commit order, so a walk by id is a walk in time). Starts over after a
+    /// restart, which only re-reads what is left.
+    delta_cursor: AtomicI64,
+}
+
+impl SqliteStore {
+    pub(super) fn open(path: &Path, options: SqliteOptions, bus: Arc<Bus>) -> StoreResult<Self> {
+        let mut conn = Connection::open(path)?;
+        configure(&conn, options.synchronous)?;
+        incremental_vacuum_mode(&conn)?;
+        migrate(&mut conn)?;
+        let readers = ReadPool::open(path, options.readers.max(1))?;
+        let stats = Arc::new(StoreStats::default());
+        let checkpoint_requested = Arc::new(AtomicBool::new(false));
+        let checkpointer = start_checkpointer(path, checkpoint_requested.clone())?;
+        let (jobs, rx) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            bus: bus.clone(),
+            stats: stats.clone(),
+            checkpoint_requested,
+        };
+        std::thread::Builder::new()
+            .name("baton-sqlite-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Internal(format!("spawning the writer: {e}")))?;
+        Ok(Self {
+            jobs,
+            readers: Arc::new(readers),
+            bus,
+            stats,
+            _checkpointer: checkpointer,
+            delta_cursor: AtomicI64::new(0),
+        })
+    }
+
+    /// Runs `f` as one job of the writer: in its own savepoint, committed with its batch.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> StoreResult<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |tx| {
+            let result = f(tx);
+            let ok = result.is_ok();
+            let delivery: Delivery = Box::new(move |commit_error| {
+                let _ = reply.send(match commit_error {
+                    Some(e) => Err(e),
+                    None => result,
+                });
+            });
+            (ok, delivery)
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Internal("the write was abandoned by the writer".into()))?
+    }
+
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> StoreResult<R> + Send + 'static,
+    ) -> StoreResult<R> {
+        self.readers.clone().read(f).await
+    }
+
+    /// Runs one operation of the session rules as a write job.
+    pub(super) async fn run(
+        &self,
+        session: Option<SessionId>,
+        op: Operation,
+    ) -> StoreResult<Outcome> {
+        let bus = self.bus.clone();
+        self.write(move |tx| {
+            let watch = op.watches_final();
+            let mut outcome = tx.run(session.as_ref(), op)?;
+            if watch {
+                // On the writer, before this batch is published.
+                register_final_watch(&bus, &mut outcome);
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// After a crash: interactions left `running` fail (`interrupted`), then each session
+    /// with queued work and nothing running starts its oldest.
+    pub(super) async fn recover(&self) -> StoreResult<Vec<StartedTask>> {
+        self.write(|tx| {
+            let running: Vec<(String, String)> = tx
+                .conn
+                .prepare_cached(
+                    "SELECT id, session FROM interactions WHERE status = 'running' ORDER BY id",
+                )?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut started = Vec::new();
+            for (id, session) in running {
+                let op = Operation::Interrupt {
+                    id: InteractionId::from_stored(id),
+                    error: ErrorInfo {
+                        code: "interrupted".into(),
+                        message: "the server stopped while this interaction was running".into(),
+                    },
+                };
+                started.extend(
+                    tx.run(Some(&stored_session(&session)?), op)?
+                        .into_started()?,
+                );
+            }
+            let waiting: Vec<String> = tx
+                .conn
+                .prepare_cached(
+                    "SELECT DISTINCT session FROM interactions WHERE status = 'queued' \
+                     ORDER BY session",
+                )?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for session in waiting {
+                let op = Operation::StartQueued;
+                started.extend(
+                    tx.run(Some(&stored_session(&session)?), op)?
+                        .into_started()?,
+                );
+            }
+            Ok(started)
+        })
+        .await
+    }
+
+    pub(super) async fn get_session(&self, id: SessionId) -> StoreResult<Session> {
+        self.read(move |conn| select_session(conn, &id)?.ok_or(StoreError::SessionNotFound))
+            .await
+    }
+
+    pub(super) async fn list_sessions(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> StoreResult<Page<Session>> {
+        self.read(move |conn| {
+            let sql = SESSION_LIST.as_str();
+            let mut stmt = conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(
+                params![after.unwrap_or_default(), i64::from(limit) + 1],
+                read_session,
+            )?;
+            let items = rows.collect::<Result<Vec<_>, _>>()?;
+            Ok(page(items, limit as usize, |s| s.id.to_string()))
+        })
+        .await
+    }
+
+    pub(super) async fn get_context(&self, session: SessionId) -> StoreResult<JsonObject> {
+        self.read(move |conn| {
+            let text: Option<String> = conn
+                .prepare_cached("SELECT context FROM sessions WHERE id = ?1")?
+                .query_row([session.as_str()], |r| r.get(0))
+                .optional()?;
+            Ok(serde_json::from_str(
+                &text.ok_or(StoreError::SessionNotFound)?,
+            )?)
+        })
+        .await
+    }
+
+    pub(super) async fn list_interactions(
+        &self,
+        session: SessionId,
+        before: Option<String>,
+        limit: u32,
+    ) -> StoreResult<Page<Interaction>> {
+        self.read(move |conn| {
+            require_session(conn, &session)?;
+            let sql = concat!(
+                "SELECT ",
+                interaction_columns!(),
+                " FROM interactions \
+                 WHERE session = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
+            );
+            let mut stmt = conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(
+                params![session.as_str(), before, i64::from(limit) + 1],
+                |r| read_interaction(r, 0),
+            )?;
+            let items = rows.collect::<Result<Vec<_>, _>>()?;
+            Ok(page(items, limit as usize, |i| i.id.to_string()))
+        })
+        .await
+    }
+
+    pub(super) async fn get_interaction(
+        &self,
+        session: SessionId,
+        id: InteractionId,
+    ) -> StoreResult<Interaction> {
+        self.read(move |conn| {
+            let found = select_interaction(conn, &id)?.filter(|i| i.session == session);
+            match found {
+                Some(i) => Ok(i),
+                None => {
+                    require_session(conn, &session)?;
+                    Err(StoreError::InteractionNotFound)
+                }
+            }
+        })
+        .await
+    }
+
+    pub(super) async fn task_inputs(
+        &self,
+        session: SessionId,
+        limit: u32,
+    ) -> StoreResult<(Session, Vec<Interaction>)> {
+        self.read(move |conn| {
+            let found = select_session(conn, &session)?.ok_or(StoreError::SessionNotFound)?;
+            let sql = concat!(
+                "SELECT ",
+                interaction_columns!(),
+                " FROM interactions \
+                 WHERE session = ?1 AND status = 'completed' ORDER BY id DESC LIMIT ?2"
+            );
+            let mut stmt = conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(params![session.as_str(), i64::from(limit)], |r| {
+                read_interaction(r, 0)
+            })?;
+            let mut items = rows.collect::<Result<Vec<_>, _>>()?;
+            items.reverse();
+            Ok((found, items))
+        })
+        .await
+    }
+
+    pub(super) async fn events_after(
+        &self,
+        session: SessionId,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Event>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, type, interaction_id, envelope FROM events \
+                 WHERE session = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![session.as_str(), after, i64::from(limit)], |r| {
+                let kind: String = r.get(1)?;
+                let envelope: String = r.get(3)?;
+                Ok(Event {
+                    session: session.clone(),
+                    seq: r.get(0)?,
+                    kind: kind.parse().map_err(|e| conversion_error(1, e))?,
+                    interaction_id: r
+                        .get::<_, Option<String>>(2)?
+                        .map(InteractionId::from_stored),
+                    envelope: Arc::from(envelope),
+                    interaction: None,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    pub(super) fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    pub(super) async fn check(&self) -> StoreResult<()> {
+        self.write(|tx| Ok(tx.conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await?;
+        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+}
+fn stored_session(id: &str) -> StoreResult<SessionId> {
+    SessionId::parse(id).map_err(|e| StoreError::Internal(format!("stored session id: {e}")))
+}

@@ -1,0 +1,250 @@
+//! One write job's view of the batch transaction: loads a session's snapshot, lets the rules
+//! decide, applies the plan.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::read::{read_interaction, select_interaction};
+use crate::model::{Event, IdGenerator, InteractionId, Millis, SessionId};
+use crate::store::rules::{self, Operation, Outcome, Plan, SessionRow, Snapshot, Write};
+use crate::store::{StoreError, StoreResult};
+
+/// The write side of one job: the connection inside the batch's transaction, the id
+/// generator and the events the job caused.
+pub(super) struct Tx<'c> {
+    pub(super) conn: &'c Connection,
+    pub(super) ids: &'c mut IdGenerator,
+    pub(super) now: Millis,
+    pub(super) events: Vec<Event>,
+}
+
+impl Tx<'_> {
+    /// Runs `op` on `session` (or, for a task's operation, on its interaction's session).
+    pub(super) fn run(
+        &mut self,
+        session: Option<&SessionId>,
+        op: Operation,
+    ) -> StoreResult<Outcome> {
+        let session = match (session, op.task()) {
+            (Some(session), _) => session.clone(),
+            (None, Some(task)) => match self.session_of(task)? {
+                Some(session) => session,
+                None => return op.when_gone(),
+            },
+            (None, None) => return Err(StoreError::Internal("operation without session".into())),
+        };
+        let mut snapshot = self.load(&session, &op)?;
+        if op.inserts() {
+            snapshot.fresh_id = Some(self.ids.next_id());
+        }
+        let plan = rules::decide(snapshot, op)?;
+        self.apply(plan)
+    }
+
+    fn session_of(&self, id: &InteractionId) -> StoreResult<Option<SessionId>> {
+        let session: Option<String> = self
+            .conn
+            .prepare_cached("SELECT session FROM interactions WHERE id = ?1")?
+            .query_row([id.as_str()], |r| r.get(0))
+            .optional()?;
+        session
+            .map(|s| SessionId::parse(&s).map_err(|e| StoreError::Internal(e.to_string())))
+            .transpose()
+    }
+
+    fn load(&self, id: &SessionId, op: &Operation) -> StoreResult<Snapshot> {
+        let mut snapshot = Snapshot::absent(id.clone(), self.now);
+        let sid = id.as_str();
+        snapshot.session = self
+            .conn
+            .prepare_cached(
+                "SELECT agent, context, epoch, last_seq, created_at FROM sessions WHERE id = ?1",
+            )?
+            .query_row([sid], |r| {
+                Ok(SessionRow {
+                    agent: r.get(0)?,
+                    context: Err(r.get(1)?),
+                    epoch: r.get(2)?,
+                    last_seq: r.get(3)?,
+                    created_at: Millis(r.get(4)?),
+                })
+            })
+            .optional()?;
+        if snapshot.session.is_none() {
+            if op.creates() {
+                snapshot.retired_seq = self
+                    .conn
+                    .prepare_cached("SELECT last_seq FROM retired_sessions WHERE id = ?1")?
+                    .query_row([sid], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+            }
+            return Ok(snapshot);
+        }
+        snapshot.running = self
+            .conn
+            .prepare_cached(concat!(
+                "SELECT ",
+                interaction_columns!(),
+                " FROM interactions WHERE session = ?1 AND status = 'running'"
+            ))?
+            .query_row([sid], |r| read_interaction(r, 0))
+            .optional()?;
+        snapshot.queued = self
+            .conn
+            .prepare_cached(concat!(
+                "SELECT ",
+                interaction_columns!(),
+                " FROM interactions WHERE session = ?1 AND status = 'queued' ORDER BY id"
+            ))?
+            .query_map([sid], |r| read_interaction(r, 0))?
+            .collect::<Result<_, _>>()?;
+        if let Some(key) = op.idempotency_key() {
+            snapshot.keyed = self
+                .conn
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    interaction_columns!(),
+                    " FROM interactions WHERE session = ?1 AND idempotency_key = ?2"
+                ))?
+                .query_row(params![sid, key], |r| read_interaction(r, 0))
+                .optional()?;
+        }
+        if let Some(named) = op.named() {
+            snapshot.named = select_interaction(self.conn, named)?;
+        }
+        Ok(snapshot)
+    }
+
+    fn apply(&mut self, plan: Plan) -> StoreResult<Outcome> {
+        let sid = plan.session.as_str();
+        let now = plan.now.0;
+        for write in &plan.writes {
+            match write {
+                Write::CreateSession {
+                    agent,
+                    context,
+                    last_seq,
+                } => {
+                    self.execute("DELETE FROM retired_sessions WHERE id = ?1", params![sid])?;
+                    self.execute(
+                        "INSERT INTO sessions (id, agent, context, epoch, last_seq, created_at) \
+                         VALUES (?1, ?2, ?3, 0, ?4, ?5)",
+                        params![sid, agent, serde_json::to_string(context)?, last_seq, now],
+                    )?;
+                }
+                Write::SetAgent(agent) => {
+                    self.execute(
+                        "UPDATE sessions SET agent = ?2 WHERE id = ?1",
+                        params![sid, agent],
+                    )?;
+                }
+                Write::SetContext(context) => {
+                    self.execute(
+                        "UPDATE sessions SET context = ?2 WHERE id = ?1",
+                        params![sid, serde_json::to_string(context)?],
+                    )?;
+                }
+                Write::Clear { epoch } => {
+                    self.execute("DELETE FROM interactions WHERE session = ?1", params![sid])?;
+                    self.execute(
+                        "UPDATE sessions SET context = '{}', epoch = ?2 WHERE id = ?1",
+                        params![sid, epoch],
+                    )?;
+                }
+                Write::Delete { last_seq } => {
+                    self.execute("DELETE FROM events WHERE session = ?1", params![sid])?;
+                    self.execute("DELETE FROM interactions WHERE session = ?1", params![sid])?;
+                    self.execute("DELETE FROM sessions WHERE id = ?1", params![sid])?;
+                    self.execute(
+                        "INSERT OR REPLACE INTO retired_sessions (id, last_seq) VALUES (?1, ?2)",
+                        params![sid, last_seq],
+                    )?;
+                }
+                Write::ForgetKey(id) => {
+                    self.execute(
+                        "UPDATE interactions SET idempotency_key = NULL WHERE id = ?1",
+                        params![id.as_str()],
+                    )?;
+                }
+                Write::Insert {
+                    interaction: i,
+                    epoch,
+                    idempotency_key,
+                } => {
+                    self.execute(
+                        "INSERT INTO interactions (id, session, epoch, content, metadata, \
+                         status, idempotency_key, created_at, started_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        params![
+                            i.id.as_str(),
+                            sid,
+                            epoch,
+                            i.content,
+                            serde_json::to_string(&i.metadata)?,
+                            i.status.as_str(),
+                            idempotency_key,
+                            i.created_at.0,
+                            i.started_at.map(|m| m.0),
+                        ],
+                    )?;
+                }
+                Write::AppendResponse { id, text } => {
+                    self.execute(
+                        "UPDATE interactions SET response = response || ?2 WHERE id = ?1",
+                        params![id.as_str(), text],
+                    )?;
+                }
+                Write::Finalize(i) => {
+                    self.execute(
+                        "UPDATE interactions SET status = ?2, response = ?3, error_code = ?4, \
+                         error_message = ?5, cancel_reason = ?6, finished_at = ?7 WHERE id = ?1",
+                        params![
+                            i.id.as_str(),
+                            i.status.as_str(),
+                            i.response,
+                            i.error.as_ref().map(|e| &e.code),
+                            i.error.as_ref().map(|e| &e.message),
+                            i.cancel_reason.map(|r| r.as_str()),
+                            i.finished_at.map(|m| m.0),
+                        ],
+                    )?;
+                }
+                Write::Start(i) => {
+                    self.execute(
+                        "UPDATE interactions SET status = 'running', started_at = ?2 \
+                         WHERE id = ?1",
+                        params![i.id.as_str(), i.started_at.map(|m| m.0)],
+                    )?;
+                }
+            }
+        }
+        if !plan.deletes_session() {
+            let mut insert = self.conn.prepare_cached(
+                "INSERT INTO events (session, seq, type, interaction_id, envelope, at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for event in &plan.events {
+                insert.execute(params![
+                    sid,
+                    event.seq,
+                    event.kind.as_str(),
+                    event.interaction_id.as_ref().map(InteractionId::as_str),
+                    &*event.envelope,
+                    now,
+                ])?;
+            }
+        }
+        if let Some(seq) = plan.save_seq {
+            self.execute(
+                "UPDATE sessions SET last_seq = ?2 WHERE id = ?1",
+                params![sid, seq],
+            )?;
+        }
+        self.events.extend(plan.events);
+        Ok(plan.outcome)
+    }
+
+    fn execute(&self, sql: &str, params: impl rusqlite::Params) -> StoreResult<usize> {
+        Ok(self.conn.prepare_cached(sql)?.execute(params)?)
+    }
+}
