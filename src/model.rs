@@ -133,17 +133,33 @@ impl Millis {
 
     /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-28T08:00:00.123Z`.
     pub fn to_rfc3339(self) -> String {
+        let text = self.rfc3339();
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    /// [`Millis::to_rfc3339`] without an allocation: every event's envelope carries one, and
+    /// envelopes are made on the store's one writer. Years outside 0..=9999 are clamped.
+    fn rfc3339(self) -> [u8; 24] {
         let ms = self.0.rem_euclid(1000);
         let secs = self.0.div_euclid(1000);
         let days = secs.div_euclid(86_400);
         let sod = secs.rem_euclid(86_400);
         let (y, m, d) = civil_from_days(days);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-            sod / 3600,
-            (sod / 60) % 60,
-            sod % 60
-        )
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut value: i64| {
+            for i in (at..at + width).rev() {
+                out[i] = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        put(0, 4, y.clamp(0, 9999));
+        put(5, 2, i64::from(m));
+        put(8, 2, i64::from(d));
+        put(11, 2, sod / 3600);
+        put(14, 2, (sod / 60) % 60);
+        put(17, 2, sod % 60);
+        put(20, 3, ms);
+        out
     }
 }
 
@@ -179,7 +195,9 @@ impl Millis {
 
 impl Serialize for Millis {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_rfc3339())
+        let text = self.rfc3339();
+        // Only ASCII digits and separators were written.
+        s.serialize_str(std::str::from_utf8(&text).unwrap_or("1970-01-01T00:00:00.000Z"))
     }
 }
 

@@ -69,6 +69,17 @@ pub(super) struct Snapshot {
 }
 
 impl Snapshot {
+    /// A snapshot of a session as it stands (the operation's `keyed` and `named` are left
+    /// for the caller to fill).
+    pub(super) fn of(id: SessionId, now: Millis, state: SessionState) -> Self {
+        Self {
+            session: Some(state.row),
+            running: state.running,
+            queued: state.queued,
+            ..Self::absent(id, now)
+        }
+    }
+
     /// A snapshot of a session that does not exist.
     pub(super) fn absent(id: SessionId, now: Millis) -> Self {
         Self {
@@ -292,6 +303,18 @@ pub(super) struct Plan {
     /// Interactions whose tasks must stop (cancelled, or failed because their task is gone).
     pub(super) stopped: Vec<InteractionId>,
     pub(super) outcome: Outcome,
+    /// The session's state once the plan is applied (`None`: it does not exist), for a
+    /// backend that keeps it between operations.
+    pub(super) after: Option<SessionState>,
+}
+
+/// What the rules look at of a session, as it stands between operations.
+#[derive(Debug, Clone)]
+pub(super) struct SessionState {
+    pub(super) row: SessionRow,
+    pub(super) running: Option<Interaction>,
+    /// Oldest first.
+    pub(super) queued: Vec<Interaction>,
 }
 
 impl Plan {
@@ -318,6 +341,9 @@ pub(super) fn decide(snapshot: Snapshot, operation: Operation) -> StoreResult<Pl
             d.running_task(&id)?;
             let text = d.write_outputs(&id, outputs)?;
             if !text.is_empty() {
+                if let Some(running) = &mut d.s.running {
+                    running.response.push_str(&text);
+                }
                 d.writes.push(Write::AppendResponse { id, text });
             }
             Outcome::Appended
@@ -400,13 +426,19 @@ impl Decider {
             // Inserted with its final seq: no second write of the row.
             *last_seq = seq;
         }
-        if self
+        let deleted = self
             .writes
             .iter()
-            .any(|w| matches!(w, Write::Delete { .. }))
-        {
+            .any(|w| matches!(w, Write::Delete { .. }));
+        if deleted {
             save_seq = None;
+            self.s.session = None;
         }
+        let after = self.s.session.map(|row| SessionState {
+            row,
+            running: self.s.running,
+            queued: self.s.queued,
+        });
         Ok(Plan {
             session: self.s.id,
             now: self.s.now,
@@ -415,6 +447,7 @@ impl Decider {
             save_seq,
             stopped: self.stopped,
             outcome,
+            after,
         })
     }
 

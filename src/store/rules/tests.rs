@@ -735,6 +735,31 @@ fn check_step(
         }
         return;
     };
+    // The state the plan says it leaves is what a backend would read back (a backend that
+    // keeps it between operations, as the SQLite writer does, relies on this).
+    match (&plan.after, &m.session) {
+        (None, None) => {}
+        (Some(after), Some(row)) => {
+            let read = m.snapshot(&Operation::StartQueued);
+            assert_eq!(after.running, read.running, "the running one as stored");
+            assert_eq!(after.queued, read.queued, "the queue as stored");
+            assert_eq!(
+                (
+                    &after.row.agent,
+                    after.row.epoch,
+                    after.row.last_seq,
+                    after.row.created_at
+                ),
+                (&row.agent, row.epoch, row.last_seq, row.created_at)
+            );
+            let context = |c: &Result<JsonObject, String>| match c {
+                Ok(c) => c.clone(),
+                Err(text) => serde_json::from_str(text).unwrap(),
+            };
+            assert_eq!(context(&after.row.context), context(&row.context));
+        }
+        (after, row) => panic!("after: {after:?}, stored: {row:?}"),
+    }
     // I4: the new events continue the session's seqs without gap, and the row knows the last.
     let mut seq = before.last().map_or(0, |e| e.seq);
     for event in &plan.events {

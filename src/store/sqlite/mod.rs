@@ -15,6 +15,7 @@ macro_rules! interaction_columns {
     };
 }
 
+mod cache;
 mod read;
 mod retention;
 mod schema;
@@ -332,3 +333,6 @@ impl SqliteStore {
 fn stored_session(id: &str) -> StoreResult<SessionId> {
     SessionId::parse(id).map_err(|e| StoreError::Internal(format!("stored session id: {e}")))
 }
+
+#[cfg(test)]
+mod tests;

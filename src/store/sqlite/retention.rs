@@ -20,7 +20,7 @@ impl SqliteStore {
         loop {
             let from = self.delta_cursor.load(Ordering::Relaxed);
             let walk = self
-                .write(move |tx| compact_deltas(tx.conn, from, deltas_before, batch))
+                .write(move |tx| compact_deltas(tx.raw(), from, deltas_before, batch))
                 .await?;
             self.delta_cursor.fetch_max(walk.reached, Ordering::Relaxed);
             total += walk.deleted;
@@ -33,7 +33,7 @@ impl SqliteStore {
             let deleted = self
                 .write(move |tx| {
                     Ok(tx
-                        .conn
+                        .raw()
                         .prepare_cached(
                             "DELETE FROM events WHERE id IN \
                              (SELECT id FROM events ORDER BY id LIMIT ?2) AND at < ?1",
@@ -52,11 +52,9 @@ impl SqliteStore {
         loop {
             let left = self
                 .write(move |tx| {
-                    tx.conn
-                        .execute_batch(&format!("PRAGMA incremental_vacuum({batch})"))?;
-                    Ok(tx
-                        .conn
-                        .query_row("PRAGMA freelist_count", [], |r| r.get::<_, i64>(0))?)
+                    let conn = tx.raw();
+                    conn.execute_batch(&format!("PRAGMA incremental_vacuum({batch})"))?;
+                    Ok(conn.query_row("PRAGMA freelist_count", [], |r| r.get::<_, i64>(0))?)
                 })
                 .await?;
             if left == 0 || left >= before {

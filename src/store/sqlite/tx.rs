@@ -3,6 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::cache::SessionCache;
 use super::read::{read_interaction, select_interaction};
 use crate::model::{Event, IdGenerator, InteractionId, Millis, SessionId};
 use crate::store::rules::{self, Operation, Outcome, Plan, SessionRow, Snapshot, Write};
@@ -13,11 +14,20 @@ use crate::store::{StoreError, StoreResult};
 pub(super) struct Tx<'c> {
     pub(super) conn: &'c Connection,
     pub(super) ids: &'c mut IdGenerator,
+    pub(super) cache: &'c mut SessionCache,
     pub(super) now: Millis,
     pub(super) events: Vec<Event>,
+    /// Whether this job has written anything: if it then fails, its batch is undone.
+    pub(super) wrote: bool,
 }
 
 impl Tx<'_> {
+    /// The connection, for a job that writes with its own SQL rather than the rules.
+    pub(super) fn raw(&mut self) -> &Connection {
+        self.wrote = true;
+        self.conn
+    }
+
     /// Runs `op` on `session` (or, for a task's operation, on its interaction's session).
     pub(super) fn run(
         &mut self,
@@ -26,18 +36,29 @@ impl Tx<'_> {
     ) -> StoreResult<Outcome> {
         let session = match (session, op.task()) {
             (Some(session), _) => session.clone(),
-            (None, Some(task)) => match self.session_of(task)? {
-                Some(session) => session,
-                None => return op.when_gone(),
+            (None, Some(task)) => match self.cache.session_running(task) {
+                Some(session) => session.clone(),
+                None => match self.session_of(task)? {
+                    Some(session) => session,
+                    None => return op.when_gone(),
+                },
             },
             (None, None) => return Err(StoreError::Internal("operation without session".into())),
         };
-        let mut snapshot = self.load(&session, &op)?;
+        let mut snapshot = match self.cache.get(&session) {
+            Some(state) => Snapshot::of(session.clone(), self.now, state.clone()),
+            None => self.load(&session, &op)?,
+        };
+        self.load_named(&mut snapshot, &op)?;
         if op.inserts() {
             snapshot.fresh_id = Some(self.ids.next_id());
         }
-        let plan = rules::decide(snapshot, op)?;
-        self.apply(plan)
+        let mut plan = rules::decide(snapshot, op)?;
+        let after = plan.after.take();
+        self.wrote = true;
+        let outcome = self.apply(plan)?;
+        self.cache.put(&session, after);
+        Ok(outcome)
     }
 
     fn session_of(&self, id: &InteractionId) -> StoreResult<Option<SessionId>> {
@@ -98,6 +119,16 @@ impl Tx<'_> {
             ))?
             .query_map([sid], |r| read_interaction(r, 0))?
             .collect::<Result<_, _>>()?;
+        Ok(snapshot)
+    }
+
+    /// What the operation names besides the session: the holder of its idempotency key, a
+    /// cancel's target.
+    fn load_named(&self, snapshot: &mut Snapshot, op: &Operation) -> StoreResult<()> {
+        if snapshot.session.is_none() {
+            return Ok(());
+        }
+        let sid = snapshot.id.as_str();
         if let Some(key) = op.idempotency_key() {
             snapshot.keyed = self
                 .conn
@@ -112,7 +143,7 @@ impl Tx<'_> {
         if let Some(named) = op.named() {
             snapshot.named = select_interaction(self.conn, named)?;
         }
-        Ok(snapshot)
+        Ok(())
     }
 
     fn apply(&mut self, plan: Plan) -> StoreResult<Outcome> {

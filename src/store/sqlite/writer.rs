@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
+use super::cache::SessionCache;
 use super::tx::Tx;
 use crate::bus::Bus;
 use crate::model::{IdGenerator, Millis};
@@ -52,10 +53,20 @@ impl Writer {
             checkpoint_requested,
         } = self;
         let mut ids = IdGenerator::default();
+        let mut cache = SessionCache::default();
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Ok(first) = jobs.recv() {
-            batch.push(first);
-            batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
+        // Jobs of an undone batch that had not run yet: they go first in the next one.
+        let mut carried: Vec<Job> = Vec::new();
+        loop {
+            if carried.is_empty() {
+                match jobs.recv() {
+                    Ok(first) => batch.push(first),
+                    Err(_) => break,
+                }
+            } else {
+                batch.append(&mut carried);
+            }
+            batch.extend(jobs.try_iter().take(MAX_BATCH.saturating_sub(batch.len())));
             let mut deliveries = Vec::with_capacity(batch.len());
             let mut events = Vec::new();
             let began = run_cached(&conn, "BEGIN IMMEDIATE");
@@ -70,41 +81,56 @@ impl Writer {
             }
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            for job in batch.drain(..) {
-                if let Err(e) = run_cached(&conn, "SAVEPOINT job") {
-                    tracing::error!(error = %e, "savepoint failed");
-                    continue;
-                }
+            // No savepoint per job: a refusal is decided before anything is written, so only
+            // a failing write (a storage error, a bug) or a panic leaves a job half-done, and
+            // then the whole batch is undone and its callers told so.
+            let mut undone = None;
+            let mut pending = batch.drain(..);
+            for job in pending.by_ref() {
                 let mut tx = Tx {
                     conn: &conn,
                     ids: &mut ids,
+                    cache: &mut cache,
                     now: Millis::now(),
                     events: Vec::new(),
+                    wrote: false,
                 };
                 let outcome = catch_unwind(AssertUnwindSafe(|| job(&mut tx)));
-                let ok = matches!(outcome, Ok((true, _)));
-                let kept = if ok {
-                    run_cached(&conn, "RELEASE job").is_ok()
-                } else {
-                    if let Err(e) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
-                        tracing::error!(error = %e, "rolling back a refused job failed");
-                    }
-                    false
-                };
-                if kept {
-                    events.append(&mut tx.events);
-                }
+                let wrote = tx.wrote;
                 match outcome {
-                    Ok((_, delivery)) => deliveries.push(delivery),
+                    Ok((true, delivery)) => {
+                        events.append(&mut tx.events);
+                        deliveries.push(delivery);
+                    }
+                    Ok((false, delivery)) => {
+                        deliveries.push(delivery);
+                        if wrote {
+                            undone = Some("a write failed half-way");
+                            break;
+                        }
+                    }
                     Err(_) => {
-                        tracing::error!("a store job panicked; its savepoint was rolled back")
+                        undone = Some("a store job panicked");
+                        break;
                     }
                 }
             }
-            let commit_error = run_cached(&conn, "COMMIT").err().map(|e| {
-                let _ = conn.execute_batch("ROLLBACK");
-                StoreError::Unavailable(format!("commit: {e}"))
-            });
+            carried.extend(pending);
+            let commit_error = match undone {
+                Some(why) => {
+                    tracing::error!(why, "write batch undone");
+                    let _ = conn.execute_batch("ROLLBACK");
+                    cache.clear();
+                    Some(StoreError::Unavailable(format!(
+                        "write batch undone: {why}"
+                    )))
+                }
+                None => run_cached(&conn, "COMMIT").err().map(|e| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    cache.clear();
+                    StoreError::Unavailable(format!("commit: {e}"))
+                }),
+            };
             if commit_error.is_none() {
                 bus.publish(events);
             }
