@@ -488,19 +488,60 @@ async fn events_after_pages_in_order(kind: Kind) {
         .map(|i| TaskOutput::Delta(format!("{i} ")))
         .collect();
     f.store
-        .append_outputs(a.interaction.id, outputs)
+        .append_outputs(a.interaction.id.clone(), outputs)
         .await
         .expect("append");
+    // Runs of deltas broken by a progress event, then the end with more deltas.
+    let id = a.interaction.id.clone();
+    let more = vec![
+        TaskOutput::Delta("x".into()),
+        TaskOutput::Progress(serde_json::json!({"step": 1})),
+        TaskOutput::Delta("y".into()),
+        TaskOutput::Delta("z".into()),
+    ];
+    f.store
+        .append_outputs(id.clone(), more)
+        .await
+        .expect("more");
+    let end = vec![TaskOutput::Delta("last".into())];
+    f.store
+        .finish(id, end, TaskEnd::Completed { response: None }, true)
+        .await
+        .expect("finish");
     let all = f.store.events_after(sid("s"), 0, 1000).await.expect("all");
-    assert_eq!(all.len(), 22);
+    assert_eq!(all.len(), 28);
     let tail = f.store.events_after(sid("s"), 10, 5).await.expect("tail");
     let seqs: Vec<i64> = tail.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![11, 12, 13, 14, 15]);
-    for e in &tail {
-        let envelope: serde_json::Value = serde_json::from_str(&e.envelope).expect("json");
-        assert_eq!(envelope["seq"], e.seq);
-        assert_eq!(envelope["session"], "s");
+    // From every position, any page size: exactly the next seqs, each with its own envelope.
+    for after in 0..=28 {
+        for limit in [1, 2, 3, 7, 1000] {
+            let page = f
+                .store
+                .events_after(sid("s"), after, limit)
+                .await
+                .expect("page");
+            let seqs: Vec<i64> = page.iter().map(|e| e.seq).collect();
+            let expected: Vec<i64> = ((after + 1)..=28).take(limit as usize).collect();
+            assert_eq!(seqs, expected, "after {after}, limit {limit}");
+            for e in &page {
+                let envelope: serde_json::Value = serde_json::from_str(&e.envelope).expect("json");
+                assert_eq!(envelope["seq"], e.seq);
+                assert_eq!(envelope["session"], "s");
+                assert_eq!(envelope["type"], e.kind.as_str());
+            }
+        }
     }
+    let texts: String = all
+        .iter()
+        .filter(|e| e.kind == EventType::TaskDelta)
+        .map(|e| {
+            let envelope: serde_json::Value = serde_json::from_str(&e.envelope).expect("json");
+            envelope["data"]["text"].as_str().expect("text").to_string()
+        })
+        .collect();
+    let numbers: String = (0..20).map(|i| format!("{i} ")).collect();
+    assert_eq!(texts, format!("{numbers}xyzlast"));
 }
 
 async fn retention_compacts_final_deltas_then_old_events(kind: Kind) {
@@ -689,8 +730,8 @@ async fn an_older_sqlite_database_is_upgraded_for_retention() {
         // Back to what version 1 wrote.
         let conn = rusqlite::Connection::open(&path).expect("open");
         conn.execute_batch(
-            "ALTER TABLE events DROP COLUMN at; PRAGMA user_version = 1; \
-             PRAGMA auto_vacuum = NONE; VACUUM;",
+            "ALTER TABLE events DROP COLUMN at; ALTER TABLE events DROP COLUMN last_seq; \
+             PRAGMA user_version = 1; PRAGMA auto_vacuum = NONE; VACUUM;",
         )
         .expect("downgrade");
         let mode: i64 = conn

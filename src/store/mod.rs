@@ -302,7 +302,7 @@ impl Store {
     }
 
     /// Retention: deletes the deltas of final interactions older than `deltas_before`, then
-    /// all events older than `events_before`, in bounded batches. Returns the rows deleted.
+    /// all events older than `events_before`, in bounded batches. Returns the events deleted.
     pub async fn compact(
         &self,
         deltas_before: crate::model::Millis,

@@ -277,8 +277,14 @@ pub fn stored_events(db_path: &std::path::Path, session: &str) -> Vec<Value> {
     let rows = stmt
         .query_map([session], |r| r.get::<_, String>(0))
         .expect("query");
-    rows.map(|r| serde_json::from_str(&r.expect("row")).expect("envelope is JSON"))
-        .collect()
+    // A run of deltas stored together holds one envelope per line.
+    rows.flat_map(|r| {
+        let text = r.expect("row");
+        text.lines()
+            .map(|line| serde_json::from_str(line).expect("envelope is JSON"))
+            .collect::<Vec<Value>>()
+    })
+    .collect()
 }
 
 /// Event types of a log, in order.

@@ -501,7 +501,7 @@ impl PgStore {
     /// Deletes, in batches of `batch` rows (each its own short transaction), the
     /// `task.delta` events older than `deltas_before` whose interaction is final (its final
     /// event carries the whole response), then every event older than `events_before`.
-    /// Returns the rows deleted.
+    /// Returns the events deleted (one per row here).
     pub(super) async fn compact(
         &self,
         deltas_before: Millis,

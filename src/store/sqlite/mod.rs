@@ -1,8 +1,9 @@
 //! The SQLite backend. Writes are serialised anyway in SQLite, so that is made explicit: one
-//! writer thread owns the write connection and group-commits whatever jobs are waiting (each
-//! job in its own savepoint, so one refused job never undoes another), then publishes the
-//! committed events and answers the callers. Reads run in parallel on a small pool of
-//! read-only connections (WAL lets them see every committed write, never a partial one).
+//! writer thread owns the write connection and group-commits whatever jobs are waiting (a
+//! refused job wrote nothing, so it never undoes another; a job failing after its writes
+//! undoes its batch), then publishes the committed events and answers the callers. Reads run
+//! in parallel on a small pool of read-only connections (WAL lets them see every committed
+//! write, never a partial one).
 //!
 //! Every write is one operation of the session rules ([`super::rules`]): the job loads the
 //! session's snapshot, the rules decide, the job applies the plan ([`tx`]).
@@ -36,7 +37,9 @@ use super::{
     Page, SqliteOptions, StartedTask, StoreError, StoreResult, StoreStats, register_final_watch,
 };
 use crate::bus::Bus;
-use crate::model::{ErrorInfo, Event, Interaction, InteractionId, JsonObject, Session, SessionId};
+use crate::model::{
+    ErrorInfo, Event, EventType, Interaction, InteractionId, JsonObject, Session, SessionId,
+};
 use read::{
     ReadPool, SESSION_LIST, conversion_error, read_interaction, read_session, require_session,
     select_interaction, select_session,
@@ -90,7 +93,8 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` as one job of the writer: in its own savepoint, committed with its batch.
+    /// Runs `f` as one job of the writer, committed with its batch. A job that writes with its
+    /// own SQL goes through [`Tx::raw`].
     async fn write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> StoreResult<R> + Send + 'static,
@@ -296,25 +300,34 @@ impl SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<Event>> {
         self.read(move |conn| {
+            let limit = limit as usize;
+            let mut events = Vec::with_capacity(limit.min(1024));
+            // A stored run of deltas that began at or before `after` may go on past it.
+            let spanning = conn
+                .prepare_cached(
+                    "SELECT seq, type, interaction_id, envelope, last_seq FROM events \
+                     WHERE session = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT 1",
+                )?
+                .query_row(params![session.as_str(), after], read_stored_row)
+                .optional()?;
+            if let Some(row) = spanning {
+                row.push_events(&session, after, limit, &mut events)?;
+            }
             let mut stmt = conn.prepare_cached(
-                "SELECT seq, type, interaction_id, envelope FROM events \
+                "SELECT seq, type, interaction_id, envelope, last_seq FROM events \
                  WHERE session = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![session.as_str(), after, i64::from(limit)], |r| {
-                let kind: String = r.get(1)?;
-                let envelope: String = r.get(3)?;
-                Ok(Event {
-                    session: session.clone(),
-                    seq: r.get(0)?,
-                    kind: kind.parse().map_err(|e| conversion_error(1, e))?,
-                    interaction_id: r
-                        .get::<_, Option<String>>(2)?
-                        .map(InteractionId::from_stored),
-                    envelope: Arc::from(envelope),
-                    interaction: None,
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let rows = stmt.query_map(
+                params![session.as_str(), after, limit as i64],
+                read_stored_row,
+            )?;
+            for row in rows {
+                if events.len() >= limit {
+                    break;
+                }
+                row?.push_events(&session, after, limit, &mut events)?;
+            }
+            Ok(events)
         })
         .await
     }
@@ -332,6 +345,70 @@ impl SqliteStore {
 }
 fn stored_session(id: &str) -> StoreResult<SessionId> {
     SessionId::parse(id).map_err(|e| StoreError::Internal(format!("stored session id: {e}")))
+}
+
+/// A stored row of the events table: one event, or a run of deltas (`seq..=last_seq`, one
+/// envelope per line).
+struct StoredRow {
+    seq: i64,
+    kind: EventType,
+    interaction_id: Option<InteractionId>,
+    envelope: String,
+    last_seq: Option<i64>,
+}
+
+fn read_stored_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRow> {
+    let kind: String = r.get(1)?;
+    Ok(StoredRow {
+        seq: r.get(0)?,
+        kind: kind.parse().map_err(|e| conversion_error(1, e))?,
+        interaction_id: r
+            .get::<_, Option<String>>(2)?
+            .map(InteractionId::from_stored),
+        envelope: r.get(3)?,
+        last_seq: r.get(4)?,
+    })
+}
+
+impl StoredRow {
+    /// Appends the row's events with `seq > after` to `out`, up to `limit` in all.
+    fn push_events(
+        self,
+        session: &SessionId,
+        after: i64,
+        limit: usize,
+        out: &mut Vec<Event>,
+    ) -> StoreResult<()> {
+        let event = |seq: i64, envelope: &str| Event {
+            session: session.clone(),
+            seq,
+            kind: self.kind,
+            interaction_id: self.interaction_id.clone(),
+            envelope: Arc::from(envelope),
+            interaction: None,
+        };
+        let Some(last_seq) = self.last_seq else {
+            if self.seq > after && out.len() < limit {
+                out.push(event(self.seq, &self.envelope));
+            }
+            return Ok(());
+        };
+        let lines = self.envelope.split('\n');
+        let mut count = 0;
+        for (seq, line) in (self.seq..).zip(lines) {
+            count += 1;
+            if seq > after && out.len() < limit {
+                out.push(event(seq, line));
+            }
+        }
+        if self.seq + count - 1 != last_seq {
+            return Err(StoreError::Internal(format!(
+                "stored events {}..={last_seq} hold {count} envelopes",
+                self.seq
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
 use crate::model::Millis;
@@ -30,19 +30,22 @@ impl SqliteStore {
             tokio::task::yield_now().await;
         }
         loop {
-            let deleted = self
+            // (rows, events): a row may hold a run of deltas.
+            let (rows, events) = self
                 .write(move |tx| {
-                    Ok(tx
-                        .raw()
-                        .prepare_cached(
-                            "DELETE FROM events WHERE id IN \
-                             (SELECT id FROM events ORDER BY id LIMIT ?2) AND at < ?1",
-                        )?
-                        .execute(params![events_before.0, batch])? as u64)
+                    let mut delete = tx.raw().prepare_cached(
+                        "DELETE FROM events WHERE id IN \
+                         (SELECT id FROM events ORDER BY id LIMIT ?2) AND at < ?1 \
+                         RETURNING coalesce(last_seq, seq) - seq + 1",
+                    )?;
+                    let counts = delete
+                        .query_map(params![events_before.0, batch], |r| r.get::<_, i64>(0))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((counts.len() as u64, counts.iter().sum::<i64>() as u64))
                 })
                 .await?;
-            total += deleted;
-            if deleted < batch.max(1) as u64 {
+            total += events;
+            if rows < batch.max(1) as u64 {
                 break;
             }
             tokio::task::yield_now().await;
@@ -102,7 +105,9 @@ fn compact_deltas(
     let mut active = conn.prepare_cached(
         "SELECT 1 FROM interactions WHERE id = ?1 AND status IN ('queued', 'running')",
     )?;
-    let mut delete = conn.prepare_cached("DELETE FROM events WHERE id = ?1")?;
+    let mut delete = conn.prepare_cached(
+        "DELETE FROM events WHERE id = ?1 RETURNING coalesce(last_seq, seq) - seq + 1",
+    )?;
     for (id, at, is_delta, interaction) in rows {
         if at >= before.0 {
             walk.done = true;
@@ -113,7 +118,8 @@ fn compact_deltas(
             continue;
         };
         if !active.exists([&interaction])? {
-            walk.deleted += delete.execute([id])? as u64;
+            let events: Option<i64> = delete.query_row([id], |r| r.get(0)).optional()?;
+            walk.deleted += events.unwrap_or(0) as u64;
         }
     }
     Ok(walk)

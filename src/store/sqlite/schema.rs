@@ -66,6 +66,12 @@ ALTER TABLE events ADD COLUMN at INTEGER NOT NULL DEFAULT 0;
 UPDATE events SET at =
     CAST(round((julianday(json_extract(envelope, '$.at')) - 2440587.5) * 86400000.0) AS INTEGER);
 "#,
+    r#"
+-- A run of `task.delta` events of one interaction appended together is stored as one row:
+-- seqs `seq..=last_seq`, their envelopes joined by newlines (compact JSON holds none).
+-- NULL: the row holds the one event `seq`.
+ALTER TABLE events ADD COLUMN last_seq INTEGER;
+"#,
 ];
 
 pub(super) fn configure(conn: &Connection, synchronous: Synchronous) -> StoreResult<()> {

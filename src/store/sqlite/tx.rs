@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::cache::SessionCache;
 use super::read::{read_interaction, select_interaction};
-use crate::model::{Event, IdGenerator, InteractionId, Millis, SessionId};
+use crate::model::{Event, EventType, IdGenerator, InteractionId, Millis, SessionId};
 use crate::store::rules::{self, Operation, Outcome, Plan, SessionRow, Snapshot, Write};
 use crate::store::{StoreError, StoreResult};
 
@@ -251,16 +251,25 @@ impl Tx<'_> {
         }
         if !plan.deletes_session() {
             let mut insert = self.conn.prepare_cached(
-                "INSERT INTO events (session, seq, type, interaction_id, envelope, at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO events (session, seq, last_seq, type, interaction_id, envelope, at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            for event in &plan.events {
+            for run in delta_runs(&plan.events) {
+                let first = &run[0];
+                let (last_seq, envelope) = match run {
+                    [_] => (None, std::borrow::Cow::Borrowed(&*first.envelope)),
+                    _ => {
+                        let joined = run.iter().map(|e| &*e.envelope).collect::<Vec<_>>();
+                        (run.last().map(|e| e.seq), joined.join("\n").into())
+                    }
+                };
                 insert.execute(params![
                     sid,
-                    event.seq,
-                    event.kind.as_str(),
-                    event.interaction_id.as_ref().map(InteractionId::as_str),
-                    &*event.envelope,
+                    first.seq,
+                    last_seq,
+                    first.kind.as_str(),
+                    first.interaction_id.as_ref().map(InteractionId::as_str),
+                    &*envelope,
                     now,
                 ])?;
             }
@@ -278,4 +287,14 @@ impl Tx<'_> {
     fn execute(&self, sql: &str, params: impl rusqlite::Params) -> StoreResult<usize> {
         Ok(self.conn.prepare_cached(sql)?.execute(params)?)
     }
+}
+
+/// The plan's events as stored rows: each run of consecutive `task.delta`s of one interaction
+/// is one row; every other event is a row of its own.
+fn delta_runs(events: &[Event]) -> impl Iterator<Item = &[Event]> {
+    events.chunk_by(|a, b| {
+        a.kind == EventType::TaskDelta
+            && b.kind == EventType::TaskDelta
+            && a.interaction_id == b.interaction_id
+    })
 }

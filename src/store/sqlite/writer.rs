@@ -30,12 +30,13 @@ pub(super) const WAL_KEEP_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Called after the batch's commit (or its failure) with the commit error, if any.
 pub(super) type Delivery = Box<dyn FnOnce(Option<StoreError>) + Send>;
-/// A unit of write work; returns whether it succeeded (else its savepoint is rolled back).
+/// A unit of write work; returns whether it succeeded (one that failed after writing undoes
+/// its batch).
 pub(super) type Job = Box<dyn FnOnce(&mut Tx<'_>) -> (bool, Delivery) + Send>;
 
-/// The writer thread: takes every waiting job, runs each in a savepoint of one transaction,
-/// commits once, then publishes the committed events and answers the callers.
-/// The single writer: owns the write connection.
+/// The single writer: owns the write connection. Its thread takes every waiting job, runs
+/// them in one transaction, commits once, then publishes the committed events and answers the
+/// callers.
 pub(super) struct Writer {
     pub(super) conn: Connection,
     pub(super) bus: Arc<Bus>,
