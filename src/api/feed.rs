@@ -100,10 +100,11 @@ impl EventFeed {
             if !self.replaying {
                 break;
             }
-            let page = self
+            // Boxed: a feed waiting for live events then holds no room for a store read.
+            let read = self
                 .engine
-                .events_after(self.session.clone(), self.last_sent, REPLAY_PAGE)
-                .await?;
+                .events_after(self.session.clone(), self.last_sent, REPLAY_PAGE);
+            let page = Box::pin(read).await?;
             if (page.len() as u32) < REPLAY_PAGE {
                 self.replaying = false;
             }

@@ -30,8 +30,9 @@ use crate::model::{
 
 /// Replies waiting for the writer.
 const REPLY_BUFFER: usize = 64;
-/// Initial read buffer of a connection.
-const READ_BUFFER: usize = 4 * 1024;
+/// Initial read buffer of a connection: client frames are small operations (a larger one is
+/// read in several chunks).
+const READ_BUFFER: usize = 1024;
 /// Frames are written out once this much is buffered (and at every flush).
 const WRITE_BUFFER: usize = 64 * 1024;
 /// A peer that lets this much pile up is stuck: its connection fails.
@@ -168,7 +169,9 @@ impl Connection {
                     continue;
                 }
                 let reply = match message {
-                    Message::Text(text) => reader.handle(text.as_str()).await,
+                    // Boxed: the reader of an idle connection then holds no room for an
+                    // operation in flight (the engine's futures are several KiB).
+                    Message::Text(text) => Box::pin(reader.handle(text.as_str())).await,
                     Message::Binary(_) => Some(error_reply(
                         Value::Null,
                         &ApiError::invalid_request(
