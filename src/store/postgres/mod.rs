@@ -24,6 +24,7 @@
 //! Every write is one operation of the session rules ([`super::rules`]): the transaction locks
 //! the session's row and loads its snapshot, the rules decide, the plan is applied ([`tx`]).
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,10 +46,12 @@ use rows::{
     SESSION_SELECT, read_event, read_interaction, read_session, require_session,
     select_interaction, select_session,
 };
-use tx::{PendingEvent, PgTx};
+use tx::PgTx;
 
 /// Attempts of a transaction that lost a deadlock or a serialization race.
 const TX_ATTEMPTS: u32 = 4;
+/// Tasks whose session this node remembers at most.
+const TASK_SESSIONS: usize = 65_536;
 
 /// The database's clock in milliseconds: leases are compared in one clock, whatever the nodes'.
 const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
@@ -77,6 +80,9 @@ pub(super) struct PgStore {
     /// taken over like any lost node's.
     node: Mutex<Arc<str>>,
     ids: Mutex<IdGenerator>,
+    /// The session of each task started here and not yet seen final: a task's writes name
+    /// only its interaction, and this spares them a query to find the session.
+    tasks: Mutex<HashMap<InteractionId, SessionId>>,
     stats: Arc<StoreStats>,
     sequencer: Arc<Sequencer>,
     /// What this node's commits tell the other nodes, sent in batches by [`run_notifier`].
@@ -254,6 +260,7 @@ impl PgStore {
             bus,
             node: Mutex::new(node),
             ids: Mutex::new(IdGenerator::default()),
+            tasks: Mutex::new(HashMap::new()),
             stats: Arc::new(StoreStats::default()),
             sequencer,
             cancels: Mutex::new(Some(cancel_rx)),
@@ -272,6 +279,30 @@ impl PgStore {
         self.lease
     }
 
+    /// The session of a task started here, if known. An entry of a transaction that did not
+    /// commit is harmless: the interaction's session never changes, and a task that is not
+    /// running is fenced by the rules (and then forgotten).
+    fn task_session(&self, id: &InteractionId) -> Option<SessionId> {
+        self.tasks.lock().ok()?.get(id).cloned()
+    }
+
+    fn task_started(&self, id: &InteractionId, session: &SessionId) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            // Tasks ended elsewhere (cancelled through another node) leave entries behind;
+            // it is only a shortcut, so past a bound it starts over.
+            if tasks.len() >= TASK_SESSIONS {
+                tasks.clear();
+            }
+            tasks.insert(id.clone(), session.clone());
+        }
+    }
+
+    fn task_ended(&self, id: &InteractionId) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.remove(id);
+        }
+    }
+
     fn node(&self) -> Arc<str> {
         Arc::clone(&self.node.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -280,41 +311,13 @@ impl PgStore {
         self.cancels.lock().ok()?.take()
     }
 
-    /// Notifies, commits, then publishes the transaction's events locally.
+    /// Commits, notifies the other nodes, then publishes the transaction's events locally.
     async fn commit(
         &self,
         tx: deadpool_postgres::Transaction<'_>,
-        events: Vec<PendingEvent>,
+        events: Vec<Event>,
         cancelled: Vec<InteractionId>,
     ) -> TxResult<()> {
-        if events.iter().any(|(_, _, stored)| *stored) {
-            let mut sessions = Vec::with_capacity(events.len());
-            let mut seqs = Vec::with_capacity(events.len());
-            let mut kinds = Vec::with_capacity(events.len());
-            let mut about = Vec::with_capacity(events.len());
-            let mut envelopes = Vec::with_capacity(events.len());
-            let mut ats = Vec::with_capacity(events.len());
-            for (event, at, _) in events.iter().filter(|(_, _, stored)| *stored) {
-                sessions.push(event.session.as_str());
-                seqs.push(event.seq);
-                kinds.push(event.kind.as_str());
-                about.push(event.interaction_id.as_ref().map(InteractionId::as_str));
-                envelopes.push(&*event.envelope);
-                ats.push(at.0);
-            }
-            let insert = tx
-                .prepare_cached(
-                    "INSERT INTO events (session, seq, type, interaction_id, envelope, at) \
-                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
-                     $5::text[], $6::bigint[])",
-                )
-                .await?;
-            tx.execute(
-                &insert,
-                &[&sessions, &seqs, &kinds, &about, &envelopes, &ats],
-            )
-            .await?;
-        }
         tx.commit().await?;
         // Notified after the commit, batched with other commits by the notifier: a NOTIFY
         // inside each write transaction would serialise every commit of the database on
@@ -331,8 +334,7 @@ impl PgStore {
         self.stats
             .jobs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.sequencer
-            .deliver(events.into_iter().map(|(e, _, _)| e).collect(), false);
+        self.sequencer.deliver(events, false);
         Ok(())
     }
 
@@ -566,9 +568,9 @@ impl PgStore {
 }
 
 /// `(session, first seq, last seq)` of each session's run of events, in order.
-fn ranges(events: &[PendingEvent]) -> Vec<(&SessionId, i64, i64)> {
+fn ranges(events: &[Event]) -> Vec<(&SessionId, i64, i64)> {
     let mut out: Vec<(&SessionId, i64, i64)> = Vec::new();
-    for (event, _, _) in events {
+    for event in events {
         match out.last_mut() {
             Some((session, _, last)) if *session == &event.session => *last = event.seq,
             _ => out.push((&event.session, event.seq, event.seq)),

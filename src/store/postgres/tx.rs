@@ -2,24 +2,21 @@
 //! decide, applies the plan. Events are inserted at commit, in one statement.
 
 use deadpool_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 
-use super::rows::{read_interaction, select_interaction};
+use super::rows::read_interaction;
 use super::{PgStore, TxError, TxResult};
 use crate::model::{Event, InteractionId, Millis, SessionId, Status};
 use crate::store::StoreError;
 use crate::store::rules::{self, Operation, Outcome, Plan, SessionRow, Snapshot, Write};
-
-/// An event of a transaction, its time, and whether to store it (events of a deleted
-/// session are only published).
-pub(super) type PendingEvent = (Event, Millis, bool);
 
 /// The write side of one transaction.
 pub(super) struct PgTx<'t, 'c, 's> {
     pub(super) tx: &'t Transaction<'c>,
     store: &'s PgStore,
     now: Millis,
-    /// Events with their time and whether to store them, inserted in one statement at commit.
-    events: Vec<PendingEvent>,
+    /// The events stored by this transaction, published once it commits.
+    events: Vec<Event>,
     /// Interactions whose tasks must stop (to tell the nodes running them).
     stopped: Vec<InteractionId>,
 }
@@ -35,7 +32,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
         }
     }
 
-    pub(super) fn into_parts(self) -> (Vec<PendingEvent>, Vec<InteractionId>) {
+    pub(super) fn into_parts(self) -> (Vec<Event>, Vec<InteractionId>) {
         (self.events, self.stopped)
     }
 
@@ -47,21 +44,30 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
     ) -> TxResult<Outcome> {
         let session = match (session, op.task()) {
             (Some(session), _) => session.clone(),
-            (None, Some(task)) => match self.session_of(task).await? {
+            (None, Some(task)) => match self.store.task_session(task) {
                 Some(session) => session,
-                None => return Ok(op.when_gone()?),
+                None => match self.session_of(task).await? {
+                    Some(session) => session,
+                    None => return Ok(op.when_gone()?),
+                },
             },
             (None, None) => {
                 return Err(StoreError::Internal("operation without session".into()).into());
             }
         };
-        let mut snapshot = self.load(&session, &op).await?;
-        if op.inserts() {
-            let (id, now) = self.fresh_id(&session).await?;
-            snapshot.fresh_id = Some(id);
-            snapshot.now = now;
-        }
-        let plan = rules::decide(snapshot, op)?;
+        let snapshot = self.load(&session, &op).await?;
+        let task = op.task().cloned();
+        let plan = match rules::decide(snapshot, op) {
+            Ok(plan) => plan,
+            Err(StoreError::Fenced) => {
+                // Ended (maybe by another node): its writes stop here.
+                if let Some(task) = task {
+                    self.store.task_ended(&task);
+                }
+                return Err(StoreError::Fenced.into());
+            }
+            Err(refusal) => return Err(refusal.into()),
+        };
         self.apply(plan).await
     }
 
@@ -117,9 +123,14 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                     snapshot.retired_seq = row.try_get(0)?;
                 }
             }
+            if op.inserts() {
+                snapshot.fresh_id = Some(self.fresh_id(None)?.0);
+            }
             return Ok(snapshot);
         }
-        let stmt = self
+        // Every read below is sent at once (pipelined): one round trip. Each takes its own
+        // snapshot after the lock above was granted, so it sees every commit before ours.
+        let active = self
             .tx
             .prepare_cached(concat!(
                 "SELECT ",
@@ -128,7 +139,55 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                  ORDER BY id"
             ))
             .await?;
-        for row in self.tx.query(&stmt, &[&sid]).await? {
+        let keyed = self
+            .tx
+            .prepare_cached(concat!(
+                "SELECT ",
+                interaction_columns!(),
+                " FROM interactions WHERE session = $1 AND idempotency_key = $2"
+            ))
+            .await?;
+        let named = self
+            .tx
+            .prepare_cached(concat!(
+                "SELECT ",
+                interaction_columns!(),
+                " FROM interactions WHERE id = $1"
+            ))
+            .await?;
+        let newest = self
+            .tx
+            .prepare_cached(
+                "SELECT id, created_at FROM interactions WHERE session = $1 \
+                 ORDER BY id DESC LIMIT 1",
+            )
+            .await?;
+        let key = op.idempotency_key();
+        let named_id = op.named().map(InteractionId::as_str);
+        let tx = self.tx;
+        let active_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&sid];
+        let (active, keyed, named, newest) = tokio::try_join!(
+            tx.query(&active, &active_params),
+            async {
+                match key {
+                    Some(key) => tx.query_opt(&keyed, &[&sid, &key]).await,
+                    None => Ok(None),
+                }
+            },
+            async {
+                match named_id {
+                    Some(id) => tx.query_opt(&named, &[&id]).await,
+                    None => Ok(None),
+                }
+            },
+            async {
+                match op.inserts() {
+                    true => tx.query_opt(&newest, &[&sid]).await,
+                    false => Ok(None),
+                }
+            },
+        )?;
+        for row in active {
             let interaction = read_interaction(&row, 0)?;
             if interaction.status == Status::Running {
                 snapshot.running = Some(interaction);
@@ -136,21 +195,19 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                 snapshot.queued.push(interaction);
             }
         }
-        if let Some(key) = op.idempotency_key() {
-            let stmt = self
-                .tx
-                .prepare_cached(concat!(
-                    "SELECT ",
-                    interaction_columns!(),
-                    " FROM interactions WHERE session = $1 AND idempotency_key = $2"
-                ))
-                .await?;
-            if let Some(row) = self.tx.query_opt(&stmt, &[&sid, &key]).await? {
-                snapshot.keyed = Some(read_interaction(&row, 0)?);
-            }
-        }
-        if let Some(named) = op.named() {
-            snapshot.named = select_interaction(self.tx, named).await?;
+        snapshot.keyed = keyed.map(|row| read_interaction(&row, 0)).transpose()?;
+        snapshot.named = named.map(|row| read_interaction(&row, 0)).transpose()?;
+        if op.inserts() {
+            let newest = match newest {
+                Some(row) => Some((
+                    InteractionId::from_stored(row.try_get(0)?),
+                    Millis(row.try_get(1)?),
+                )),
+                None => None,
+            };
+            let (id, now) = self.fresh_id(newest)?;
+            snapshot.fresh_id = Some(id);
+            snapshot.now = now;
         }
         Ok(snapshot)
     }
@@ -158,34 +215,30 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
     /// A fresh id greater than the session's newest, and a time not before its creation:
     /// ids and times follow the order of acceptance within the session, whichever node
     /// accepts (the row lock orders the acceptances).
-    async fn fresh_id(&mut self, session: &SessionId) -> TxResult<(InteractionId, Millis)> {
-        let stmt = self
-            .tx
-            .prepare_cached(
-                "SELECT id, created_at FROM interactions WHERE session = $1 \
-                 ORDER BY id DESC LIMIT 1",
-            )
-            .await?;
-        let last = self.tx.query_opt(&stmt, &[&session.as_str()]).await?;
+    fn fresh_id(
+        &self,
+        newest: Option<(InteractionId, Millis)>,
+    ) -> TxResult<(InteractionId, Millis)> {
         let mut ids = self
             .store
             .ids
             .lock()
             .map_err(|_| StoreError::Internal("id generator poisoned".into()))?;
-        match last {
-            Some(row) => {
-                let last_id = InteractionId::from_stored(row.try_get(0)?);
-                let last_at = Millis(row.try_get(1)?);
-                Ok((ids.next_after(&last_id), self.now.max(last_at)))
-            }
+        match newest {
+            Some((last_id, last_at)) => Ok((ids.next_after(&last_id), self.now.max(last_at))),
             None => Ok((ids.next_id(), self.now)),
         }
     }
 
+    /// Applies the plan: every statement is sent at once (pipelined; PostgreSQL runs them in
+    /// order), the events included.
     async fn apply(&mut self, plan: Plan) -> TxResult<Outcome> {
-        let sid = plan.session.as_str();
+        let sid = || Box::new(plan.session.as_str().to_string()) as Param;
         let now = plan.now.0;
-        let me = self.store.node();
+        let me = self.store.node().to_string();
+        let mut batch: Vec<(&'static str, Vec<Param>)> = Vec::with_capacity(plan.writes.len() + 2);
+        // The statement whose count says whether the session was created here.
+        let mut creation = None;
         for write in &plan.writes {
             match write {
                 Write::CreateSession {
@@ -193,51 +246,34 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                     context,
                     last_seq,
                 } => {
-                    self.execute("DELETE FROM retired_sessions WHERE id = $1", &[&sid])
-                        .await?;
-                    let inserted = self
-                        .execute(
-                            "INSERT INTO sessions (id, agent, context, epoch, last_seq, \
-                             created_at) VALUES ($1, $2, $3, 0, $4, $5) \
-                             ON CONFLICT (id) DO NOTHING",
-                            &[
-                                &sid,
-                                agent,
-                                &serde_json::to_string(context)?,
-                                last_seq,
-                                &now,
-                            ],
-                        )
-                        .await?;
-                    if inserted == 0 {
-                        // Another transaction created it first (we waited for its commit):
-                        // this one decided on a snapshot without it.
-                        return Err(TxError::Retry);
-                    }
+                    batch.push(("DELETE FROM retired_sessions WHERE id = $1", vec![sid()]));
+                    creation = Some(batch.len());
+                    batch.push((
+                        "INSERT INTO sessions (id, agent, context, epoch, last_seq, created_at) \
+                         VALUES ($1, $2, $3, 0, $4, $5) ON CONFLICT (id) DO NOTHING",
+                        vec![
+                            sid(),
+                            param(agent.clone()),
+                            param(serde_json::to_string(context)?),
+                            param(*last_seq),
+                            param(now),
+                        ],
+                    ));
                 }
-                Write::SetAgent(agent) => {
-                    self.execute(
-                        "UPDATE sessions SET agent = $2 WHERE id = $1",
-                        &[&sid, agent],
-                    )
-                    .await?;
-                }
-                Write::SetContext(context) => {
-                    let text = serde_json::to_string(context)?;
-                    self.execute(
-                        "UPDATE sessions SET context = $2 WHERE id = $1",
-                        &[&sid, &text],
-                    )
-                    .await?;
-                }
+                Write::SetAgent(agent) => batch.push((
+                    "UPDATE sessions SET agent = $2 WHERE id = $1",
+                    vec![sid(), param(agent.clone())],
+                )),
+                Write::SetContext(context) => batch.push((
+                    "UPDATE sessions SET context = $2 WHERE id = $1",
+                    vec![sid(), param(serde_json::to_string(context)?)],
+                )),
                 Write::Clear { epoch } => {
-                    self.execute("DELETE FROM interactions WHERE session = $1", &[&sid])
-                        .await?;
-                    self.execute(
+                    batch.push(("DELETE FROM interactions WHERE session = $1", vec![sid()]));
+                    batch.push((
                         "UPDATE sessions SET context = '{}', epoch = $2 WHERE id = $1",
-                        &[&sid, epoch],
-                    )
-                    .await?;
+                        vec![sid(), param(*epoch)],
+                    ));
                 }
                 Write::Delete { last_seq } => {
                     for sql in [
@@ -245,100 +281,153 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                         "DELETE FROM interactions WHERE session = $1",
                         "DELETE FROM sessions WHERE id = $1",
                     ] {
-                        self.execute(sql, &[&sid]).await?;
+                        batch.push((sql, vec![sid()]));
                     }
-                    self.execute(
+                    batch.push((
                         "INSERT INTO retired_sessions (id, last_seq) VALUES ($1, $2) \
                          ON CONFLICT (id) DO UPDATE SET last_seq = EXCLUDED.last_seq",
-                        &[&sid, last_seq],
-                    )
-                    .await?;
+                        vec![sid(), param(*last_seq)],
+                    ));
                 }
-                Write::ForgetKey(id) => {
-                    self.execute(
-                        "UPDATE interactions SET idempotency_key = NULL WHERE id = $1",
-                        &[&id.as_str()],
-                    )
-                    .await?;
-                }
+                Write::ForgetKey(id) => batch.push((
+                    "UPDATE interactions SET idempotency_key = NULL WHERE id = $1",
+                    vec![param(id.to_string())],
+                )),
                 Write::Insert {
                     interaction: i,
                     epoch,
                     idempotency_key,
                 } => {
-                    let node: Option<&str> = (i.status == Status::Running).then_some(&*me);
-                    self.execute(
+                    let node = (i.status == Status::Running).then(|| me.clone());
+                    batch.push((
                         "INSERT INTO interactions (id, session, epoch, content, metadata, \
                          status, idempotency_key, created_at, started_at, node) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                        &[
-                            &i.id.as_str(),
-                            &sid,
-                            epoch,
-                            &i.content,
-                            &serde_json::to_string(&i.metadata)?,
-                            &i.status.as_str(),
-                            idempotency_key,
-                            &i.created_at.0,
-                            &i.started_at.map(|m| m.0),
-                            &node,
+                        vec![
+                            param(i.id.to_string()),
+                            sid(),
+                            param(*epoch),
+                            param(i.content.clone()),
+                            param(serde_json::to_string(&i.metadata)?),
+                            param(i.status.as_str()),
+                            param(idempotency_key.clone()),
+                            param(i.created_at.0),
+                            param(i.started_at.map(|m| m.0)),
+                            param(node),
                         ],
-                    )
-                    .await?;
+                    ));
                 }
-                Write::AppendResponse { id, text } => {
-                    self.execute(
-                        "UPDATE interactions SET response = response || $2 WHERE id = $1",
-                        &[&id.as_str(), text],
-                    )
-                    .await?;
-                }
-                Write::Finalize(i) => {
-                    self.execute(
-                        "UPDATE interactions SET status = $2, response = $3, error_code = $4, \
-                         error_message = $5, cancel_reason = $6, finished_at = $7 WHERE id = $1",
-                        &[
-                            &i.id.as_str(),
-                            &i.status.as_str(),
-                            &i.response,
-                            &i.error.as_ref().map(|e| e.code.as_str()),
-                            &i.error.as_ref().map(|e| e.message.as_str()),
-                            &i.cancel_reason.map(|r| r.as_str()),
-                            &i.finished_at.map(|m| m.0),
-                        ],
-                    )
-                    .await?;
-                }
-                Write::Start(i) => {
-                    self.execute(
-                        "UPDATE interactions SET status = 'running', started_at = $2, node = $3 \
-                         WHERE id = $1",
-                        &[&i.id.as_str(), &i.started_at.map(|m| m.0), &&*me],
-                    )
-                    .await?;
-                }
+                Write::AppendResponse { id, text } => batch.push((
+                    "UPDATE interactions SET response = response || $2 WHERE id = $1",
+                    vec![param(id.to_string()), param(text.clone())],
+                )),
+                Write::Finalize(i) => batch.push((
+                    "UPDATE interactions SET status = $2, response = $3, error_code = $4, \
+                     error_message = $5, cancel_reason = $6, finished_at = $7 WHERE id = $1",
+                    vec![
+                        param(i.id.to_string()),
+                        param(i.status.as_str()),
+                        param(i.response.clone()),
+                        param(i.error.as_ref().map(|e| e.code.clone())),
+                        param(i.error.as_ref().map(|e| e.message.clone())),
+                        param(i.cancel_reason.map(|r| r.as_str())),
+                        param(i.finished_at.map(|m| m.0)),
+                    ],
+                )),
+                Write::Start(i) => batch.push((
+                    "UPDATE interactions SET status = 'running', started_at = $2, node = $3 \
+                     WHERE id = $1",
+                    vec![
+                        param(i.id.to_string()),
+                        param(i.started_at.map(|m| m.0)),
+                        param(me.clone()),
+                    ],
+                )),
             }
         }
         if let Some(seq) = plan.save_seq {
-            self.execute(
+            batch.push((
                 "UPDATE sessions SET last_seq = $2 WHERE id = $1",
-                &[&sid, &seq],
-            )
-            .await?;
+                vec![sid(), param(seq)],
+            ));
         }
         let store = !plan.deletes_session();
-        self.events
-            .extend(plan.events.into_iter().map(|e| (e, plan.now, store)));
+        if store && !plan.events.is_empty() {
+            let events = &plan.events;
+            batch.push((
+                "INSERT INTO events (session, seq, type, interaction_id, envelope, at) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
+                 $5::text[], $6::bigint[])",
+                vec![
+                    param(vec![plan.session.as_str().to_string(); events.len()]),
+                    param(events.iter().map(|e| e.seq).collect::<Vec<i64>>()),
+                    param(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>()),
+                    param(
+                        events
+                            .iter()
+                            .map(|e| e.interaction_id.as_ref().map(|i| i.to_string()))
+                            .collect::<Vec<_>>(),
+                    ),
+                    param(
+                        events
+                            .iter()
+                            .map(|e| e.envelope.to_string())
+                            .collect::<Vec<_>>(),
+                    ),
+                    param(vec![now; events.len()]),
+                ],
+            ));
+        }
+        let mut statements = Vec::with_capacity(batch.len());
+        for (sql, _) in &batch {
+            statements.push(self.tx.prepare_cached(sql).await?);
+        }
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = batch
+            .iter()
+            .map(|(_, ps)| ps.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect())
+            .collect();
+        let tx = self.tx;
+        let send = |range: std::ops::Range<usize>| {
+            futures_util::future::try_join_all(
+                statements[range.clone()]
+                    .iter()
+                    .zip(&params[range])
+                    .map(|(statement, params)| tx.execute(statement, params)),
+            )
+        };
+        // A session created here is created first, alone: if another transaction created it
+        // meanwhile (we waited for its commit), this one decided on a snapshot without it, and
+        // nothing else of its plan may run.
+        let rest = match creation {
+            Some(at) => {
+                let counts = send(0..at + 1).await?;
+                if counts[at] == 0 {
+                    return Err(TxError::Retry);
+                }
+                at + 1
+            }
+            None => 0,
+        };
+        send(rest..batch.len()).await?;
+        for write in &plan.writes {
+            match write {
+                Write::Insert { interaction, .. } if interaction.status == Status::Running => {
+                    self.store.task_started(&interaction.id, &plan.session);
+                }
+                Write::Start(i) => self.store.task_started(&i.id, &plan.session),
+                Write::Finalize(i) => self.store.task_ended(&i.id),
+                _ => {}
+            }
+        }
+        self.events.extend(plan.events);
         self.stopped.extend(plan.stopped);
         Ok(plan.outcome)
     }
+}
 
-    async fn execute(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> TxResult<u64> {
-        let stmt = self.tx.prepare_cached(sql).await?;
-        Ok(self.tx.execute(&stmt, params).await?)
-    }
+/// An owned statement parameter, so a whole plan can be sent at once.
+type Param = Box<dyn ToSql + Sync + Send>;
+
+fn param(value: impl ToSql + Sync + Send + 'static) -> Param {
+    Box::new(value)
 }
