@@ -9,10 +9,10 @@ use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
+use futures_channel::mpsc;
 use futures_util::{Sink, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::AppState;
@@ -140,7 +140,9 @@ enum Ending {
 impl Connection {
     async fn run(self, socket: WebSocket, hello: Session, mut feed: EventFeed) {
         let (mut sink, mut stream) = socket.split();
-        let (replies, mut pending) = mpsc::channel::<Outbound>(REPLY_BUFFER);
+        // futures' channel allocates per message, not a block up front: idle connections are
+        // the common case.
+        let (mut replies, mut pending) = mpsc::channel::<Outbound>(REPLY_BUFFER);
         let (heard_tx, mut heard) = tokio::sync::watch::channel(Instant::now());
         let reader = OpReader {
             engine: self.engine.clone(),
@@ -202,7 +204,7 @@ impl Connection {
                     _ = stopping.cancelled() => {
                         break 'writer Ending::Close(1001, "server shutting down".into());
                     }
-                    reply = pending.recv() => match reply {
+                    reply = pending.next() => match reply {
                         Some(Outbound::Text(reply)) => {
                             if send(&mut sink, Message::Text(reply.into())).await.is_err() {
                                 break 'writer Ending::Drop;
