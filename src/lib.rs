@@ -15,7 +15,7 @@
 //!   handlers, WebSocket and SSE on one replay/live feed — and the one error model.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`client`]: HTTP and WebSocket clients of the contract; [`cli`]: the CLI's commands.
-//! - [`bench`]: the load generator (`baton bench`).
+//! - [`bench`](mod@bench): the load generator (`baton bench`).
 //!
 //! Data flows one way: transport → engine → store → bus → transport.
 

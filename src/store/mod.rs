@@ -1,6 +1,6 @@
 //! The store contract: every state change of a session is one transaction that checks the
 //! current state, writes the new state and appends the events it causes (allocating their
-//! per-session `seq`). Events are handed to the [`Bus`](crate::bus::Bus) only after their
+//! per-session `seq`). Events are handed to the [`Bus`] only after their
 //! transaction commits, in `seq` order.
 //!
 //! [`Store`] is the one API; the backend behind it is chosen by the database URL.

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::model::IdGenerator;
+use crate::model::{IdGenerator, Millis, SessionId};
 
 const T0: i64 = 1_700_000_000_000;
 
