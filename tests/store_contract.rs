@@ -619,6 +619,157 @@ async fn retention_compacts_final_deltas_then_old_events(kind: Kind) {
 
 /// Every contract test, once per backend. The PostgreSQL ones run when
 /// `BATON_TEST_POSTGRES` names an admin URL, and are listed as ignored otherwise.
+/// Random operations on a few sessions, concurrently, through the store; then the stored log
+/// of each session must be whole: contiguous seqs from any position, one final event per
+/// interaction, no final event while active, at most one running, and the session's view
+/// agreeing with its log. (On SQLite this also holds the writer's remembered state to what is
+/// stored: a stale memory would start a second runner or reuse a seq.)
+async fn random_operations_leave_a_whole_log(kind: Kind) {
+    let f = open(kind).await;
+    let sessions = ["r0", "r1", "r2"];
+    let mut workers = Vec::new();
+    for worker in 0..4u64 {
+        let store = f.store.clone();
+        workers.push(tokio::spawn(async move {
+            // xorshift: the same sequence every run.
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (worker + 1);
+            let mut next = move |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            for step in 0..120 {
+                let session = sessions[next(3) as usize];
+                let running = store
+                    .get_session(sid(session))
+                    .await
+                    .ok()
+                    .and_then(|s| s.running.map(|r| r.id));
+                let outcome = match next(10) {
+                    0..=2 => {
+                        let policy =
+                            [Policy::Reject, Policy::Enqueue, Policy::Interrupt][next(3) as usize];
+                        let content = format!("w{worker} s{step}");
+                        store
+                            .accept_message(message(session, &content, policy))
+                            .await
+                            .map(drop)
+                    }
+                    3 | 4 => match running {
+                        Some(id) => {
+                            let words = (0..next(4)).map(|i| TaskOutput::Delta(format!("{i} ")));
+                            store.append_outputs(id, words.collect()).await
+                        }
+                        None => Ok(()),
+                    },
+                    5 | 6 => match running {
+                        Some(id) => {
+                            let end = TaskEnd::Completed { response: None };
+                            let last = vec![TaskOutput::Delta("end".into())];
+                            store.finish(id, last, end, next(2) == 0).await.map(drop)
+                        }
+                        None => Ok(()),
+                    },
+                    7 => store
+                        .cancel(
+                            sid(session),
+                            CancelTarget::Running,
+                            CancelReason::Cancel,
+                            true,
+                        )
+                        .await
+                        .map(drop),
+                    8 => store.clear(sid(session), "default".into()).await.map(drop),
+                    _ => store.delete_session(sid(session)).await.map(drop),
+                };
+                match outcome {
+                    Ok(())
+                    | Err(StoreError::Busy { .. })
+                    | Err(StoreError::QueueFull { .. })
+                    | Err(StoreError::Fenced)
+                    | Err(StoreError::SessionNotFound) => {}
+                    Err(e) => panic!("worker {worker}, step {step}: {e}"),
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    for session in sessions {
+        let log = f
+            .store
+            .events_after(sid(session), 0, 100_000)
+            .await
+            .expect("log");
+        let Ok(view) = f.store.get_session(sid(session)).await else {
+            assert!(
+                log.is_empty(),
+                "{session}: deleted, yet {} events",
+                log.len()
+            );
+            continue;
+        };
+        assert_eq!(
+            log.first().map(|e| e.kind),
+            Some(EventType::SessionCreated),
+            "{session}: its log begins with its creation"
+        );
+        let seqs: Vec<i64> = log.iter().map(|e| e.seq).collect();
+        let first = seqs.first().copied().unwrap_or(1);
+        let expected: Vec<i64> = (first..first + seqs.len() as i64).collect();
+        assert_eq!(seqs, expected, "{session}: contiguous");
+        assert_eq!(
+            view.last_seq,
+            seqs.last().copied().unwrap_or(0),
+            "{session}: last seq"
+        );
+        for after in (first - 1..=view.last_seq).step_by(3) {
+            let page = f
+                .store
+                .events_after(sid(session), after, 5)
+                .await
+                .expect("page");
+            let got: Vec<i64> = page.iter().map(|e| e.seq).collect();
+            let want: Vec<i64> = ((after + 1)..=view.last_seq).take(5).collect();
+            assert_eq!(got, want, "{session}: after {after}");
+        }
+        // Since the last clear: every interaction started at most once, ended at most once,
+        // and the one started and not ended is the session's running one.
+        let since = log
+            .iter()
+            .rposition(|e| e.kind == EventType::SessionCleared)
+            .map_or(0, |at| at + 1);
+        let mut started = std::collections::HashMap::new();
+        let mut ended = std::collections::HashMap::new();
+        for event in &log[since..] {
+            let id = event.interaction_id.clone();
+            match event.kind {
+                EventType::TaskStarted => *started.entry(id).or_insert(0) += 1,
+                kind if kind.is_final() => *ended.entry(id).or_insert(0) += 1,
+                _ => {}
+            }
+        }
+        assert!(
+            started.values().all(|n| *n == 1),
+            "{session}: started twice"
+        );
+        assert!(ended.values().all(|n| *n == 1), "{session}: ended twice");
+        let open: Vec<_> = started
+            .keys()
+            .filter(|id| !ended.contains_key(*id))
+            .cloned()
+            .collect();
+        assert!(open.len() <= 1, "{session}: {} running", open.len());
+        assert_eq!(
+            open.first().cloned().flatten(),
+            view.running.map(|r| r.id),
+            "{session}: the running one"
+        );
+    }
+}
+
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -655,6 +806,7 @@ on_every_backend!(
     a_deleted_session_never_reuses_a_seq,
     events_after_pages_in_order,
     retention_compacts_final_deltas_then_old_events,
+    random_operations_leave_a_whole_log,
 );
 
 /// Deleted sessions and compacted events give their pages back: the file shrinks.
