@@ -126,14 +126,6 @@ impl Decider {
             // Inserted with its final seq: no second write of the row.
             *last_seq = seq;
         }
-        let deleted = self
-            .writes
-            .iter()
-            .any(|w| matches!(w, Write::Delete { .. }));
-        if deleted {
-            save_seq = None;
-            self.s.session = None;
-        }
         let after = self.s.session.map(|row| SessionState {
             row,
             running: self.s.running,
@@ -281,6 +273,8 @@ impl Decider {
         self.emit(EventType::SessionDeleted, None, &Empty {}, None)?;
         let last_seq = self.row()?.last_seq;
         self.writes.push(Write::Delete { last_seq });
+        // Gone: no seq to save, no state after.
+        self.s.session = None;
         Ok(Outcome::Deleted(cancelled))
     }
 

@@ -164,7 +164,7 @@ impl Operation {
     /// What a task's operation answers when its interaction (or its session) is gone.
     pub(in crate::store) fn when_gone(&self) -> StoreResult<Outcome> {
         match self {
-            Operation::Interrupt { .. } | Operation::StartQueued => Ok(Outcome::Started(None)),
+            Operation::Interrupt { .. } => Ok(Outcome::Started(None)),
             _ => Err(StoreError::Fenced),
         }
     }
