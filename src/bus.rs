@@ -317,7 +317,7 @@ mod tests {
     #[tokio::test]
     async fn subscribers_get_events_in_order_and_cleanup_is_exact() {
         let bus = Arc::new(Bus::new(16));
-        let s = SessionId::parse("s").expect("valid");
+        let s = SessionId::new(&crate::model::Tenant::default_tenant(), "s").expect("valid");
         let mut a = bus.subscribe(&s);
         let mut b = bus.subscribe(&s);
         bus.publish(vec![event(&s, 1), event(&s, 2)]);

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::client::stream::{Frame, SessionSocket};
-use crate::client::{Client, ServerError, session_path};
+use crate::client::{Client, Remote, ServerError, session_path};
 
 /// Stdout's reader has gone (`baton watch s | head -3`): the command ends quietly.
 #[derive(Debug, thiserror::Error)]
@@ -134,12 +134,12 @@ pub fn exit_code(outcome: anyhow::Result<ExitCode>) -> ExitCode {
 /// `baton send`: posts over the session's WebSocket, streams the reply's deltas to stdout as
 /// they arrive, and exits non-zero unless the interaction completed.
 pub async fn send(
-    server: &str,
+    remote: &Remote,
     session: &str,
     text: &str,
     policy: &str,
 ) -> anyhow::Result<ExitCode> {
-    let mut socket = SessionSocket::open(server, session, None).await?;
+    let mut socket = SessionSocket::open(remote, session, None).await?;
     socket.send_message(text, policy, 1).await?;
     let mut id: Option<String> = None;
     // Events may arrive before the reply names the interaction: keep them until then.
@@ -279,13 +279,13 @@ impl<'a> ChatInput<'a> {
 /// `baton chat`: an interactive client. Lines typed are sent (queued behind a running reply);
 /// `/clear`, `/cancel`, `/help` and `/quit` do what they say; replies stream as they are
 /// produced.
-pub async fn chat(server: &str, session: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
+pub async fn chat(remote: &Remote, session: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
     if let Some(agent) = agent {
-        Client::new(server)?
+        Client::new(remote)?
             .put_session_agent(session, agent)
             .await?;
     }
-    let mut socket = SessionSocket::open(server, session, None).await?;
+    let mut socket = SessionSocket::open(remote, session, None).await?;
     out(&format!(
         "baton chat: session {session} (agent {}). /help lists the commands.\n",
         socket.hello["session"]["agent"].as_str().unwrap_or("?")
@@ -448,7 +448,7 @@ impl ChatScreen {
 /// nothing), resuming with `Last-Event-ID` when the stream drops; it ends when the session is
 /// deleted or when stdout's reader goes away.
 pub async fn watch(
-    server: &str,
+    remote: &Remote,
     session: &str,
     after: Option<i64>,
     replay: bool,
@@ -456,17 +456,17 @@ pub async fn watch(
     let mut stdout = StdoutWatch::start()?;
     tokio::select! {
         () = stdout.closed() => Ok(ExitCode::SUCCESS),
-        outcome = follow_events(server, session, after, replay) => outcome,
+        outcome = follow_events(remote, session, after, replay) => outcome,
     }
 }
 
 async fn follow_events(
-    server: &str,
+    remote: &Remote,
     session: &str,
     after: Option<i64>,
     replay: bool,
 ) -> anyhow::Result<ExitCode> {
-    let client = Client::new(server)?;
+    let client = Client::new(remote)?;
     let mut last: Option<i64> = after;
     if after.is_none() && !replay {
         // Only new events: start after the session's last seq, so a resume never replays.
@@ -529,8 +529,8 @@ async fn follow_events(
 }
 
 /// `baton history`: the interactions of the current epoch, oldest first.
-pub async fn history(server: &str, session: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let client = Client::new(server)?;
+pub async fn history(remote: &Remote, session: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let client = Client::new(remote)?;
     for interaction in client.history(session).await? {
         if json {
             out(&format!("{interaction}\n"))?;
@@ -545,6 +545,33 @@ pub async fn history(server: &str, session: &str, json: bool) -> anyhow::Result<
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `baton key new` prints: the new key, once, and the `[[auth.keys]]` block (with its
+/// hash, never the key) to paste into the configuration.
+pub fn new_key_block(tenant: &str, role: &str, id: Option<&str>) -> anyhow::Result<String> {
+    crate::model::Tenant::parse(tenant).map_err(|e| anyhow::anyhow!("--tenant {tenant:?}: {e}"))?;
+    if !matches!(role, "tenant" | "admin") {
+        anyhow::bail!("--role must be tenant or admin (got {role:?})");
+    }
+    let (key, sha256) = crate::api::auth::new_key()?;
+    let id = match id {
+        Some(id) if !id.trim().is_empty() => id.to_string(),
+        Some(_) => anyhow::bail!("--id must not be empty"),
+        None => format!("{tenant}-{}", &crate::api::auth::new_key()?.1[..8]),
+    };
+    let id = toml::Value::String(id);
+    Ok(format!(
+        "# The key, shown once (Baton keeps only its hash): give it to the client, e.g. as\n\
+         # BATON_KEY or Authorization: Bearer <key>.\n\
+         {key}\n\n\
+         # Paste into the server's configuration file:\n\
+         [[auth.keys]]\n\
+         id = {id}\n\
+         tenant = \"{tenant}\"\n\
+         role = \"{role}\"\n\
+         sha256 = \"{sha256}\"\n"
+    ))
 }
 
 #[cfg(test)]

@@ -58,6 +58,12 @@ pub struct Config {
     pub http_body_timeout_s: f64,
     /// Plain HTTP connections served at once; past it, new ones wait to be accepted.
     pub max_http_connections: usize,
+    /// Access control (`[auth]`); absent: open, and only on a loopback `listen`.
+    pub auth: Option<AuthConfig>,
+    /// PEM certificate chain: with `tls_key`, Baton serves HTTPS and WSS itself.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Configured agents by name.
     #[serde(skip)]
     pub agents: BTreeMap<String, AgentConfig>,
@@ -94,10 +100,143 @@ impl Default for Config {
             http_header_timeout_s: 30.0,
             http_body_timeout_s: 60.0,
             max_http_connections: 10_000,
+            auth: None,
+            tls_cert: None,
+            tls_key: None,
             agents,
             agent_tables: BTreeMap::new(),
         }
     }
+}
+
+/// The `[auth]` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `keys` (the default once `[auth]` is written) or `none` (open, on purpose).
+    #[serde(default)]
+    pub mode: AuthMode,
+    /// Environment variables holding the HMAC secrets of session tokens: the first signs,
+    /// all verify (rotation).
+    #[serde(default)]
+    pub token_secret_env: Vec<String>,
+    /// Secrets handed over directly by a program that embeds Baton (tests, Rust embedders),
+    /// before those of `token_secret_env`; a configuration file names variables instead.
+    #[serde(skip)]
+    pub token_secrets: Vec<String>,
+    /// Browser origins allowed to call the API (CORS); `"*"` for any.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+/// `[auth] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every request acts as tenant `default`, with no credentials.
+    None,
+    /// Everything under `/v1` needs an API key or a session token.
+    #[default]
+    Keys,
+}
+
+/// A key's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyRole {
+    /// Acts on its own tenant's sessions.
+    #[default]
+    Tenant,
+    /// Acts on its tenant, or on the one named by `Baton-Tenant`; reads `/metrics`.
+    Admin,
+}
+
+/// One `[[auth.keys]]` entry. The key itself is never in the configuration, only its hash.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// A name for logs and metrics; not secret.
+    pub id: String,
+    pub tenant: String,
+    #[serde(default)]
+    pub role: KeyRole,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    /// Requests per second for this key (bursts up to twice that); absent: unlimited.
+    pub rate_per_s: Option<f64>,
+}
+
+impl AuthConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        let mut ids = std::collections::BTreeSet::new();
+        let mut hashes = std::collections::BTreeSet::new();
+        for (i, key) in self.keys.iter().enumerate() {
+            let at = format!("auth.keys[{i}]");
+            if key.id.trim().is_empty() {
+                bail!("{at}.id must not be empty");
+            }
+            if !ids.insert(key.id.as_str()) {
+                bail!("{at}.id {:?} is given to two keys", key.id);
+            }
+            if let Err(e) = crate::model::Tenant::parse(&key.tenant) {
+                bail!("{at}.tenant {:?}: {e}", key.tenant);
+            }
+            let hash = key.sha256.trim().to_ascii_lowercase();
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!(
+                    "{at}.sha256 must be the 64 hex digits of the key's SHA-256 \
+                     (`baton key new` prints it)"
+                );
+            }
+            if !hashes.insert(hash) {
+                bail!("{at}.sha256: two keys have the same hash");
+            }
+            if let Some(rate) = key.rate_per_s
+                && !(rate.is_finite() && rate > 0.0)
+            {
+                bail!("{at}.rate_per_s must be a positive number");
+            }
+        }
+        if self.mode == AuthMode::Keys && self.keys.is_empty() {
+            bail!(
+                "[auth] mode = \"keys\" needs at least one [[auth.keys]] entry: \
+                 `baton key new --tenant NAME` makes one"
+            );
+        }
+        for name in &self.token_secret_env {
+            if name.trim().is_empty() {
+                bail!("auth.token_secret_env holds an empty variable name");
+            }
+        }
+        for origin in &self.cors_origins {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/'));
+            if !ok {
+                bail!(
+                    "auth.cors_origins: {origin:?} is not an origin \
+                     (scheme://host[:port], no path) or \"*\""
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `listen` (`HOST:PORT`) only accepts connections from this machine.
+pub fn is_loopback(listen: &str) -> bool {
+    let host = match listen.rsplit_once(':') {
+        Some((host, _)) => host,
+        None => listen,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// SQLite's `synchronous` pragma in WAL mode.
@@ -633,6 +772,25 @@ impl Config {
         }
         if self.max_http_connections == 0 {
             bail!("max_http_connections must be at least 1");
+        }
+        match &self.auth {
+            Some(auth) => auth.validate()?,
+            None if !is_loopback(&self.listen) => bail!(
+                "listen = {:?} is reachable from other machines, and access control is off. \
+                 Add to the configuration file:\n\n\
+                 [auth]\n\
+                 mode = \"keys\"\n\n\
+                 with the [[auth.keys]] block that `baton key new --tenant NAME` prints; \
+                 or, to run open on purpose (behind a proxy that checks access), \
+                 [auth] with mode = \"none\"",
+                self.listen
+            ),
+            None => {}
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => bail!("tls_cert is set without tls_key"),
+            (None, Some(_)) => bail!("tls_key is set without tls_cert"),
+            _ => {}
         }
         check_default_agent(self.agents.keys().map(String::as_str))?;
         for (name, agent) in &self.agents {

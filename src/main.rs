@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
-use baton::client::DEFAULT_SERVER;
+use baton::client::{DEFAULT_SERVER, Remote};
 use baton::config::{Config, Overrides};
 
 #[derive(Parser)]
@@ -52,6 +52,12 @@ enum Command {
         /// URL of the Baton server.
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
+        /// API key or session token (access control on); BATON_KEY by default.
+        #[arg(long, env = "BATON_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// With an admin key: the tenant to act on (sent as Baton-Tenant).
+        #[arg(long, env = "BATON_TENANT")]
+        tenant: Option<String>,
     },
     /// Chat with a session's agent interactively (/clear, /cancel, /help, /quit).
     Chat {
@@ -63,6 +69,12 @@ enum Command {
         /// URL of the Baton server.
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
+        /// API key or session token (access control on); BATON_KEY by default.
+        #[arg(long, env = "BATON_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// With an admin key: the tenant to act on (sent as Baton-Tenant).
+        #[arg(long, env = "BATON_TENANT")]
+        tenant: Option<String>,
     },
     /// Print the session's events as JSON lines, following live.
     Watch {
@@ -77,6 +89,12 @@ enum Command {
         /// URL of the Baton server.
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
+        /// API key or session token (access control on); BATON_KEY by default.
+        #[arg(long, env = "BATON_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// With an admin key: the tenant to act on (sent as Baton-Tenant).
+        #[arg(long, env = "BATON_TENANT")]
+        tenant: Option<String>,
     },
     /// Load-test this build (and, optionally, the reference Python server side by side) and
     /// print the figures.
@@ -142,6 +160,11 @@ enum Command {
         #[arg(long)]
         only: Vec<String>,
     },
+    /// Manage API keys (access control).
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Print the interactions of a session, oldest first.
     History {
         /// Session id.
@@ -152,6 +175,29 @@ enum Command {
         /// URL of the Baton server.
         #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
+        /// API key or session token (access control on); BATON_KEY by default.
+        #[arg(long, env = "BATON_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// With an admin key: the tenant to act on (sent as Baton-Tenant).
+        #[arg(long, env = "BATON_TENANT")]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Print a new random API key (once: it is stored nowhere) and the [[auth.keys]] block,
+    /// with the key's SHA-256, to paste into the configuration.
+    New {
+        /// The tenant the key acts on (1-64 characters of [a-z0-9_-]).
+        #[arg(long)]
+        tenant: String,
+        /// tenant (its own sessions) or admin (any tenant with Baton-Tenant, and /metrics).
+        #[arg(long, default_value = "tenant")]
+        role: String,
+        /// A name for the key in logs and metrics (default: the tenant and a random suffix).
+        #[arg(long)]
+        id: Option<String>,
     },
 }
 
@@ -216,18 +262,59 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             text,
             policy,
             server,
-        } => baton::cli::send(&server, &session, &text, &policy).await,
+            key,
+            tenant,
+        } => {
+            baton::cli::send(
+                &Remote {
+                    server,
+                    key,
+                    tenant,
+                },
+                &session,
+                &text,
+                &policy,
+            )
+            .await
+        }
         Command::Chat {
             session,
             agent,
             server,
-        } => baton::cli::chat(&server, &session, agent.as_deref()).await,
+            key,
+            tenant,
+        } => {
+            baton::cli::chat(
+                &Remote {
+                    server,
+                    key,
+                    tenant,
+                },
+                &session,
+                agent.as_deref(),
+            )
+            .await
+        }
         Command::Watch {
             session,
             after,
             replay,
             server,
-        } => baton::cli::watch(&server, &session, after, replay).await,
+            key,
+            tenant,
+        } => {
+            baton::cli::watch(
+                &Remote {
+                    server,
+                    key,
+                    tenant,
+                },
+                &session,
+                after,
+                replay,
+            )
+            .await
+        }
         Command::Bench {
             server,
             peer,
@@ -275,7 +362,26 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             session,
             json,
             server,
-        } => baton::cli::history(&server, &session, json).await,
+            key,
+            tenant,
+        } => {
+            baton::cli::history(
+                &Remote {
+                    server,
+                    key,
+                    tenant,
+                },
+                &session,
+                json,
+            )
+            .await
+        }
+        Command::Key {
+            action: KeyAction::New { tenant, role, id },
+        } => {
+            baton::cli::out(&baton::cli::new_key_block(&tenant, &role, id.as_deref())?)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -16,29 +16,37 @@ pub type JsonObject = Map<String, Value>;
 #[error("{0}")]
 pub struct InvalidValue(pub String);
 
-/// A session id: 1–128 characters of `[A-Za-z0-9._:-]`.
+/// A tenant: 1–64 characters of `[a-z0-9_-]`. Every session belongs to exactly one; with
+/// access control off, every request acts as [`Tenant::DEFAULT`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
-pub struct SessionId(Arc<str>);
+pub struct Tenant(Arc<str>);
 
-impl SessionId {
-    /// Longest accepted id, in characters.
-    pub const MAX_LEN: usize = 128;
+impl Tenant {
+    /// The tenant of every request when access control is off, and of data stored before
+    /// tenants existed.
+    pub const DEFAULT: &'static str = "default";
+    /// Longest accepted name, in characters.
+    pub const MAX_LEN: usize = 64;
 
-    /// Validates `raw` exactly as written (no percent-decoding happens here).
     pub fn parse(raw: &str) -> Result<Self, InvalidValue> {
         let valid = !raw.is_empty()
             && raw.len() <= Self::MAX_LEN
             && raw
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
         if valid {
             Ok(Self(Arc::from(raw)))
         } else {
             Err(InvalidValue(
-                "session id must be 1-128 characters of [A-Za-z0-9._:-]".into(),
+                "a tenant must be 1-64 characters of [a-z0-9_-]".into(),
             ))
         }
+    }
+
+    /// [`Tenant::DEFAULT`].
+    pub fn default_tenant() -> Self {
+        Self(Arc::from(Self::DEFAULT))
     }
 
     pub fn as_str(&self) -> &str {
@@ -46,9 +54,84 @@ impl SessionId {
     }
 }
 
-impl fmt::Display for SessionId {
+impl fmt::Display for Tenant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// A session of one tenant: the tenant and the session's name (1–128 characters of
+/// `[A-Za-z0-9._:-]`, what clients call the session id). Tenant A's `demo` and tenant B's
+/// `demo` are two different `SessionId`s, so nothing keyed by it (the store's rows, the bus,
+/// the task registry) can mix them. It serialises as the name alone: the wire never shows the
+/// tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId {
+    /// `tenant/name`: a `/` occurs in neither part, so the key is unambiguous. It is what
+    /// the stores keep in their session columns.
+    key: Arc<str>,
+    /// Where the name starts in `key`.
+    name_at: u8,
+}
+
+impl SessionId {
+    /// Longest accepted name, in characters.
+    pub const MAX_LEN: usize = 128;
+
+    /// The session `name` of `tenant`, validated exactly as written (no percent-decoding
+    /// happens here).
+    pub fn new(tenant: &Tenant, name: &str) -> Result<Self, InvalidValue> {
+        validate_session_name(name)?;
+        let key = format!("{tenant}/{name}");
+        Ok(Self {
+            key: Arc::from(key),
+            name_at: (tenant.as_str().len() + 1) as u8,
+        })
+    }
+
+    /// Rebuilds an id from [`SessionId::key`] (as the stores keep it).
+    pub fn from_key(key: &str) -> Result<Self, InvalidValue> {
+        let (tenant, name) = key
+            .split_once('/')
+            .ok_or_else(|| InvalidValue(format!("{key:?} is not a session key")))?;
+        Self::new(&Tenant::parse(tenant)?, name)
+    }
+
+    /// The name clients use (the `{id}` of the routes).
+    pub fn name(&self) -> &str {
+        &self.key[usize::from(self.name_at)..]
+    }
+
+    /// The tenant's name.
+    pub fn tenant(&self) -> &str {
+        &self.key[..usize::from(self.name_at) - 1]
+    }
+
+    /// `tenant/name`: the form the stores keep.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// Checks a session name: 1–128 characters of `[A-Za-z0-9._:-]`.
+pub fn validate_session_name(raw: &str) -> Result<(), InvalidValue> {
+    let valid = !raw.is_empty()
+        && raw.len() <= SessionId::MAX_LEN
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidValue(
+            "session id must be 1-128 characters of [A-Za-z0-9._:-]".into(),
+        ))
+    }
+}
+
+impl Serialize for SessionId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
     }
 }
 
@@ -496,10 +579,11 @@ mod tests {
 
     #[test]
     fn session_ids_are_checked_raw() {
-        assert!(SessionId::parse("a.b_c:d-E9").is_ok());
-        assert!(SessionId::parse(&"x".repeat(128)).is_ok());
+        let t = Tenant::default_tenant();
+        assert!(SessionId::new(&t, "a.b_c:d-E9").is_ok());
+        assert!(SessionId::new(&t, &"x".repeat(128)).is_ok());
         for bad in ["", "a/b", "a%2Fb", "é", "a b", &"x".repeat(129)] {
-            assert!(SessionId::parse(bad).is_err(), "{bad:?}");
+            assert!(SessionId::new(&t, bad).is_err(), "{bad:?}");
         }
     }
 

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::agent::AgentRegistry;
+use crate::api::auth::Auth;
 use crate::api::connections::Connections;
 use crate::api::listener::{HttpSettings, serve_http};
 use crate::api::ws::WsSettings;
@@ -97,21 +98,31 @@ pub async fn serve_with_agents(
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     check_default_agent(agents.iter().map(|(name, _)| name))?;
+    let auth = Auth::from_config(config.auth.as_ref(), |name| std::env::var(name).ok())?;
     let engine = build_engine(&config, agents).await?;
-    let app = router(AppState {
-        engine: engine.clone(),
-        max_body_bytes: config.max_body_bytes,
-        body_timeout: Duration::from_secs_f64(config.http_body_timeout_s),
-        connections: Arc::new(Connections::new(
-            config.max_connections,
-            config.max_connections_per_session,
-        )),
-        ws: WsSettings {
-            max_frame_bytes: config.max_body_bytes,
-            ping_interval: Duration::from_secs_f64(config.ws_ping_interval_s),
-            ops_per_second: config.ws_ops_per_second,
+    let cors_origins = config
+        .auth
+        .as_ref()
+        .map(|a| a.cors_origins.clone())
+        .unwrap_or_default();
+    let app = router(
+        AppState {
+            engine: engine.clone(),
+            max_body_bytes: config.max_body_bytes,
+            body_timeout: Duration::from_secs_f64(config.http_body_timeout_s),
+            connections: Arc::new(Connections::new(
+                config.max_connections,
+                config.max_connections_per_session,
+            )),
+            ws: WsSettings {
+                max_frame_bytes: config.max_body_bytes,
+                ping_interval: Duration::from_secs_f64(config.ws_ping_interval_s),
+                ops_per_second: config.ws_ops_per_second,
+            },
+            auth: Arc::new(auth),
         },
-    });
+        &cors_origins,
+    );
     let stopping = engine.clone();
     let http = HttpSettings {
         header_timeout: Duration::from_secs_f64(config.http_header_timeout_s),

@@ -82,7 +82,7 @@ async fn open(kind: Kind) -> Fixture {
 }
 
 fn sid(s: &str) -> SessionId {
-    SessionId::parse(s).expect("valid session id")
+    SessionId::new(&baton::model::Tenant::default_tenant(), s).expect("valid session id")
 }
 
 fn message(session: &str, content: &str, policy: Policy) -> NewMessage {
@@ -294,7 +294,7 @@ async fn finish_records_the_end_and_starts_the_next(kind: Kind) {
         .expect("finish b");
     assert!(none.is_none());
     let (session, history) = f.store.task_inputs(sid("s"), 10).await.expect("history");
-    assert_eq!(session.id.as_str(), "s");
+    assert_eq!(session.id.name(), "s");
     assert_eq!(history.len(), 1, "failed interactions are not history");
     assert_eq!(history[0].response, "A");
     let b = f
@@ -879,10 +879,15 @@ async fn an_older_sqlite_database_is_upgraded_for_retention() {
             .expect("accept");
     }
     {
-        // Back to what version 1 wrote.
+        // Back to what version 1 wrote: no retention columns, no tenants (bare session ids,
+        // which the upgrade gives to tenant `default`).
         let conn = rusqlite::Connection::open(&path).expect("open");
         conn.execute_batch(
             "ALTER TABLE events DROP COLUMN at; ALTER TABLE events DROP COLUMN last_seq; \
+             DROP INDEX sessions_by_tenant; ALTER TABLE sessions DROP COLUMN tenant; \
+             UPDATE sessions SET id = substr(id, 9); \
+             UPDATE interactions SET session = substr(session, 9); \
+             UPDATE events SET session = substr(session, 9); \
              PRAGMA user_version = 1; PRAGMA auto_vacuum = NONE; VACUUM;",
         )
         .expect("downgrade");

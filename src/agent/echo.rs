@@ -94,7 +94,8 @@ mod tests {
         AgentRequest {
             interaction: crate::model::Interaction {
                 id: InteractionId::parse("01900000-0000-7000-8000-000000000000").expect("id"),
-                session: SessionId::parse("s").expect("session"),
+                session: SessionId::new(&crate::model::Tenant::default_tenant(), "s")
+                    .expect("session"),
                 content: content.to_string(),
                 metadata: Default::default(),
                 status: Status::Running,

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub extra: Map<String, Value>,
     /// The connection cannot carry another request (its body was not read to the end).
     pub close_connection: bool,
+    /// Headers the answer carries (`WWW-Authenticate`, `Retry-After`).
+    pub headers: Vec<(axum::http::HeaderName, axum::http::HeaderValue)>,
 }
 
 impl ApiError {
@@ -28,7 +30,38 @@ impl ApiError {
             message: message.into(),
             extra: Map::new(),
             close_connection: false,
+            headers: Vec::new(),
         }
+    }
+
+    /// `401 unauthorized`, with `WWW-Authenticate: Bearer`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
+        e.headers.push((
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        ));
+        e
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// `429 rate_limited`, with `Retry-After` in whole seconds (at least 1).
+    pub fn rate_limited(retry_after_s: u64) -> Self {
+        let retry_after_s = retry_after_s.max(1);
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests for this key; retry in {retry_after_s} s"),
+        )
+        .with("retry_after_s", retry_after_s);
+        e.headers.push((
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(retry_after_s),
+        ));
+        e
     }
 
     /// Answers with `Connection: close`.
@@ -93,6 +126,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
         if self.close_connection {
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,

@@ -13,15 +13,7 @@ use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::model::{InteractionId, SessionId};
-
-/// The `{id}` of `/v1/sessions/{id}/…`, percent-decoded and then validated: `a%3Ab` is the
-/// session `a:b`, and an encoded `/` decodes to a character ids cannot hold, so it is
-/// `400 invalid_session_id`, never a 404.
-pub struct SessionPath(pub SessionId);
-
-/// `/v1/sessions/{id}/interactions/{iid}`: a malformed `iid` is simply not found.
-pub struct InteractionPath(pub SessionId, pub InteractionId);
+use crate::model::{SessionId, Tenant};
 
 /// The `index`th segment of the path, percent-decoded; `None` when an escape is malformed or
 /// decodes to something that is not UTF-8.
@@ -51,31 +43,15 @@ pub fn percent_decode(raw: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-pub fn session_id_from_uri(uri: &Uri) -> Result<SessionId, ApiError> {
+/// The `{id}` of `/v1/sessions/{id}/…` as a session of `tenant`, percent-decoded and then
+/// validated: `a%3Ab` is the session `a:b`, and an encoded `/` decodes to a character ids
+/// cannot hold, so it is `400 invalid_session_id`, never a 404. Handlers get their session
+/// from the access extractors of [`super::auth`], which call this with the caller's tenant.
+pub(super) fn session_id_from_uri(tenant: &Tenant, uri: &Uri) -> Result<SessionId, ApiError> {
     let invalid = |message: String| ApiError::invalid_session_id(message);
     let raw = path_segment(uri, 3)
         .ok_or_else(|| invalid("the session id is not a valid percent-encoded string".into()))?;
-    SessionId::parse(&raw).map_err(|e| invalid(e.0))
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        session_id_from_uri(&parts.uri).map(SessionPath)
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for InteractionPath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
-        let session = session_id_from_uri(&parts.uri)?;
-        let id = path_segment(&parts.uri, 5)
-            .and_then(|raw| InteractionId::parse(&raw).ok())
-            .ok_or_else(|| ApiError::not_found("interaction not found in this session"))?;
-        Ok(InteractionPath(session, id))
-    }
+    SessionId::new(tenant, &raw).map_err(|e| invalid(e.0))
 }
 
 /// The query string's parameters, percent-decoded.

@@ -11,11 +11,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::auth::{
+    AdminCaller, AnyCaller, KeySession, MAX_TOKEN_TTL_S, ReadInteraction, ReadSession, Scope,
+    TenantCaller, WriteSession,
+};
 use super::error::ApiError;
-use super::extract::{InteractionPath, JsonBody, OptionalJsonBody, QueryParams, SessionPath};
+use super::extract::{JsonBody, OptionalJsonBody, QueryParams};
 use crate::engine::{MessageOutcome, MessageRequest};
 use crate::model::{
-    Interaction, InteractionId, JsonObject, Policy, Session, SessionId, validate_idempotency_key,
+    Interaction, InteractionId, JsonObject, Policy, Session, validate_idempotency_key,
+    validate_session_name,
 };
 
 type ApiResult<T = Response> = Result<T, ApiError>;
@@ -83,7 +88,7 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult {
     Ok(Json(json!({"status": "ready"})).into_response())
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<AppState>, _: AdminCaller) -> Response {
     let engine = &state.engine;
     let counters = engine.counters();
     let bus = engine.bus();
@@ -200,17 +205,21 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-pub async fn list_sessions(State(state): State<AppState>, query: QueryParams) -> ApiResult {
+pub async fn list_sessions(
+    State(state): State<AppState>,
+    TenantCaller(tenant): TenantCaller,
+    query: QueryParams,
+) -> ApiResult {
     let limit = query.int("limit", 1, 1000)?.unwrap_or(100) as u32;
     let after = match query.get("after")? {
-        Some(raw) => Some(
-            SessionId::parse(raw)
-                .map_err(|_| ApiError::invalid_request("after must be a cursor from next"))?
-                .to_string(),
-        ),
+        Some(raw) => {
+            validate_session_name(raw)
+                .map_err(|_| ApiError::invalid_request("after must be a cursor from next"))?;
+            Some(raw.to_string())
+        }
         None => None,
     };
-    let page = state.engine.list_sessions(after, limit).await?;
+    let page = state.engine.list_sessions(tenant, after, limit).await?;
     Ok(Json(SessionsPage {
         sessions: page.items,
         next: page.next,
@@ -220,7 +229,7 @@ pub async fn list_sessions(State(state): State<AppState>, query: QueryParams) ->
 
 pub async fn put_session(
     State(state): State<AppState>,
-    SessionPath(id): SessionPath,
+    KeySession(id): KeySession,
     OptionalJsonBody(body): OptionalJsonBody<PutSessionBody>,
 ) -> ApiResult {
     let (session, created) = state
@@ -236,7 +245,7 @@ pub async fn put_session(
 }
 
 /// `GET /v1/agents`: names and kinds only; settings may hold secrets and never leave.
-pub async fn list_agents(State(state): State<AppState>) -> Response {
+pub async fn list_agents(State(state): State<AppState>, _: AnyCaller) -> Response {
     let default = state.engine.default_agent();
     let agents: Vec<Value> = state
         .engine
@@ -247,13 +256,16 @@ pub async fn list_agents(State(state): State<AppState>) -> Response {
     Json(json!({ "agents": agents })).into_response()
 }
 
-pub async fn get_session(State(state): State<AppState>, SessionPath(id): SessionPath) -> ApiResult {
+pub async fn get_session(
+    State(state): State<AppState>,
+    ReadSession(id, _): ReadSession,
+) -> ApiResult {
     Ok(Json(state.engine.get_session(id).await?).into_response())
 }
 
 pub async fn delete_session(
     State(state): State<AppState>,
-    SessionPath(id): SessionPath,
+    KeySession(id): KeySession,
     OptionalJsonBody(EmptyBody {}): OptionalJsonBody<EmptyBody>,
 ) -> ApiResult {
     state.engine.delete_session(id).await?;
@@ -288,7 +300,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 pub async fn post_message(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    WriteSession(session): WriteSession,
     query: QueryParams,
     headers: HeaderMap,
     JsonBody(body): JsonBody<MessageBody>,
@@ -343,7 +355,7 @@ pub async fn post_message(
 
 pub async fn list_interactions(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    ReadSession(session, _): ReadSession,
     query: QueryParams,
 ) -> ApiResult {
     let limit = query.int("limit", 1, 1000)?.unwrap_or(50) as u32;
@@ -368,14 +380,14 @@ pub async fn list_interactions(
 
 pub async fn get_interaction(
     State(state): State<AppState>,
-    InteractionPath(session, id): InteractionPath,
+    ReadInteraction(session, id): ReadInteraction,
 ) -> ApiResult {
     Ok(Json(state.engine.get_interaction(session, id).await?).into_response())
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    WriteSession(session): WriteSession,
     OptionalJsonBody(body): OptionalJsonBody<CancelBody>,
 ) -> ApiResult {
     let target = match body.interaction_id {
@@ -395,7 +407,7 @@ pub async fn cancel(
 
 pub async fn clear(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    WriteSession(session): WriteSession,
     OptionalJsonBody(EmptyBody {}): OptionalJsonBody<EmptyBody>,
 ) -> ApiResult {
     let cleared = state.engine.clear(session).await?;
@@ -404,7 +416,7 @@ pub async fn clear(
 
 pub async fn get_context(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    ReadSession(session, _): ReadSession,
 ) -> ApiResult {
     Ok(Json(state.engine.get_context(session).await?).into_response())
 }
@@ -420,7 +432,7 @@ fn object_body(value: Value, what: &str) -> Result<JsonObject, ApiError> {
 
 pub async fn put_context(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    WriteSession(session): WriteSession,
     JsonBody(value): JsonBody<Value>,
 ) -> ApiResult {
     let context = object_body(value, "the context")?;
@@ -430,12 +442,64 @@ pub async fn put_context(
 
 pub async fn patch_context(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    WriteSession(session): WriteSession,
     JsonBody(value): JsonBody<Value>,
 ) -> ApiResult {
     let patch = object_body(value, "a merge patch of the context")?;
     let context = state.engine.update_context(session, patch, true).await?;
     Ok(Json(context).into_response())
+}
+
+/// `POST /v1/sessions/{id}/tokens` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBody {
+    pub scope: Option<String>,
+    pub ttl_s: Option<u64>,
+}
+
+/// `POST /v1/sessions/{id}/tokens`: a signed token for this one session (a key's business).
+/// Everything is checked before the session is created.
+pub async fn create_token(
+    State(state): State<AppState>,
+    KeySession(session): KeySession,
+    OptionalJsonBody(body): OptionalJsonBody<TokenBody>,
+) -> ApiResult {
+    let scope = match body.scope.as_deref() {
+        None => Scope::Write,
+        Some(raw) => Scope::parse(raw)
+            .ok_or_else(|| ApiError::invalid_request("scope must be \"read\" or \"write\""))?,
+    };
+    let ttl_s = body.ttl_s.unwrap_or(900);
+    if !(1..=MAX_TOKEN_TTL_S).contains(&ttl_s) {
+        return Err(ApiError::invalid_request(format!(
+            "ttl_s must be an integer from 1 to {MAX_TOKEN_TTL_S}"
+        )));
+    }
+    if !state.auth.can_mint() {
+        return Err(ApiError::invalid_request(
+            "no token secret is configured: set [auth] token_secret_env",
+        ));
+    }
+    state
+        .engine
+        .put_session(session.clone(), None, None)
+        .await?;
+    let minted = state
+        .auth
+        .mint(&session, scope, ttl_s)
+        .ok_or_else(ApiError::internal)?;
+    let expires_at = crate::model::Millis(minted.expires_at as i64 * 1000);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": minted.token,
+            "session": session.name(),
+            "scope": minted.scope.as_str(),
+            "expires_at": expires_at,
+        })),
+    )
+        .into_response())
 }
 
 /// The OpenAPI 3 description of the HTTP API (checked to parse in tests).

@@ -1,6 +1,7 @@
 //! The transports: HTTP, WebSocket and SSE on top of the engine. Nothing here
 //! touches the store except through the engine.
 
+pub mod auth;
 pub mod connections;
 pub mod error;
 pub mod extract;
@@ -11,7 +12,7 @@ pub mod sse;
 pub mod ws;
 
 use axum::Router;
-use axum::routing::{get, post, put};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 
 use std::sync::Arc;
 
@@ -30,43 +31,129 @@ pub struct AppState {
     /// Open streaming connections and their bounds.
     pub connections: Arc<Connections>,
     pub ws: WsSettings,
+    /// The access gate's settings: keys, token secrets.
+    pub auth: Arc<auth::Auth>,
 }
 
-/// The whole HTTP API, ready to serve.
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(http::healthz))
-        .route("/readyz", get(http::readyz))
-        .route("/metrics", get(http::metrics))
-        .route("/openapi.json", get(http::openapi))
-        .route("/v1/agents", get(http::list_agents))
-        .route("/v1/sessions", get(http::list_sessions))
-        .route(
-            "/v1/sessions/{id}",
-            put(http::put_session)
-                .get(http::get_session)
-                .delete(http::delete_session),
+/// The whole HTTP API, ready to serve, answering browsers from `cors_origins` (none: no
+/// CORS headers at all).
+pub fn router(state: AppState, cors_origins: &[String]) -> Router {
+    let router = routes(state);
+    match cors(cors_origins) {
+        // Outermost: a preflight carries no credentials and is answered before the gate.
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// CORS for the configured origins: every method of the API, the headers clients send
+/// (`Authorization` among them), and the ones they read back. No cookies are involved
+/// (credentials are bearer tokens), so credentials mode is not needed.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
         )
-        .route("/v1/sessions/{id}/messages", post(http::post_message))
-        .route(
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("baton-tenant"),
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::WWW_AUTHENTICATE,
+                HeaderName::from_static("idempotent-replayed"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// Every route: method, path and handler. The router is built from this table alone, so
+/// [`route_list`] is exactly what is served (the access-matrix test checks each entry).
+fn route_table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
+    vec![
+        ("GET", "/healthz", get(http::healthz)),
+        ("GET", "/readyz", get(http::readyz)),
+        ("GET", "/metrics", get(http::metrics)),
+        ("GET", "/openapi.json", get(http::openapi)),
+        ("GET", "/v1/agents", get(http::list_agents)),
+        ("GET", "/v1/sessions", get(http::list_sessions)),
+        ("PUT", "/v1/sessions/{id}", put(http::put_session)),
+        ("GET", "/v1/sessions/{id}", get(http::get_session)),
+        ("DELETE", "/v1/sessions/{id}", delete(http::delete_session)),
+        (
+            "POST",
+            "/v1/sessions/{id}/messages",
+            post(http::post_message),
+        ),
+        (
+            "GET",
             "/v1/sessions/{id}/interactions",
             get(http::list_interactions),
-        )
-        .route(
+        ),
+        (
+            "GET",
             "/v1/sessions/{id}/interactions/{iid}",
             get(http::get_interaction),
-        )
-        .route("/v1/sessions/{id}/cancel", post(http::cancel))
-        .route("/v1/sessions/{id}/clear", post(http::clear))
-        .route("/v1/sessions/{id}/events", get(sse::events))
-        .route("/v1/sessions/{id}/ws", get(ws::ws))
-        .route(
+        ),
+        ("POST", "/v1/sessions/{id}/cancel", post(http::cancel)),
+        ("POST", "/v1/sessions/{id}/clear", post(http::clear)),
+        ("POST", "/v1/sessions/{id}/tokens", post(http::create_token)),
+        ("GET", "/v1/sessions/{id}/events", get(sse::events)),
+        ("GET", "/v1/sessions/{id}/ws", get(ws::ws)),
+        ("GET", "/v1/sessions/{id}/context", get(http::get_context)),
+        ("PUT", "/v1/sessions/{id}/context", put(http::put_context)),
+        (
+            "PATCH",
             "/v1/sessions/{id}/context",
-            get(http::get_context)
-                .put(http::put_context)
-                .patch(http::patch_context),
-        )
+            patch(http::patch_context),
+        ),
+    ]
+}
+
+/// `(method, path)` of every route served.
+pub fn route_list() -> Vec<(&'static str, &'static str)> {
+    route_table()
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect()
+}
+
+fn routes(state: AppState) -> Router {
+    let mut router = Router::new();
+    for (_, path, handler) in route_table() {
+        router = router.route(path, handler);
+    }
+    router
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
+        // Outside the routes: the gate runs for every request, the fallbacks included.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::gate,
+        ))
         .with_state(state)
 }

@@ -11,9 +11,10 @@ use futures_util::stream;
 use tokio_util::sync::CancellationToken;
 
 use super::AppState;
+use super::auth::ReadSession;
 use super::connections::ConnectionGuard;
 use super::error::ApiError;
-use super::extract::{QueryParams, SessionPath};
+use super::extract::QueryParams;
 use super::feed::{EventFeed, FeedItem};
 use crate::model::EventType;
 
@@ -45,6 +46,14 @@ pub fn start_position(
     Ok((after, replay))
 }
 
+/// The monotonic instant of a wall-clock time (now, when it is past).
+pub fn deadline(at: std::time::SystemTime) -> tokio::time::Instant {
+    let left = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::Instant::now() + left
+}
+
 fn parse_seq(raw: &str, name: &str) -> Result<i64, ApiError> {
     match raw.parse::<i64>() {
         Ok(n) if n >= 0 => Ok(n),
@@ -57,13 +66,16 @@ fn parse_seq(raw: &str, name: &str) -> Result<i64, ApiError> {
 struct StreamState {
     feed: EventFeed,
     stopping: CancellationToken,
+    /// A session token's expiry: the stream ends then (reconnect with a new token and
+    /// `Last-Event-ID`).
+    expires: Option<tokio::time::Instant>,
     finished: bool,
     _guard: ConnectionGuard,
 }
 
 pub async fn events(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    ReadSession(session, principal): ReadSession,
     query: QueryParams,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -87,6 +99,7 @@ pub async fn events(
     let initial = StreamState {
         feed,
         stopping: state.engine.stopping(),
+        expires: principal.expires_at().map(deadline),
         finished: false,
         _guard: guard,
     };
@@ -94,8 +107,19 @@ pub async fn events(
         if s.finished {
             return None;
         }
+        let expiry = async {
+            match s.expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let item = tokio::select! {
             _ = s.stopping.cancelled() => return None,
+            _ = expiry => {
+                s.finished = true;
+                let comment = SseEvent::default().comment("token expired");
+                return Some((Ok(comment), s));
+            }
             item = s.feed.next() => item,
         };
         let sse = match item {

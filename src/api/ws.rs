@@ -16,12 +16,13 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::AppState;
+use super::auth::ReadSession;
 use super::connections::ConnectionGuard;
 use super::error::ApiError;
-use super::extract::{QueryParams, SessionPath};
+use super::extract::QueryParams;
 use super::feed::{EventFeed, FeedItem};
 use super::http::validate_content;
-use super::sse::start_position;
+use super::sse::{deadline, start_position};
 use crate::engine::{Engine, MessageOutcome, MessageRequest};
 use crate::model::{
     EventType, InteractionId, JsonObject, Policy, Session, SessionId, merge_patch,
@@ -57,7 +58,7 @@ pub struct WsSettings {
 
 pub async fn ws(
     State(state): State<AppState>,
-    SessionPath(session): SessionPath,
+    ReadSession(session, principal): ReadSession,
     query: QueryParams,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -79,6 +80,10 @@ pub async fn ws(
     }
     let settings = state.ws;
     let engine = state.engine.clone();
+    let access = Access {
+        can_write: principal.can_write(),
+        expires: principal.expires_at(),
+    };
     Ok(upgrade
         .max_message_size(settings.max_frame_bytes)
         .max_frame_size(settings.max_frame_bytes)
@@ -92,6 +97,7 @@ pub async fn ws(
                 engine,
                 session,
                 settings,
+                access,
                 _guard: guard,
             }
             .run(socket, hello, feed)
@@ -104,7 +110,17 @@ struct Connection {
     engine: Engine,
     session: SessionId,
     settings: WsSettings,
+    access: Access,
     _guard: ConnectionGuard,
+}
+
+/// What the connection's credentials allow, for as long as they last.
+#[derive(Clone, Copy)]
+struct Access {
+    /// A `read` token: every op but `ping` is `forbidden`.
+    can_write: bool,
+    /// A token's expiry: the connection is closed with `4001` then.
+    expires: Option<std::time::SystemTime>,
 }
 
 /// What the reader hands to the writer.
@@ -148,6 +164,7 @@ impl Connection {
             engine: self.engine.clone(),
             session: self.session.clone(),
             bucket: TokenBucket::new(self.settings.ops_per_second),
+            can_write: self.access.can_write,
         };
         // Owned by this connection: aborted when the writer loop ends.
         let reader = AbortOnDrop(tokio::spawn(async move {
@@ -194,6 +211,13 @@ impl Connection {
         let stopping = self.engine.stopping();
         let mut ping = tokio::time::interval(self.settings.ping_interval);
         ping.tick().await;
+        let expiry = async {
+            match self.access.expires {
+                Some(at) => tokio::time::sleep_until(deadline(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
         let ending = 'writer: {
             if send(&mut sink, Message::Text(hello.into())).await.is_err() {
                 break 'writer Ending::Drop;
@@ -203,6 +227,9 @@ impl Connection {
                     biased;
                     _ = stopping.cancelled() => {
                         break 'writer Ending::Close(1001, "server shutting down".into());
+                    }
+                    _ = &mut expiry => {
+                        break 'writer Ending::Close(4001, "token expired".into());
                     }
                     reply = pending.next() => match reply {
                         Some(Outbound::Text(reply)) => {
@@ -391,6 +418,7 @@ struct OpReader {
     engine: Engine,
     session: SessionId,
     bucket: TokenBucket,
+    can_write: bool,
 }
 
 fn error_reply(reference: Value, error: &ApiError) -> String {
@@ -470,6 +498,13 @@ impl OpReader {
                 Err(e) => error_reply(reference, &e),
             });
         }
+        let known = matches!(op.as_str(), "message" | "cancel" | "clear" | "context");
+        if known && !self.can_write {
+            return Some(error_reply(
+                reference,
+                &ApiError::forbidden("this session token only reads (scope read): only ping"),
+            ));
+        }
         let result = match op.as_str() {
             "message" => self.message(fields).await,
             "cancel" => self.cancel(fields).await,
@@ -537,11 +572,8 @@ impl OpReader {
     async fn context(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
         let op: ContextOp = parse(fields)?;
         let context = match (op.set, op.patch) {
-            (None, None) => {
-                return Err(ApiError::invalid_request(
-                    "a context op needs set (an object) or patch (an object)",
-                ));
-            }
+            // Neither: the context as it is (a read, still a write token's op).
+            (None, None) => self.engine.get_context(self.session.clone()).await?,
             (Some(set), None) => {
                 self.engine
                     .update_context(self.session.clone(), set, false)

@@ -105,6 +105,57 @@ pub fn session_path(session: &str, rest: &str) -> String {
     path
 }
 
+/// A Baton server and the credentials to send it.
+#[derive(Clone)]
+pub struct Remote {
+    /// `http://` or `https://` URL.
+    pub server: String,
+    /// An API key or a session token, sent as `Authorization: Bearer …`.
+    pub key: Option<String>,
+    /// The tenant an admin key acts on (`Baton-Tenant`).
+    pub tenant: Option<String>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Remote")
+            .field("server", &self.server)
+            .field("key", &self.key.as_ref().map(|_| "***"))
+            .field("tenant", &self.tenant)
+            .finish()
+    }
+}
+
+impl Remote {
+    /// A server without credentials.
+    pub fn new(server: impl Into<String>) -> Self {
+        Self {
+            server: server.into(),
+            key: None,
+            tenant: None,
+        }
+    }
+
+    /// The headers every request to the server carries.
+    pub fn headers(&self) -> anyhow::Result<reqwest::header::HeaderMap> {
+        use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+        let mut headers = HeaderMap::new();
+        if let Some(key) = self.key.as_deref().filter(|k| !k.is_empty()) {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", key.trim()))
+                .map_err(|_| anyhow::anyhow!("the key holds characters a header cannot carry"))?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        if let Some(tenant) = self.tenant.as_deref().filter(|t| !t.is_empty()) {
+            let value = HeaderValue::from_str(tenant)
+                .map_err(|_| anyhow::anyhow!("--tenant {tenant:?} is not a tenant name"))?;
+            headers.insert("baton-tenant", value);
+        }
+        Ok(headers)
+    }
+}
+
 /// A client of one Baton server.
 #[derive(Clone)]
 pub struct Client {
@@ -113,11 +164,13 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(server: &str) -> anyhow::Result<Self> {
+    pub fn new(remote: &Remote) -> anyhow::Result<Self> {
+        let server = remote.server.as_str();
         if !(server.starts_with("http://") || server.starts_with("https://")) {
             bail!("the server URL must start with http:// or https:// (got {server})");
         }
         let http = reqwest::Client::builder()
+            .default_headers(remote.headers()?)
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(256)
             .build()

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{ServerError, Unreachable, session_path};
+use super::{Remote, ServerError, Unreachable, session_path};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -31,6 +31,8 @@ pub enum Frame {
 pub struct SessionSocket {
     /// The server's URL as given, for messages.
     server: String,
+    /// Credentials, sent again on every reconnection.
+    headers: reqwest::header::HeaderMap,
     ws_base: String,
     session: String,
     socket: Socket,
@@ -54,15 +56,22 @@ fn ws_base(server: &str) -> anyhow::Result<String> {
 
 async fn connect(
     server: &str,
+    headers: &reqwest::header::HeaderMap,
     ws_base: &str,
     session: &str,
     after: Option<i64>,
 ) -> anyhow::Result<(Socket, Value)> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut url = format!("{ws_base}{}", session_path(session, "/ws"));
     if let Some(after) = after {
         url.push_str(&format!("?after={after}"));
     }
-    let (mut socket, _) = match tokio_tungstenite::connect_async(url.as_str()).await {
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .with_context(|| format!("connecting to {url}"))?;
+    request.headers_mut().extend(headers.clone());
+    let (mut socket, _) = match tokio_tungstenite::connect_async(request).await {
         Ok(connected) => connected,
         Err(WsError::Http(response)) => {
             let body = response.body().as_deref().unwrap_or_default();
@@ -88,13 +97,22 @@ async fn connect(
 
 impl SessionSocket {
     /// Connects; with `after`, the stored events after that seq are replayed first.
-    pub async fn open(server: &str, session: &str, after: Option<i64>) -> anyhow::Result<Self> {
+    pub async fn open(remote: &Remote, session: &str, after: Option<i64>) -> anyhow::Result<Self> {
+        let server = remote.server.as_str();
         let ws_base = ws_base(server)?;
-        let (socket, hello) =
-            connect(server.trim_end_matches('/'), &ws_base, session, after).await?;
+        let headers = remote.headers()?;
+        let (socket, hello) = connect(
+            server.trim_end_matches('/'),
+            &headers,
+            &ws_base,
+            session,
+            after,
+        )
+        .await?;
         let last_seq = after.unwrap_or_else(|| hello["session"]["last_seq"].as_i64().unwrap_or(0));
         Ok(Self {
             server: server.trim_end_matches('/').to_string(),
+            headers,
             ws_base,
             session: session.to_string(),
             socket,
@@ -171,6 +189,7 @@ impl SessionSocket {
             }
             match connect(
                 &self.server,
+                &self.headers,
                 &self.ws_base,
                 &self.session,
                 Some(self.last_seq),

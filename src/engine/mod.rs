@@ -18,7 +18,7 @@ pub use registry::{TaskEntry, TaskRegistry};
 use crate::agent::AgentRegistry;
 use crate::bus::{Bus, FinalWatch};
 use crate::model::{
-    CancelReason, Interaction, InteractionId, JsonObject, Policy, Session, SessionId,
+    CancelReason, Interaction, InteractionId, JsonObject, Policy, Session, SessionId, Tenant,
 };
 use crate::store::{
     Accepted, CancelTarget, Cleared, NewMessage, Page, StartedTask, Store, StoreError,
@@ -319,12 +319,14 @@ impl Engine {
         Ok(self.inner.store.get_session(id).await?)
     }
 
+    /// `tenant`'s sessions by name, after the name `after`.
     pub async fn list_sessions(
         &self,
+        tenant: Tenant,
         after: Option<String>,
         limit: u32,
     ) -> Result<Page<Session>, EngineError> {
-        Ok(self.inner.store.list_sessions(after, limit).await?)
+        Ok(self.inner.store.list_sessions(tenant, after, limit).await?)
     }
 
     pub async fn delete_session(&self, id: SessionId) -> Result<(), EngineError> {

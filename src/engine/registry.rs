@@ -83,7 +83,7 @@ mod tests {
     fn an_old_entry_never_removes_a_newer_one() {
         let registry = Arc::new(TaskRegistry::default());
         let mut ids = IdGenerator::default();
-        let session = SessionId::parse("s").expect("valid");
+        let session = SessionId::new(&crate::model::Tenant::default_tenant(), "s").expect("valid");
         let (old, old_token) = registry.register(ids.next_id(), session.clone());
         let newer_id = ids.next_id();
         let (_newer, newer_token) = registry.register(newer_id.clone(), session.clone());

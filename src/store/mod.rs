@@ -18,7 +18,7 @@ use crate::bus::{Bus, FinalWatch};
 use crate::config::{DatabaseLocation, Synchronous};
 use crate::model::{
     CancelReason, ErrorInfo, Event, Interaction, InteractionId, JsonObject, Policy, Session,
-    SessionId,
+    SessionId, Tenant,
 };
 pub use postgres::PgOptions;
 use rules::{Operation, Outcome};
@@ -344,12 +344,14 @@ impl Store {
     }
 
     /// Sessions ordered by id, after the cursor `after`.
+    /// `tenant`'s sessions, by name, after the name `after`.
     pub async fn list_sessions(
         &self,
+        tenant: Tenant,
         after: Option<String>,
         limit: u32,
     ) -> StoreResult<Page<Session>> {
-        dispatch!(self.list_sessions(after, limit))
+        dispatch!(self.list_sessions(tenant, after, limit))
     }
 
     /// Cancels its interactions (`delete`), emits `session.deleted` and removes everything.

@@ -73,9 +73,10 @@ impl Pg {
 
     /// A session's stored event log (envelopes, in seq order).
     pub async fn stored_events(&self, session: &str) -> Vec<Value> {
+        let key = super::session_key(session);
         self.rows(
             "SELECT envelope FROM events WHERE session = $1 ORDER BY seq",
-            &[&session],
+            &[&key],
         )
         .await
         .unwrap_or_else(|e| panic!("reading the events of {session}: {e}"))
@@ -90,9 +91,10 @@ impl Pg {
 
     /// `(id, status, node)` of a session's interactions.
     pub async fn interaction_rows(&self, session: &str) -> Vec<(String, String, Option<String>)> {
+        let key = super::session_key(session);
         self.rows(
             "SELECT id, status, node FROM interactions WHERE session = $1",
-            &[&session],
+            &[&key],
         )
         .await
         .unwrap_or_else(|e| panic!("reading the interactions of {session}: {e}"))

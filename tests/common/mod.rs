@@ -101,13 +101,31 @@ impl TestServer {
         std::mem::replace(&mut self.dir, empty)
     }
 
+    /// Starts a server with a configuration built by the test (listen and database are set
+    /// by the harness), e.g. with token secrets that no file can hold.
+    pub async fn start_with_config(config: Config) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db_path = dir.path().join("baton.db");
+        let agents = AgentRegistry::from_config(&config.agents).expect("agents");
+        Self::start_configured(config, agents, dir, db_path).await
+    }
+
     async fn start_with(
         config_toml: &str,
         agents: AgentRegistry,
         dir: tempfile::TempDir,
         db_path: PathBuf,
     ) -> Self {
-        let mut config = Config::from_toml(config_toml).expect("test config parses");
+        let config = Config::from_toml(config_toml).expect("test config parses");
+        Self::start_configured(config, agents, dir, db_path).await
+    }
+
+    async fn start_configured(
+        mut config: Config,
+        agents: AgentRegistry,
+        dir: tempfile::TempDir,
+        db_path: PathBuf,
+    ) -> Self {
         config.listen = "127.0.0.1:0".into();
         config.database = format!("sqlite://{}", db_path.display());
         config.validate().expect("test config is valid");
@@ -266,8 +284,19 @@ impl TestServer {
     }
 }
 
-/// Reads a session's stored events straight from the SQLite file (read-only).
+/// The store's key of a session: `tenant/name`; a bare name is tenant `default`'s.
+pub fn session_key(session: &str) -> String {
+    if session.contains('/') {
+        session.to_string()
+    } else {
+        format!("default/{session}")
+    }
+}
+
+/// Reads a session's stored events straight from the SQLite file (read-only). `session` is
+/// a name of tenant `default`, or `tenant/name`.
 pub fn stored_events(db_path: &std::path::Path, session: &str) -> Vec<Value> {
+    let session = session_key(session);
     let conn =
         rusqlite::Connection::open_with_flags(db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("open the database read-only");
@@ -275,7 +304,7 @@ pub fn stored_events(db_path: &std::path::Path, session: &str) -> Vec<Value> {
         .prepare("SELECT envelope FROM events WHERE session = ?1 ORDER BY seq")
         .expect("prepare");
     let rows = stmt
-        .query_map([session], |r| r.get::<_, String>(0))
+        .query_map([&session], |r| r.get::<_, String>(0))
         .expect("query");
     // A run of deltas stored together holds one envelope per line.
     rows.flat_map(|r| {

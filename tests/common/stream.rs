@@ -87,7 +87,20 @@ pub fn envelope_of(frame: &Value) -> Value {
 
 /// Opens the raw WebSocket, or returns the refusal.
 pub async fn ws_open(url: &str) -> Result<Socket, Refused> {
-    let connected = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(url))
+    ws_open_with(url, &[]).await
+}
+
+/// [`ws_open`] with extra request headers (e.g. `Authorization`).
+pub async fn ws_open_with(url: &str, headers: &[(&str, &str)]) -> Result<Socket, Refused> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("a WebSocket URL");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            reqwest::header::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+            value.parse().expect("header value"),
+        );
+    }
+    let connected = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
         .await
         .unwrap_or_else(|_| panic!("WebSocket connect to {url} timed out"));
     match connected {

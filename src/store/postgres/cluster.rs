@@ -82,7 +82,7 @@ impl PgStore {
         let mut started = Vec::new();
         for (id, session) in stale {
             let id = InteractionId::from_stored(id);
-            let Ok(session) = SessionId::parse(&session) else {
+            let Ok(session) = SessionId::from_key(&session) else {
                 continue;
             };
             let taken = transaction!(self, |w| {
@@ -120,7 +120,7 @@ impl PgStore {
             }
         }
         for session in orphans {
-            let Ok(session) = SessionId::parse(&session) else {
+            let Ok(session) = SessionId::from_key(&session) else {
                 continue;
             };
             let next = transaction!(self, |w| {

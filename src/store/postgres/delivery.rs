@@ -211,7 +211,7 @@ pub(super) async fn run_notifier(pool: Pool, mut notes: mpsc::UnboundedReceiver<
         }
         for (session, (first, last)) in ranges {
             channels.push(EVENTS_CHANNEL);
-            payloads.push(format!("{session} {first} {last}"));
+            payloads.push(format!("{} {first} {last}", session.key()));
         }
         for attempt in 1..=5u32 {
             let sent = async {
@@ -247,7 +247,7 @@ pub(super) async fn run_watchdog(pool: Pool, sequencer: Arc<Sequencer>) {
         }
         let (sessions, cursors): (Vec<String>, Vec<i64>) = watched
             .into_iter()
-            .map(|(s, c)| (s.as_str().to_string(), c))
+            .map(|(s, c)| (s.key().to_string(), c))
             .unzip();
         let behind = async {
             let client = pool.get().await?;
@@ -265,7 +265,7 @@ pub(super) async fn run_watchdog(pool: Pool, sequencer: Arc<Sequencer>) {
         match behind.await {
             Ok(rows) => {
                 for (session, after) in rows {
-                    if let Ok(session) = SessionId::parse(&session) {
+                    if let Ok(session) = SessionId::from_key(&session) {
                         sequencer.behind(session, after);
                     }
                 }
@@ -299,7 +299,7 @@ pub(super) async fn run_filler(
         let mut afters = Vec::with_capacity(pending.len());
         for (session, after) in &pending {
             let from = sequencer.cursor(session).map_or(*after, |c| c.max(*after));
-            sessions.push(session.as_str().to_string());
+            sessions.push(session.key().to_string());
             afters.push(from);
         }
         let read = async {
@@ -406,7 +406,7 @@ async fn listen_once(
                     continue;
                 };
                 let (Ok(session), Ok(first), Ok(last)) =
-                    (SessionId::parse(session), first.parse(), last.parse())
+                    (SessionId::from_key(session), first.parse(), last.parse())
                 else {
                     continue;
                 };

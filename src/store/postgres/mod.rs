@@ -39,7 +39,7 @@ use super::shared::page;
 use super::{Page, StartedTask, StoreError, StoreResult, StoreStats, register_final_watch};
 use crate::bus::Bus;
 use crate::model::{
-    Event, IdGenerator, Interaction, InteractionId, JsonObject, Millis, Session, SessionId,
+    Event, IdGenerator, Interaction, InteractionId, JsonObject, Millis, Session, SessionId, Tenant,
 };
 use delivery::{Note, Sequencer, run_filler, run_listener, run_notifier, run_watchdog};
 use rows::{
@@ -364,26 +364,25 @@ impl PgStore {
 
     pub(super) async fn list_sessions(
         &self,
+        tenant: Tenant,
         after: Option<String>,
         limit: u32,
     ) -> StoreResult<Page<Session>> {
+        let after = format!("{tenant}/{}", after.unwrap_or_default());
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "{SESSION_SELECT} WHERE s.id > $1 ORDER BY s.id LIMIT $2"
+                "{SESSION_SELECT} WHERE s.tenant = $1 AND s.id > $2 ORDER BY s.id LIMIT $3"
             ))
             .await?;
         let rows = client
-            .query(
-                &stmt,
-                &[&after.unwrap_or_default(), &(i64::from(limit) + 1)],
-            )
+            .query(&stmt, &[&tenant.as_str(), &after, &(i64::from(limit) + 1)])
             .await?;
         let items = rows
             .iter()
             .map(read_session)
             .collect::<StoreResult<Vec<_>>>()?;
-        Ok(page(items, limit as usize, |s| s.id.to_string()))
+        Ok(page(items, limit as usize, |s| s.id.name().to_string()))
     }
 
     pub(super) async fn get_context(&self, session: SessionId) -> StoreResult<JsonObject> {
@@ -392,7 +391,7 @@ impl PgStore {
             .prepare_cached("SELECT context FROM sessions WHERE id = $1")
             .await?;
         let row = client
-            .query_opt(&stmt, &[&session.as_str()])
+            .query_opt(&stmt, &[&session.key()])
             .await?
             .ok_or(StoreError::SessionNotFound)?;
         Ok(serde_json::from_str(row.try_get::<_, &str>(0)?)?)
@@ -415,10 +414,7 @@ impl PgStore {
             ))
             .await?;
         let rows = client
-            .query(
-                &stmt,
-                &[&session.as_str(), &before, &(i64::from(limit) + 1)],
-            )
+            .query(&stmt, &[&session.key(), &before, &(i64::from(limit) + 1)])
             .await?;
         let items = rows
             .iter()
@@ -470,7 +466,7 @@ impl PgStore {
             ))
             .await?;
         let rows = tx
-            .query(&stmt, &[&session.as_str(), &i64::from(limit)])
+            .query(&stmt, &[&session.key(), &i64::from(limit)])
             .await?;
         tx.commit().await?;
         let mut items = rows
@@ -495,7 +491,7 @@ impl PgStore {
             )
             .await?;
         let rows = client
-            .query(&stmt, &[&session.as_str(), &after, &i64::from(limit)])
+            .query(&stmt, &[&session.key(), &after, &i64::from(limit)])
             .await?;
         rows.iter().map(read_event).collect()
     }

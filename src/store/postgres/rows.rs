@@ -25,7 +25,7 @@ pub(super) async fn require_session(
     let stmt = client
         .prepare_cached("SELECT 1 FROM sessions WHERE id = $1")
         .await?;
-    match client.query_opt(&stmt, &[&id.as_str()]).await? {
+    match client.query_opt(&stmt, &[&id.key()]).await? {
         Some(_) => Ok(()),
         None => Err(StoreError::SessionNotFound),
     }
@@ -38,7 +38,7 @@ pub(super) async fn select_session(
     let stmt = client
         .prepare_cached(&format!("{SESSION_SELECT} WHERE s.id = $1"))
         .await?;
-    match client.query_opt(&stmt, &[&id.as_str()]).await? {
+    match client.query_opt(&stmt, &[&id.key()]).await? {
         Some(row) => Ok(Some(read_session(&row)?)),
         None => Ok(None),
     }
@@ -70,7 +70,7 @@ pub(super) fn read_event(r: &Row) -> StoreResult<Event> {
     let kind: &str = r.try_get(2)?;
     let envelope: &str = r.try_get(4)?;
     Ok(Event {
-        session: stored("session id", SessionId::parse(session))?,
+        session: stored("session id", SessionId::from_key(session))?,
         seq: r.try_get(1)?,
         kind: stored("event type", kind.parse::<EventType>())?,
         interaction_id: r
@@ -86,7 +86,7 @@ pub(super) fn read_session(r: &Row) -> StoreResult<Session> {
     let context: &str = r.try_get(2)?;
     let running_id: Option<&str> = r.try_get(7)?;
     Ok(Session {
-        id: stored("session id", SessionId::parse(id))?,
+        id: stored("session id", SessionId::from_key(id))?,
         agent: r.try_get(1)?,
         context: serde_json::from_str(context)?,
         epoch: r.try_get(3)?,
@@ -108,7 +108,7 @@ pub(super) fn read_interaction(r: &Row, at: usize) -> StoreResult<Interaction> {
     let reason: Option<&str> = r.try_get(at + 8)?;
     Ok(Interaction {
         id: InteractionId::from_stored(r.try_get(at)?),
-        session: stored("session id", SessionId::parse(session))?,
+        session: stored("session id", SessionId::from_key(session))?,
         content: r.try_get(at + 2)?,
         metadata: serde_json::from_str(metadata)?,
         status: stored("status", status.parse::<Status>())?,

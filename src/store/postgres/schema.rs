@@ -67,6 +67,15 @@ CREATE TABLE nodes (
 CREATE INDEX events_deltas_by_at ON events (at) WHERE type = 'task.delta';
 CREATE INDEX events_by_at ON events (at);
 "#,
+    r#"
+-- Tenants: a session's key is `tenant/name`; what was stored before belongs to `default`.
+ALTER TABLE sessions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+UPDATE sessions SET id = 'default/' || id;
+UPDATE interactions SET session = 'default/' || session;
+UPDATE events SET session = 'default/' || session;
+UPDATE retired_sessions SET id = 'default/' || id;
+CREATE INDEX sessions_by_tenant ON sessions (tenant, id);
+"#,
 ];
 
 pub(super) async fn migrate(pool: &Pool) -> StoreResult<()> {

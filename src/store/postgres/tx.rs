@@ -77,7 +77,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
             .tx
             .prepare_cached("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
             .await?;
-        Ok(self.tx.query_opt(&stmt, &[&id.as_str()]).await?.is_some())
+        Ok(self.tx.query_opt(&stmt, &[&id.key()]).await?.is_some())
     }
 
     async fn session_of(&mut self, id: &InteractionId) -> TxResult<Option<SessionId>> {
@@ -87,7 +87,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
             .await?;
         match self.tx.query_opt(&stmt, &[&id.as_str()]).await? {
             Some(row) => Ok(Some(
-                SessionId::parse(row.try_get::<_, &str>(0)?)
+                SessionId::from_key(row.try_get::<_, &str>(0)?)
                     .map_err(|e| StoreError::Internal(e.to_string()))?,
             )),
             None => Ok(None),
@@ -97,7 +97,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
     /// Locks the session's row and reads what the rules look at.
     async fn load(&mut self, id: &SessionId, op: &Operation) -> TxResult<Snapshot> {
         let mut snapshot = Snapshot::absent(id.clone(), self.now);
-        let sid = id.as_str();
+        let sid = id.key();
         let stmt = self
             .tx
             .prepare_cached(
@@ -233,7 +233,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
     /// Applies the plan: every statement is sent at once (pipelined; PostgreSQL runs them in
     /// order), the events included.
     async fn apply(&mut self, plan: Plan) -> TxResult<Outcome> {
-        let sid = || Box::new(plan.session.as_str().to_string()) as Param;
+        let sid = || Box::new(plan.session.key().to_string()) as Param;
         let now = plan.now.0;
         let me = self.store.node().to_string();
         let mut batch: Vec<(&'static str, Vec<Param>)> = Vec::with_capacity(plan.writes.len() + 2);
@@ -249,10 +249,12 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                     batch.push(("DELETE FROM retired_sessions WHERE id = $1", vec![sid()]));
                     creation = Some(batch.len());
                     batch.push((
-                        "INSERT INTO sessions (id, agent, context, epoch, last_seq, created_at) \
-                         VALUES ($1, $2, $3, 0, $4, $5) ON CONFLICT (id) DO NOTHING",
+                        "INSERT INTO sessions \
+                         (id, tenant, agent, context, epoch, last_seq, created_at) \
+                         VALUES ($1, $2, $3, $4, 0, $5, $6) ON CONFLICT (id) DO NOTHING",
                         vec![
                             sid(),
+                            param(plan.session.tenant().to_string()),
                             param(agent.clone()),
                             param(serde_json::to_string(context)?),
                             param(*last_seq),
@@ -359,7 +361,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], \
                  $5::text[], $6::bigint[])",
                 vec![
-                    param(vec![plan.session.as_str().to_string(); events.len()]),
+                    param(vec![plan.session.key().to_string(); events.len()]),
                     param(events.iter().map(|e| e.seq).collect::<Vec<i64>>()),
                     param(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>()),
                     param(

@@ -12,7 +12,7 @@ use crate::model::{IdGenerator, Millis, SessionId};
 const T0: i64 = 1_700_000_000_000;
 
 fn sid() -> SessionId {
-    SessionId::parse("s").unwrap()
+    SessionId::new(&crate::model::Tenant::default_tenant(), "s").unwrap()
 }
 
 fn object(value: Value) -> JsonObject {

@@ -38,7 +38,7 @@ use super::{
 };
 use crate::bus::Bus;
 use crate::model::{
-    ErrorInfo, Event, EventType, Interaction, InteractionId, JsonObject, Session, SessionId,
+    ErrorInfo, Event, EventType, Interaction, InteractionId, JsonObject, Session, SessionId, Tenant,
 };
 use read::{
     ReadPool, SESSION_LIST, conversion_error, read_interaction, read_session, require_session,
@@ -197,18 +197,20 @@ impl SqliteStore {
 
     pub(super) async fn list_sessions(
         &self,
+        tenant: Tenant,
         after: Option<String>,
         limit: u32,
     ) -> StoreResult<Page<Session>> {
         self.read(move |conn| {
             let sql = SESSION_LIST.as_str();
             let mut stmt = conn.prepare_cached(sql)?;
+            let after = format!("{tenant}/{}", after.unwrap_or_default());
             let rows = stmt.query_map(
-                params![after.unwrap_or_default(), i64::from(limit) + 1],
+                params![tenant.as_str(), after, i64::from(limit) + 1],
                 read_session,
             )?;
             let items = rows.collect::<Result<Vec<_>, _>>()?;
-            Ok(page(items, limit as usize, |s| s.id.to_string()))
+            Ok(page(items, limit as usize, |s| s.id.name().to_string()))
         })
         .await
     }
@@ -217,7 +219,7 @@ impl SqliteStore {
         self.read(move |conn| {
             let text: Option<String> = conn
                 .prepare_cached("SELECT context FROM sessions WHERE id = ?1")?
-                .query_row([session.as_str()], |r| r.get(0))
+                .query_row([session.key()], |r| r.get(0))
                 .optional()?;
             Ok(serde_json::from_str(
                 &text.ok_or(StoreError::SessionNotFound)?,
@@ -241,10 +243,10 @@ impl SqliteStore {
                  WHERE session = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
             );
             let mut stmt = conn.prepare_cached(sql)?;
-            let rows = stmt.query_map(
-                params![session.as_str(), before, i64::from(limit) + 1],
-                |r| read_interaction(r, 0),
-            )?;
+            let rows = stmt
+                .query_map(params![session.key(), before, i64::from(limit) + 1], |r| {
+                    read_interaction(r, 0)
+                })?;
             let items = rows.collect::<Result<Vec<_>, _>>()?;
             Ok(page(items, limit as usize, |i| i.id.to_string()))
         })
@@ -283,7 +285,7 @@ impl SqliteStore {
                  WHERE session = ?1 AND status = 'completed' ORDER BY id DESC LIMIT ?2"
             );
             let mut stmt = conn.prepare_cached(sql)?;
-            let rows = stmt.query_map(params![session.as_str(), i64::from(limit)], |r| {
+            let rows = stmt.query_map(params![session.key(), i64::from(limit)], |r| {
                 read_interaction(r, 0)
             })?;
             let mut items = rows.collect::<Result<Vec<_>, _>>()?;
@@ -308,7 +310,7 @@ impl SqliteStore {
                     "SELECT seq, type, interaction_id, envelope, last_seq FROM events \
                      WHERE session = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT 1",
                 )?
-                .query_row(params![session.as_str(), after], read_stored_row)
+                .query_row(params![session.key(), after], read_stored_row)
                 .optional()?;
             if let Some(row) = spanning {
                 row.push_events(&session, after, limit, &mut events)?;
@@ -317,10 +319,8 @@ impl SqliteStore {
                 "SELECT seq, type, interaction_id, envelope, last_seq FROM events \
                  WHERE session = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let rows = stmt.query_map(
-                params![session.as_str(), after, limit as i64],
-                read_stored_row,
-            )?;
+            let rows =
+                stmt.query_map(params![session.key(), after, limit as i64], read_stored_row)?;
             for row in rows {
                 if events.len() >= limit {
                     break;
@@ -344,7 +344,7 @@ impl SqliteStore {
     }
 }
 fn stored_session(id: &str) -> StoreResult<SessionId> {
-    SessionId::parse(id).map_err(|e| StoreError::Internal(format!("stored session id: {e}")))
+    SessionId::from_key(id).map_err(|e| StoreError::Internal(format!("stored session id: {e}")))
 }
 
 /// A stored row of the events table: one event, or a run of deltas (`seq..=last_seq`, one

@@ -29,15 +29,19 @@ static SESSION_SELECT: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-pub(super) static SESSION_LIST: LazyLock<String> =
-    LazyLock::new(|| format!("{} WHERE s.id > ?1 ORDER BY s.id LIMIT ?2", *SESSION_SELECT));
+pub(super) static SESSION_LIST: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} WHERE s.tenant = ?1 AND s.id > ?2 ORDER BY s.id LIMIT ?3",
+        *SESSION_SELECT
+    )
+});
 static SESSION_ONE: LazyLock<String> =
     LazyLock::new(|| format!("{} WHERE s.id = ?1", *SESSION_SELECT));
 
 pub(super) fn require_session(conn: &Connection, id: &SessionId) -> StoreResult<()> {
     let exists = conn
         .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
-        .exists([id.as_str()])?;
+        .exists([id.key()])?;
     if exists {
         Ok(())
     } else {
@@ -49,7 +53,7 @@ pub(super) fn select_session(conn: &Connection, id: &SessionId) -> StoreResult<O
     let sql = SESSION_ONE.as_str();
     Ok(conn
         .prepare_cached(sql)?
-        .query_row([id.as_str()], read_session)
+        .query_row([id.key()], read_session)
         .optional()?)
 }
 
@@ -83,7 +87,7 @@ pub(super) fn read_session(r: &Row<'_>) -> rusqlite::Result<Session> {
     let id: String = r.get(0)?;
     let running_id: Option<String> = r.get(7)?;
     Ok(Session {
-        id: SessionId::parse(&id).map_err(|e| conversion_error(0, e))?,
+        id: SessionId::from_key(&id).map_err(|e| conversion_error(0, e))?,
         agent: r.get(1)?,
         context: parse_json_object(2, &r.get::<_, String>(2)?)?,
         epoch: r.get(3)?,
@@ -105,7 +109,7 @@ pub(super) fn read_interaction(r: &Row<'_>, at: usize) -> rusqlite::Result<Inter
     let reason: Option<String> = r.get(at + 8)?;
     Ok(Interaction {
         id: InteractionId::from_stored(r.get(at)?),
-        session: SessionId::parse(&session).map_err(|e| conversion_error(at + 1, e))?,
+        session: SessionId::from_key(&session).map_err(|e| conversion_error(at + 1, e))?,
         content: r.get(at + 2)?,
         metadata: parse_json_object(at + 3, &r.get::<_, String>(at + 3)?)?,
         status: status.parse().map_err(|e| conversion_error(at + 4, e))?,

@@ -72,6 +72,15 @@ UPDATE events SET at =
 -- NULL: the row holds the one event `seq`.
 ALTER TABLE events ADD COLUMN last_seq INTEGER;
 "#,
+    r#"
+-- Tenants: a session's key is `tenant/name`; what was stored before belongs to `default`.
+ALTER TABLE sessions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+UPDATE sessions SET id = 'default/' || id;
+UPDATE interactions SET session = 'default/' || session;
+UPDATE events SET session = 'default/' || session;
+UPDATE retired_sessions SET id = 'default/' || id;
+CREATE INDEX sessions_by_tenant ON sessions (tenant, id);
+"#,
 ];
 
 pub(super) fn configure(conn: &Connection, synchronous: Synchronous) -> StoreResult<()> {

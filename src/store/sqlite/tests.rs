@@ -32,7 +32,7 @@ fn open() -> (tempfile::TempDir, SqliteStore) {
 #[tokio::test]
 async fn a_job_failing_after_its_writes_undoes_them_and_the_remembered_state() {
     let (_dir, store) = open();
-    let s = SessionId::parse("s").unwrap();
+    let s = SessionId::new(&crate::model::Tenant::default_tenant(), "s").unwrap();
     // Remembered by the writer: the session, nothing running.
     store
         .run(
@@ -76,7 +76,7 @@ async fn a_job_failing_after_its_writes_undoes_them_and_the_remembered_state() {
 #[tokio::test]
 async fn a_refusal_leaves_the_batch_alone() {
     let (_dir, store) = open();
-    let s = SessionId::parse("s").unwrap();
+    let s = SessionId::new(&crate::model::Tenant::default_tenant(), "s").unwrap();
     store
         .run(Some(s.clone()), Operation::Accept(message(&s)))
         .await

@@ -68,13 +68,13 @@ impl Tx<'_> {
             .query_row([id.as_str()], |r| r.get(0))
             .optional()?;
         session
-            .map(|s| SessionId::parse(&s).map_err(|e| StoreError::Internal(e.to_string())))
+            .map(|s| SessionId::from_key(&s).map_err(|e| StoreError::Internal(e.to_string())))
             .transpose()
     }
 
     fn load(&self, id: &SessionId, op: &Operation) -> StoreResult<Snapshot> {
         let mut snapshot = Snapshot::absent(id.clone(), self.now);
-        let sid = id.as_str();
+        let sid = id.key();
         snapshot.session = self
             .conn
             .prepare_cached(
@@ -128,7 +128,7 @@ impl Tx<'_> {
         if snapshot.session.is_none() {
             return Ok(());
         }
-        let sid = snapshot.id.as_str();
+        let sid = snapshot.id.key();
         if let Some(key) = op.idempotency_key() {
             snapshot.keyed = self
                 .conn
@@ -147,7 +147,7 @@ impl Tx<'_> {
     }
 
     fn apply(&mut self, plan: Plan) -> StoreResult<Outcome> {
-        let sid = plan.session.as_str();
+        let sid = plan.session.key();
         let now = plan.now.0;
         for write in &plan.writes {
             match write {
@@ -158,9 +158,17 @@ impl Tx<'_> {
                 } => {
                     self.execute("DELETE FROM retired_sessions WHERE id = ?1", params![sid])?;
                     self.execute(
-                        "INSERT INTO sessions (id, agent, context, epoch, last_seq, created_at) \
-                         VALUES (?1, ?2, ?3, 0, ?4, ?5)",
-                        params![sid, agent, serde_json::to_string(context)?, last_seq, now],
+                        "INSERT INTO sessions \
+                         (id, tenant, agent, context, epoch, last_seq, created_at) \
+                         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6)",
+                        params![
+                            sid,
+                            plan.session.tenant(),
+                            agent,
+                            serde_json::to_string(context)?,
+                            last_seq,
+                            now
+                        ],
                     )?;
                 }
                 Write::SetAgent(agent) => {
