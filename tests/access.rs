@@ -8,49 +8,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use baton::api::auth::key_sha256;
-use baton::config::Config;
+use common::access::{ACME_KEY, ADMIN_KEY, BETA_KEY, config, mint};
 use common::stream::{Ws, ws_open_with, ws_url};
-use common::{BASE_CONFIG, TIMEOUT, TestServer};
+use common::{TIMEOUT, TestServer};
 use reqwest::Method;
 use serde_json::{Value, json};
-
-pub const ACME_KEY: &str = "bk_test-acme-key-000000000000000000000000000";
-pub const BETA_KEY: &str = "bk_test-beta-key-000000000000000000000000000";
-pub const ADMIN_KEY: &str = "bk_test-admin-key-00000000000000000000000000";
-const SECRET: &str = "test-token-secret-0123456789abcdef";
-
-/// Two tenant keys (`acme`, `beta`) and an admin key (tenant `ops`), with a token secret.
-fn config() -> Config {
-    let toml = format!(
-        r#"{BASE_CONFIG}
-[auth]
-mode = "keys"
-
-[[auth.keys]]
-id = "acme-backend"
-tenant = "acme"
-sha256 = "{}"
-
-[[auth.keys]]
-id = "beta-backend"
-tenant = "beta"
-sha256 = "{}"
-
-[[auth.keys]]
-id = "operator"
-tenant = "ops"
-role = "admin"
-sha256 = "{}"
-"#,
-        key_sha256(ACME_KEY),
-        key_sha256(BETA_KEY),
-        key_sha256(ADMIN_KEY)
-    );
-    let mut config = Config::from_toml(&toml).expect("config parses");
-    config.auth.as_mut().expect("[auth]").token_secrets = vec![SECRET.into()];
-    config
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Caller {
@@ -269,20 +231,6 @@ fn expected(class: Class, ok: u16, caller: Caller) -> u16 {
             }
         }
     }
-}
-
-/// Mints a token with the `acme` key.
-async fn mint(server: &TestServer, session: &str, scope: &str, ttl_s: u64) -> String {
-    let answer = server
-        .request(
-            Method::POST,
-            &format!("/v1/sessions/{session}/tokens"),
-            Some(&json!({"scope": scope, "ttl_s": ttl_s})),
-            &[("authorization", &format!("Bearer {ACME_KEY}"))],
-        )
-        .await;
-    assert_eq!(answer.status, 201, "{}", answer.body);
-    answer.body["token"].as_str().expect("token").to_string()
 }
 
 /// A valid token with one character of its signature changed.

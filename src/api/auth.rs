@@ -107,6 +107,20 @@ impl Principal {
         )
     }
 
+    /// The caller for logs: a key by its configured id, a token by its session and scope;
+    /// never a credential.
+    fn describe(&self) -> String {
+        match &self.caller {
+            Caller::Open => "open".into(),
+            Caller::Key { id, admin } => {
+                format!("key {id}{}", if *admin { " (admin)" } else { "" })
+            }
+            Caller::Token { session, scope, .. } => {
+                format!("token for {session} ({})", scope.as_str())
+            }
+        }
+    }
+
     fn is_token(&self) -> bool {
         matches!(self.caller, Caller::Token { .. })
     }
@@ -381,7 +395,11 @@ impl Auth {
     /// Signs a token for `session` (of its tenant), valid for `ttl` seconds from now.
     pub fn mint(&self, session: &SessionId, scope: Scope, ttl_s: u64) -> Option<MintedToken> {
         let secret = self.secrets.first()?;
-        let expires_at = unix_now() + ttl_s;
+        // Rounded up: a token lives at least `ttl_s` seconds.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let expires_at = now.as_secs() + u64::from(now.subsec_nanos() > 0) + ttl_s;
         let payload = format!(
             "{}/{}/{}/{expires_at}",
             session.tenant(),
@@ -548,10 +566,29 @@ pub async fn gate(State(state): State<AppState>, request: Request, next: Next) -
     let (mut parts, body) = request.into_parts();
     match state.auth.authenticate(&parts) {
         Ok(principal) => {
+            if tracing::enabled!(tracing::Level::TRACE) {
+                tracing::trace!(
+                    method = %parts.method,
+                    path = parts.uri.path(),
+                    tenant = %principal.tenant,
+                    caller = principal.describe(),
+                    "request authenticated"
+                );
+            }
             parts.extensions.insert(principal);
             next.run(Request::from_parts(parts, body)).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // The path only: a query may hold a token.
+            tracing::debug!(
+                method = %parts.method,
+                path = parts.uri.path(),
+                status = e.status.as_u16(),
+                reason = %e.message,
+                "request refused by the access gate"
+            );
+            e.into_response()
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! database directory are removed when the [`TestServer`] is dropped.
 #![allow(dead_code)]
 
+pub mod access;
 pub mod cluster;
 pub mod mock_openai;
 pub mod pg;
