@@ -7,11 +7,16 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(baton_postgres_tests)");
     println!("cargo::rustc-check-cfg=cfg(baton_has_curl)");
+    println!("cargo::rustc-check-cfg=cfg(baton_postgres_tls_tests)");
+    println!("cargo::rerun-if-env-changed=BATON_TEST_POSTGRES_TLS_ROOT");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=BATON_TEST_POSTGRES");
     println!("cargo::rerun-if-env-changed=PATH");
     if std::env::var("BATON_TEST_POSTGRES").is_ok_and(|url| !url.trim().is_empty()) {
         println!("cargo::rustc-cfg=baton_postgres_tests");
+        if std::env::var("BATON_TEST_POSTGRES_TLS_ROOT").is_ok_and(|p| !p.trim().is_empty()) {
+            println!("cargo::rustc-cfg=baton_postgres_tls_tests");
+        }
     }
     match find_in_path("curl") {
         Some(curl) => {

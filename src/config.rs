@@ -843,7 +843,8 @@ impl DatabaseLocation {
             return Ok(Self::SqliteFile(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+            let parsed = crate::store::postgres_url(url).map_err(|e| anyhow::anyhow!(e))?;
+            if let Err(e) = parsed.parse::<tokio_postgres::Config>() {
                 bail!("database URL: {e}");
             }
             return Ok(Self::Postgres(url.to_string()));

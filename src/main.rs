@@ -246,12 +246,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("binding {}", config.listen))?;
             let addr = listener.local_addr()?;
             let database = config.database.clone();
+            let scheme = if config.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             baton::server::serve(config, listener, shutdown_signal(), || {
                 tracing::info!(listen = %addr, database = %database, "baton serving");
                 // A plain line on stdout, once requests are served, so that scripts and
                 // tests can wait for it and find an ephemeral port.
                 // A closed stdout must not stop the server: nobody is waiting for the line.
-                let _ = baton::cli::out(&format!("baton listening on http://{addr}\n"));
+                let _ = baton::cli::out(&format!("baton listening on {scheme}://{addr}\n"));
             })
             .await?;
             tracing::info!("baton stopped");

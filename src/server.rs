@@ -99,6 +99,10 @@ pub async fn serve_with_agents(
 ) -> anyhow::Result<()> {
     check_default_agent(agents.iter().map(|(name, _)| name))?;
     let auth = Auth::from_config(config.auth.as_ref(), |name| std::env::var(name).ok())?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::api::tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let engine = build_engine(&config, agents).await?;
     let cors_origins = config
         .auth
@@ -127,6 +131,7 @@ pub async fn serve_with_agents(
     let http = HttpSettings {
         header_timeout: Duration::from_secs_f64(config.http_header_timeout_s),
         max_connections: config.max_http_connections,
+        tls,
     };
     ready();
     serve_http(listener, app, http, async move {
@@ -143,6 +148,8 @@ pub async fn serve_with_agents(
 /// A server running in this process, for tests and the benchmark.
 pub struct ServerHandle {
     pub addr: SocketAddr,
+    /// Served over TLS (`https://`).
+    pub tls: bool,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -160,6 +167,12 @@ impl ServerHandle {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        // What would stop the server at once is reported here, not by a task that ended.
+        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+            crate::api::tls::acceptor(cert, key)?;
+        }
+        Auth::from_config(config.auth.as_ref(), |name| std::env::var(name).ok())?;
+        let tls = config.tls_cert.is_some();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve_with_agents(
             config,
@@ -172,6 +185,7 @@ impl ServerHandle {
         ));
         Ok(Self {
             addr,
+            tls,
             stop: Some(stop),
             task,
         })
@@ -179,7 +193,8 @@ impl ServerHandle {
 
     /// `http://ADDR`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Shuts down gracefully and waits for the server to finish.

@@ -29,7 +29,7 @@ enum Transport {
 
 /// A stream client of either kind, for the resume scenario.
 enum Client {
-    Ws(Ws),
+    Ws(Box<Ws>),
     Sse(Sse),
 }
 
@@ -42,10 +42,12 @@ impl Client {
         after: Option<i64>,
     ) -> Client {
         match (transport, after) {
-            (Transport::WsAfter, Some(after)) => {
-                Client::Ws(Ws::connect(server, session, &format!("after={after}")).await)
+            (Transport::WsAfter, Some(after)) => Client::Ws(Box::new(
+                Ws::connect(server, session, &format!("after={after}")).await,
+            )),
+            (Transport::WsAfter, None) => {
+                Client::Ws(Box::new(Ws::connect(server, session, "").await))
             }
-            (Transport::WsAfter, None) => Client::Ws(Ws::connect(server, session, "").await),
             (Transport::SseLastEventId, Some(after)) => {
                 Client::Sse(Sse::connect(server, session, "", Some(&after.to_string())).await)
             }

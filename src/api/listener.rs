@@ -13,16 +13,19 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 /// Bounds of plain HTTP connections (an upgraded WebSocket leaves them: it has its own).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct HttpSettings {
     /// The head of a request must be complete within this long of the connection being ready
     /// for it, so it also closes a keep-alive connection that stays idle that long.
     pub header_timeout: Duration,
     /// Connections served at once; past it, new ones wait in the kernel's backlog.
     pub max_connections: usize,
+    /// HTTPS: every connection starts with a TLS handshake (within `header_timeout`).
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting, lets each
@@ -57,28 +60,20 @@ pub async fn serve_http(
         // Events are small frames that must leave at once, not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let mut stopping = stopping.clone();
+        let stopping = stopping.clone();
+        let tls = settings.tls.clone();
+        let header_timeout = settings.header_timeout;
         connections.spawn(async move {
             let _permit = permit;
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(settings.header_timeout);
-            let mut connection = pin!(
-                builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-            );
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "HTTP connection ended with an error");
+            match tls {
+                None => serve_connection(stream, service, header_timeout, stopping).await,
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(stream, service, header_timeout, stopping).await
                     }
-                }
-                _ = async { drop(stopping.wait_for(|stop| *stop).await) } => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                },
             }
         });
     }
@@ -86,6 +81,38 @@ pub async fn serve_http(
     stop.send_replace(true);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection (plain or TLS) until it ends, or, once `stopping` says so, until
+/// the request in progress is answered.
+async fn serve_connection<S>(
+    stream: S,
+    service: TowerToHyperService<Router>,
+    header_timeout: Duration,
+    mut stopping: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let mut connection = pin!(
+        builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades()
+    );
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = async { drop(stopping.wait_for(|stop| *stop).await) } => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 /// A failed `accept` is about one connection (reset before it was taken) or about the

@@ -9,6 +9,7 @@ pub mod feed;
 pub mod http;
 pub mod listener;
 pub mod sse;
+pub mod tls;
 pub mod ws;
 
 use axum::Router;

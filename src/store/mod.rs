@@ -500,3 +500,9 @@ impl Store {
         dispatch!(self.check())
     }
 }
+
+/// A PostgreSQL URL as tokio-postgres reads it (`sslmode` mapped, `sslrootcert` taken out),
+/// or why it is not one.
+pub fn postgres_url(url: &str) -> Result<String, String> {
+    postgres::tls::PgUrl::parse(url).map(|u| u.url)
+}

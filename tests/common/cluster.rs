@@ -60,7 +60,7 @@ impl Pg {
         Ok(Pg { client, connection })
     }
 
-    async fn rows(
+    pub async fn rows(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],

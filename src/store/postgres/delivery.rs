@@ -9,7 +9,9 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use super::tls::MakeRustls;
 
 use super::rows::read_event;
 use crate::bus::Bus;
@@ -347,13 +349,14 @@ pub(super) async fn run_filler(
 /// and then re-reads every watched session from its cursor.
 pub(super) async fn run_listener(
     mut config: tokio_postgres::Config,
+    tls: MakeRustls,
     sequencer: Arc<Sequencer>,
     cancels: mpsc::UnboundedSender<InteractionId>,
 ) {
     config.application_name("baton-listener");
     let mut first = true;
     loop {
-        match listen_once(&config, &sequencer, &cancels, &mut first).await {
+        match listen_once(&config, &tls, &sequencer, &cancels, &mut first).await {
             Ok(()) => tracing::warn!("the database's notification connection ended; reconnecting"),
             Err(e) => {
                 tracing::warn!(error = %e, "the database's notification connection failed; reconnecting")
@@ -365,11 +368,12 @@ pub(super) async fn run_listener(
 
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &MakeRustls,
     sequencer: &Arc<Sequencer>,
     cancels: &mpsc::UnboundedSender<InteractionId>,
     first: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = config.connect(tls.clone()).await?;
     let (messages_tx, mut messages) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use super::rules::{Operation, Outcome};
@@ -46,6 +45,7 @@ use rows::{
     SESSION_SELECT, read_event, read_interaction, read_session, require_session,
     select_interaction, select_session,
 };
+use tls::PgUrl;
 use tx::PgTx;
 
 /// Attempts of a transaction that lost a deadlock or a serialization race.
@@ -161,6 +161,7 @@ mod cluster;
 mod delivery;
 mod rows;
 mod schema;
+pub(crate) mod tls;
 mod tx;
 
 /// A transaction body's error: a refusal (state unchanged) or a database failure.
@@ -203,8 +204,14 @@ type TxResult<T> = Result<T, TxError>;
 
 impl PgStore {
     pub(super) async fn open(options: PgOptions, bus: Arc<Bus>) -> StoreResult<Self> {
-        let mut config = tokio_postgres::Config::from_str(&options.url)
+        let url = PgUrl::parse(&options.url)
             .map_err(|e| StoreError::Internal(format!("database URL: {e}")))?;
+        let tls = url
+            .connector()
+            .map_err(|e| StoreError::Internal(format!("database TLS: {e}")))?;
+        let mut config = tokio_postgres::Config::from_str(&url.url)
+            .map_err(|e| StoreError::Internal(format!("database URL: {e}")))?;
+        config.ssl_mode(url.ssl_mode());
         // A node paused or cut off in the middle of a transaction would hold its session's
         // row lock indefinitely; the server ends such a transaction well within a lease, so
         // the other nodes can take the session over.
@@ -216,7 +223,7 @@ impl PgStore {
         config.options(server_options.trim());
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -253,7 +260,7 @@ impl PgStore {
         let filler = tokio::spawn(run_filler(pool.clone(), sequencer.clone(), fill_rx));
         let notifier = tokio::spawn(run_notifier(pool.clone(), notes_rx));
         let watchdog = tokio::spawn(run_watchdog(pool.clone(), sequencer.clone()));
-        let listener = tokio::spawn(run_listener(config, sequencer.clone(), cancel_tx));
+        let listener = tokio::spawn(run_listener(config, tls, sequencer.clone(), cancel_tx));
         tracing::info!(node = %node, "joined the cluster");
         Ok(Self {
             pool,
