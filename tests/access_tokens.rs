@@ -171,6 +171,30 @@ async fn a_key_past_its_rate_gets_429_with_retry_after() {
         )
         .await;
     assert_eq!(later.status, 200, "refilled");
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        metrics.contains(&format!(
+            "baton_key_rate_limited_total{{key=\"acme-backend\"}} {limited}"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "baton_key_requests_total{{key=\"acme-backend\"}} {}",
+            statuses.len() - limited + 1
+        )),
+        "{metrics}"
+    );
     server.stop().await;
 }
 

@@ -7,6 +7,7 @@
 //! the principal's tenant: there is no other way for a route to name a session, so a route
 //! cannot reach another tenant's rows, nor a token's caller another session.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -168,17 +169,21 @@ struct ApiKey {
     admin: bool,
     sha256: [u8; 32],
     bucket: Option<Mutex<Bucket>>,
+    /// Requests it authenticated, and those refused past its rate (for `/metrics`).
+    requests: AtomicU64,
+    limited: AtomicU64,
 }
 
-/// A token bucket: `rate` per second, up to `2 × rate`, starting full.
-struct Bucket {
+/// A token bucket: `rate` per second, up to `2 × rate`, starting full (a key's requests, a
+/// WebSocket's operations).
+pub(crate) struct Bucket {
     rate: f64,
     tokens: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn new(rate: f64) -> Self {
+    pub(crate) fn new(rate: f64) -> Self {
         Self {
             rate,
             tokens: 2.0 * rate,
@@ -187,7 +192,7 @@ impl Bucket {
     }
 
     /// Takes one token, or says how many seconds until one is there.
-    fn take(&mut self) -> Result<(), u64> {
+    pub(crate) fn take(&mut self) -> Result<(), u64> {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
@@ -207,6 +212,8 @@ pub struct Auth {
     keys: Vec<ApiKey>,
     /// The first signs; all verify.
     secrets: Vec<hmac::Key>,
+    /// Requests refused for their credentials (`401`).
+    refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Auth {
@@ -236,6 +243,7 @@ impl Auth {
             mode: AuthMode::None,
             keys: Vec::new(),
             secrets: Vec::new(),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -262,6 +270,8 @@ impl Auth {
                 admin: key.role == KeyRole::Admin,
                 sha256,
                 bucket: key.rate_per_s.map(|rate| Mutex::new(Bucket::new(rate))),
+                requests: AtomicU64::new(0),
+                limited: AtomicU64::new(0),
             });
         }
         let mut secrets = Vec::with_capacity(config.token_secret_env.len());
@@ -290,7 +300,25 @@ impl Auth {
             mode: config.mode,
             keys,
             secrets,
+            refused: AtomicU64::new(0),
         })
+    }
+
+    /// `(key id, requests, refused past its rate)` of every configured key, and the requests
+    /// refused for their credentials, for `/metrics`.
+    pub fn stats(&self) -> (Vec<(Arc<str>, u64, u64)>, u64) {
+        let keys = self
+            .keys
+            .iter()
+            .map(|k| {
+                (
+                    k.id.clone(),
+                    k.requests.load(Ordering::Relaxed),
+                    k.limited.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        (keys, self.refused.load(Ordering::Relaxed))
     }
 
     /// Whether a token secret is configured.
@@ -336,9 +364,11 @@ impl Auth {
         if let Some(bucket) = &key.bucket {
             let taken = bucket.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Err(retry_after) = taken {
+                key.limited.fetch_add(1, Ordering::Relaxed);
                 return Err(ApiError::rate_limited(retry_after));
             }
         }
+        key.requests.fetch_add(1, Ordering::Relaxed);
         Ok(Principal {
             tenant: key.tenant.clone(),
             caller: Caller::Key {
@@ -579,6 +609,9 @@ pub async fn gate(State(state): State<AppState>, request: Request, next: Next) -
             next.run(Request::from_parts(parts, body)).await
         }
         Err(e) => {
+            if e.status == axum::http::StatusCode::UNAUTHORIZED {
+                state.auth.refused.fetch_add(1, Ordering::Relaxed);
+            }
             // The path only: a query may hold a token.
             tracing::debug!(
                 method = %parts.method,

@@ -178,6 +178,40 @@ pub async fn metrics(State(state): State<AppState>, _: AdminCaller) -> Response 
     ] {
         metric(name, "counter", help, counter.load(Ordering::Relaxed));
     }
+    let (keys, refused) = state.auth.stats();
+    metric(
+        "auth_refused_total",
+        "counter",
+        "Requests refused for missing or invalid credentials (401).",
+        refused,
+    );
+    if !keys.is_empty() {
+        type Pick = fn(&(std::sync::Arc<str>, u64, u64)) -> u64;
+        let counters: [(&str, &str, Pick); 2] = [
+            (
+                "key_requests_total",
+                "Requests authenticated with each API key (by its configured id).",
+                |k| k.1,
+            ),
+            (
+                "key_rate_limited_total",
+                "Requests of each API key refused past its rate_per_s (429).",
+                |k| k.2,
+            ),
+        ];
+        for (name, help, pick) in counters {
+            text.push_str(&format!(
+                "# HELP baton_{name} {help}\n# TYPE baton_{name} counter\n"
+            ));
+            for key in &keys {
+                text.push_str(&format!(
+                    "baton_{name}{{key=\"{}\"}} {}\n",
+                    label_value(&key.0),
+                    pick(key)
+                ));
+            }
+        }
+    }
     let (stops, stop_sum) = crate::agent::PROCESS_STOPS.snapshot();
     text.push_str(
         "# HELP baton_agent_process_stop_seconds Time to stop a command agent's process group \
@@ -203,6 +237,13 @@ pub async fn metrics(State(state): State<AppState>, _: AdminCaller) -> Response 
         text,
     )
         .into_response()
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label_value(raw: &str) -> String {
+    raw.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub async fn list_sessions(

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::AppState;
-use super::auth::ReadSession;
+use super::auth::{Bucket, ReadSession};
 use super::connections::ConnectionGuard;
 use super::error::ApiError;
 use super::extract::QueryParams;
@@ -163,7 +163,7 @@ impl Connection {
         let reader = OpReader {
             engine: self.engine.clone(),
             session: self.session.clone(),
-            bucket: TokenBucket::new(self.settings.ops_per_second),
+            bucket: Bucket::new(self.settings.ops_per_second),
             can_write: self.access.can_write,
         };
         // Owned by this connection: aborted when the writer loop ends.
@@ -350,37 +350,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Refills `rate` tokens per second up to `2 × rate`.
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: f64) -> Self {
-        Self {
-            rate,
-            tokens: rate * 2.0,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let capacity = self.rate * 2.0;
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(capacity);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MessageOp {
@@ -417,7 +386,7 @@ struct EmptyOp {}
 struct OpReader {
     engine: Engine,
     session: SessionId,
-    bucket: TokenBucket,
+    bucket: Bucket,
     can_write: bool,
 }
 
@@ -445,7 +414,7 @@ impl OpReader {
     /// The frame to send back for one text frame (a reply or a pong).
     async fn handle(&mut self, text: &str) -> Option<String> {
         // Every text frame counts, malformed ones included.
-        if !self.bucket.take() {
+        if self.bucket.take().is_err() {
             let reference = serde_json::from_str::<Value>(text)
                 .ok()
                 .and_then(|frame| frame.get("ref").cloned())
