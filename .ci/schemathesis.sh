@@ -16,6 +16,10 @@ fi
 
 cargo build --quiet
 work=$(mktemp -d)
+# Access control on, as an exposed server runs: an admin key on every request (schemathesis
+# also checks that requests without it are refused).
+./target/debug/baton key new --tenant ci --role admin > "$work/key"
+key=$(grep '^bk_' "$work/key")
 cat > "$work/baton.toml" <<'TOML'
 [agents.default]
 kind = "echo"
@@ -23,7 +27,12 @@ kind = "echo"
 [agents.slow]
 kind = "echo"
 delay_ms = 20
+
+[auth]
+token_secret_env = ["BATON_CI_TOKEN_SECRET"]
 TOML
+sed -n '/^\[\[auth.keys\]\]/,$p' "$work/key" >> "$work/baton.toml"
+export BATON_CI_TOKEN_SECRET="schemathesis-$(date +%s%N)-token-secret"
 ./target/debug/baton serve --config "$work/baton.toml" --listen 127.0.0.1:0 \
     --database "sqlite://$work/baton.db" > "$work/stdout" 2> "$work/stderr" &
 server=$!
@@ -36,7 +45,7 @@ url=$(sed -n 's/^baton listening on //p' "$work/stdout")
 [ -n "$url" ] || { echo "the server did not start:"; cat "$work/stderr"; exit 1; }
 
 "$venv/bin/schemathesis" --config-file .ci/schemathesis.toml run "$url/openapi.json" \
-    --max-time "$budget" --workers 1 --no-color 2>&1 \
+    --header "Authorization: Bearer $key" --max-time "$budget" --workers 1 --no-color 2>&1 \
     | grep -v '^\s*$' | tail -n 150
 status=${PIPESTATUS[0]}
 kill -0 "$server" || { echo "the server died during the run"; cat "$work/stderr"; exit 1; }

@@ -156,7 +156,8 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         nodes: Vec<usize>,
         /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel, streams,
-        /// cluster (repeatable; all but cluster by default, cluster too with --postgres).
+        /// auth, cluster (repeatable; all but auth and cluster by default, cluster too with
+        /// --postgres).
         #[arg(long)]
         only: Vec<String>,
     },

@@ -353,8 +353,8 @@ impl Auth {
         self.with_tenant_header(principal, &parts.headers)
     }
 
-    /// A key or a token, from the `Authorization` header.
-    fn resolve(&self, credential: &str) -> Result<Principal, ApiError> {
+    /// A key or a token, from the `Authorization` header (counted against the key's rate).
+    pub fn resolve(&self, credential: &str) -> Result<Principal, ApiError> {
         if credential.starts_with(TOKEN_PREFIX) {
             return self.verify_token(credential);
         }

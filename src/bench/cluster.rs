@@ -162,7 +162,7 @@ pub(super) async fn measure_cluster(
         .into_iter()
         .map(|(remote, socket)| (remote, tokio::spawn(receive_events(socket, window))))
         .collect();
-    let throughput = throughput(&urls, options.sessions, window).await?;
+    let throughput = throughput(&urls, options.sessions, None, window).await?;
     let (mut received, mut remote) = (Vec::new(), Vec::new());
     for (is_remote, reader) in readers {
         let r = reader.await?;

@@ -20,6 +20,9 @@
 //!   streams), delivery latency (`at` → receipt) and first-delta latency (POST → first
 //!   `task.delta`), p50 and p99. `baton bench --only streams`; against `--server URL`, that
 //!   server needs the `paced` agent.
+//! - **auth** (`--only auth`): the throughput load against an open server and one where every
+//!   request carries an API key, in alternating rounds; and the in-process cost of checking a
+//!   key and a session token.
 //! - **cluster** (with `--postgres ADMIN_URL`): the throughput load spread over N `baton serve`
 //!   nodes sharing one fresh PostgreSQL database (and, for comparison, over one node on
 //!   SQLite), with WebSocket subscribers on every node measuring cross-node delivery.
@@ -35,6 +38,7 @@
 //! in which order.
 
 mod accept;
+mod auth;
 mod cancel;
 mod cluster;
 mod fanout;
@@ -105,16 +109,20 @@ pub struct BenchOptions {
 impl BenchOptions {
     fn wants(&self, scenario: &str) -> bool {
         self.only.iter().any(|o| o == scenario)
-            || (self.only.is_empty() && (scenario != CLUSTER || self.postgres.is_some()))
+            || (self.only.is_empty()
+                && scenario != AUTH
+                && (scenario != CLUSTER || self.postgres.is_some()))
     }
 
-    /// Whether any scenario of a single server (all but `cluster`) is to run.
+    /// Whether any scenario of a single server (all but `cluster` and `auth`) is to run.
     fn wants_single_server(&self) -> bool {
-        self.only.is_empty() || self.only.iter().any(|o| o != CLUSTER)
+        self.only.is_empty() || self.only.iter().any(|o| o != CLUSTER && o != AUTH)
     }
 }
 
 const CLUSTER: &str = "cluster";
+/// Access control's cost: only on request (`--only auth`), as it starts servers of its own.
+const AUTH: &str = "auth";
 
 /// Figures of one target.
 #[derive(Debug, Default, Clone)]
@@ -239,6 +247,7 @@ async fn measure(
             throughput(
                 &[url],
                 options.sessions,
+                None,
                 Window::after_warmup(Duration::from_secs_f64(options.duration_s)),
             )
             .await?,
@@ -363,6 +372,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             drop(peer);
         }
         crate::cli::out(&format!("{}\n", report(&results, Some("baton / peer"))))?;
+    }
+    if options.wants(AUTH) && options.server.is_none() {
+        let table = auth::auth(&options).await?;
+        crate::cli::out(&format!("{table}\n"))?;
     }
     if options.wants(CLUSTER) {
         let results = cluster(&options).await?;

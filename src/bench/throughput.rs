@@ -29,14 +29,17 @@ pub(super) fn throughput_session(i: usize) -> String {
 pub(super) async fn throughput(
     urls: &[&str],
     sessions: usize,
+    key: Option<&str>,
     window: Window,
 ) -> anyhow::Result<Throughput> {
     let http = http_client(sessions)?;
+    let authorization = key.map(|k| format!("Bearer {k}"));
     let body = Arc::new(message_body());
     let mut workers = Vec::with_capacity(sessions);
     for i in 0..sessions {
         let http = http.clone();
         let body = body.clone();
+        let authorization = authorization.clone();
         let target = format!(
             "{}/v1/sessions/{}/messages?wait=30",
             urls[i % urls.len()],
@@ -50,12 +53,13 @@ pub(super) async fn throughput(
                 if sent >= window.end {
                     break;
                 }
-                let response = http
+                let mut request = http
                     .post(&target)
-                    .header("content-type", "application/json")
-                    .body(body.as_ref().clone())
-                    .send()
-                    .await;
+                    .header("content-type", "application/json");
+                if let Some(authorization) = &authorization {
+                    request = request.header("authorization", authorization);
+                }
+                let response = request.body(body.as_ref().clone()).send().await;
                 let ok = match response {
                     Ok(r) => {
                         let status = r.status();
