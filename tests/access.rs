@@ -586,3 +586,33 @@ async fn websocket_ops_follow_the_tokens_scope() {
     }
     server.stop().await;
 }
+
+/// Paths that match no route need credentials too; with them, they are simply not found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_are_behind_the_gate_too() {
+    let server = TestServer::start_with_config(config()).await;
+    for path in ["/v1/nothing", "/v1/sessions/s/nothing", "/elsewhere"] {
+        let anonymous = server.get(path).await;
+        assert_eq!(anonymous.status, 401, "{path}");
+        let known = server
+            .request(
+                Method::GET,
+                path,
+                None,
+                &[("authorization", &format!("Bearer {ACME_KEY}"))],
+            )
+            .await;
+        assert_eq!(known.status, 404, "{path}");
+    }
+    // A known path with another method: 405 once authenticated.
+    let wrong = server
+        .request(
+            Method::POST,
+            "/v1/sessions",
+            None,
+            &[("authorization", &format!("Bearer {ACME_KEY}"))],
+        )
+        .await;
+    assert_eq!(wrong.status, 405);
+    server.stop().await;
+}
