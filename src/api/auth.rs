@@ -424,12 +424,21 @@ impl Auth {
 
     /// Signs a token for `session` (of its tenant), valid for `ttl` seconds from now.
     pub fn mint(&self, session: &SessionId, scope: Scope, ttl_s: u64) -> Option<MintedToken> {
-        let secret = self.secrets.first()?;
         // Rounded up: a token lives at least `ttl_s` seconds.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let expires_at = now.as_secs() + u64::from(now.subsec_nanos() > 0) + ttl_s;
+        Some(MintedToken {
+            token: self.sign(session, scope, expires_at)?,
+            scope,
+            expires_at,
+        })
+    }
+
+    /// The token of `session` and `scope` until `expires_at` (Unix seconds).
+    fn sign(&self, session: &SessionId, scope: Scope, expires_at: u64) -> Option<String> {
+        let secret = self.secrets.first()?;
         let payload = format!(
             "{}/{}/{}/{expires_at}",
             session.tenant(),
@@ -438,11 +447,7 @@ impl Auth {
         );
         let signed = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(payload));
         let tag = hmac::sign(secret, signed.as_bytes());
-        Some(MintedToken {
-            token: format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref())),
-            scope,
-            expires_at,
-        })
+        Some(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref())))
     }
 
     /// Checks a token's signature (against every secret) and expiry; no lookup.
@@ -787,9 +792,16 @@ mod tests {
     #[test]
     fn expired_tokens_are_refused() {
         let a = auth(&["A"]);
-        let minted = a.mint(&session("acme", "s"), Scope::Write, 0).unwrap();
-        let e = a.verify_token(&minted.token).unwrap_err();
+        let past = a
+            .sign(&session("acme", "s"), Scope::Write, unix_now() - 1)
+            .unwrap();
+        let e = a.verify_token(&past).unwrap_err();
         assert_eq!(e.code, "unauthorized");
+        assert!(e.message.contains("expired"), "{}", e.message);
+        // A token of ttl 1 lives at least a second.
+        let minted = a.mint(&session("acme", "s"), Scope::Write, 1).unwrap();
+        assert!(minted.expires_at > unix_now());
+        assert!(a.verify_token(&minted.token).is_ok());
     }
 
     #[test]
