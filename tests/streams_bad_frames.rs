@@ -125,7 +125,6 @@ async fn malformed_frames_get_invalid_request_and_change_nothing() {
         (r#"{"op": "context", "ref": "c1", "set": [1]}"#, json!("c1")),
         (r#"{"op": "context", "ref": "c2", "set": "x"}"#, json!("c2")),
         (r#"{"op": "context", "ref": "c3", "patch": 3}"#, json!("c3")),
-        (r#"{"op": "context", "ref": "c4"}"#, json!("c4")),
         (
             r#"{"op": "context", "ref": "c5", "set": {"a": 1}, "patch": null, "x": 1}"#,
             json!("c5"),
@@ -167,6 +166,12 @@ async fn malformed_frames_get_invalid_request_and_change_nothing() {
     for (frame, reference) in cases {
         expect_invalid(&mut ws, frame, reference).await;
     }
+
+    // A context op with neither set nor patch reads the context (API.md: both are optional),
+    // and changes nothing either.
+    let (reply, _) = ws.request(&json!({"op": "context", "ref": "c4"})).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["data"], json!({}), "{reply}");
 
     // Nothing changed: not the session, not its log.
     let session_after = server.get(&format!("/v1/sessions/{session}")).await;
