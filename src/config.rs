@@ -14,6 +14,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
 pub const DEFAULT_DATABASE: &str = "sqlite://baton.db";
 /// The agent a session gets when it names none.
 pub const DEFAULT_AGENT: &str = "default";
+/// How long an interaction waits for the client's answer by default: a day.
+pub const DEFAULT_INPUT_TIMEOUT_S: f64 = 86_400.0;
 
 /// Everything `baton serve` needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +269,17 @@ impl AgentConfig {
         }
     }
 
+    /// How long an interaction of this agent may wait for the client's answer before it is
+    /// cancelled with reason `timeout` (default: a day).
+    pub fn input_timeout_s(&self) -> f64 {
+        match self {
+            AgentConfig::Echo(c) => c.input_timeout_s,
+            AgentConfig::Command(c) => c.input_timeout_s,
+            AgentConfig::Openai(c) => c.input_timeout_s,
+        }
+        .unwrap_or(DEFAULT_INPUT_TIMEOUT_S)
+    }
+
     /// Longest a task of this agent may run before it is cancelled with reason `timeout`.
     pub fn timeout_s(&self) -> Option<f64> {
         match self {
@@ -290,6 +303,10 @@ impl AgentConfig {
             && !(t.is_finite() && t > 0.0)
         {
             bail!("agents.{name}.timeout_s must be a positive number of seconds");
+        }
+        let wait = self.input_timeout_s();
+        if !(wait.is_finite() && wait > 0.0) {
+            bail!("agents.{name}.input_timeout_s must be a positive number of seconds");
         }
         match self {
             AgentConfig::Echo(_) => {}
@@ -343,6 +360,7 @@ struct AgentTable {
     kind: Spanned<String>,
     delay_ms: Option<Spanned<u64>>,
     timeout_s: Option<Spanned<f64>>,
+    input_timeout_s: Option<Spanned<f64>>,
     program: Option<Spanned<String>>,
     args: Option<Spanned<Vec<String>>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
@@ -363,7 +381,7 @@ struct AgentTable {
     idle_timeout_s: Option<Spanned<f64>>,
 }
 
-const ECHO_KEYS: &[&str] = &["kind", "delay_ms", "timeout_s"];
+const ECHO_KEYS: &[&str] = &["kind", "delay_ms", "timeout_s", "input_timeout_s"];
 const COMMAND_KEYS: &[&str] = &[
     "kind",
     "program",
@@ -371,6 +389,7 @@ const COMMAND_KEYS: &[&str] = &[
     "env",
     "cwd",
     "timeout_s",
+    "input_timeout_s",
     "kill_grace_ms",
     "max_line_bytes",
     "max_output_bytes",
@@ -385,6 +404,7 @@ const OPENAI_KEYS: &[&str] = &[
     "temperature",
     "max_tokens",
     "timeout_s",
+    "input_timeout_s",
     "max_history",
     "retries",
     "retry_backoff_ms",
@@ -434,6 +454,7 @@ impl AgentTable {
         [
             at("delay_ms", &self.delay_ms),
             at("timeout_s", &self.timeout_s),
+            at("input_timeout_s", &self.input_timeout_s),
             at("program", &self.program),
             at("args", &self.args),
             at("env", &self.env),
@@ -497,6 +518,7 @@ impl AgentTable {
             "echo" => AgentConfig::Echo(EchoConfig {
                 delay_ms: value(self.delay_ms).unwrap_or_default(),
                 timeout_s: value(self.timeout_s),
+                input_timeout_s: value(self.input_timeout_s),
             }),
             "command" => {
                 let defaults = CommandConfig::new(String::new(), Vec::new());
@@ -506,6 +528,7 @@ impl AgentTable {
                     env: value(self.env).unwrap_or_default(),
                     cwd: value(self.cwd),
                     timeout_s: value(self.timeout_s),
+                    input_timeout_s: value(self.input_timeout_s),
                     kill_grace_ms: value(self.kill_grace_ms).unwrap_or(defaults.kill_grace_ms),
                     max_line_bytes: value(self.max_line_bytes).unwrap_or(defaults.max_line_bytes),
                     max_output_bytes: value(self.max_output_bytes)
@@ -525,6 +548,7 @@ impl AgentTable {
                     temperature: value(self.temperature),
                     max_tokens: value(self.max_tokens),
                     timeout_s: value(self.timeout_s),
+                    input_timeout_s: value(self.input_timeout_s),
                     max_history: value(self.max_history),
                     retries: value(self.retries).unwrap_or(defaults.retries),
                     retry_backoff_ms: value(self.retry_backoff_ms)
@@ -544,6 +568,7 @@ pub struct EchoConfig {
     /// Pause before each word, in milliseconds.
     pub delay_ms: u64,
     pub timeout_s: Option<f64>,
+    pub input_timeout_s: Option<f64>,
 }
 
 /// A program run once per task, speaking the JSON-lines protocol on stdin/stdout.
@@ -557,6 +582,8 @@ pub struct CommandConfig {
     /// Working directory of the program (default: the server's).
     pub cwd: Option<PathBuf>,
     pub timeout_s: Option<f64>,
+    /// How long an interaction may wait for the client's answer (default a day).
+    pub input_timeout_s: Option<f64>,
     /// Between SIGTERM to the process group and SIGKILL, in milliseconds.
     pub kill_grace_ms: u64,
     /// Longest stdout line accepted, in bytes.
@@ -586,6 +613,7 @@ impl CommandConfig {
             env: BTreeMap::new(),
             cwd: None,
             timeout_s: None,
+            input_timeout_s: None,
             kill_grace_ms: Self::default_kill_grace_ms(),
             max_line_bytes: Self::default_max_line_bytes(),
             max_output_bytes: Self::default_max_output_bytes(),
@@ -608,6 +636,8 @@ pub struct OpenaiConfig {
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
     pub timeout_s: Option<f64>,
+    /// How long an interaction may wait for the client's tool outputs (default a day).
+    pub input_timeout_s: Option<f64>,
     /// Completed interactions sent as history (overrides the server's `history_limit`).
     pub max_history: Option<u32>,
     /// Retries, with backoff, of a request that failed before its first token.
@@ -644,6 +674,7 @@ impl OpenaiConfig {
             temperature: None,
             max_tokens: None,
             timeout_s: None,
+            input_timeout_s: None,
             max_history: None,
             retries: Self::default_retries(),
             retry_backoff_ms: Self::default_retry_backoff_ms(),

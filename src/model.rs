@@ -353,6 +353,8 @@ wire_enum! {
     Status {
         Queued = "queued",
         Running = "running",
+        /// Active, but nothing runs: its agent asked the client something (`request`).
+        Waiting = "waiting",
         Completed = "completed",
         Failed = "failed",
         Cancelled = "cancelled",
@@ -363,6 +365,25 @@ impl Status {
     pub fn is_final(self) -> bool {
         matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
     }
+
+    /// `running` or `waiting`: at most one interaction of a session is active (I1).
+    pub fn is_active(self) -> bool {
+        matches!(self, Status::Running | Status::Waiting)
+    }
+}
+
+/// What a `waiting` interaction's agent asked: `id` assigned by Baton, `data` the agent's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingRequest {
+    pub id: String,
+    pub data: Value,
+}
+
+/// A request of an interaction's agent and the answer it got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exchange {
+    pub request: PendingRequest,
+    pub answer: Value,
 }
 
 wire_enum! {
@@ -414,10 +435,19 @@ pub struct Interaction {
     pub status: Status,
     pub response: String,
     pub error: Option<ErrorInfo>,
+    /// While `waiting`: the pending request; `null` otherwise.
+    pub request: Option<PendingRequest>,
+    /// Every earlier request of this interaction's agent with its answer, in order (left out
+    /// when the agent never asked).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<Exchange>,
     pub cancel_reason: Option<CancelReason>,
     pub created_at: Millis,
     pub started_at: Option<Millis>,
     pub finished_at: Option<Millis>,
+    /// While `waiting`: when it is cancelled (`timeout`) unless answered.
+    #[serde(skip)]
+    pub input_deadline: Option<Millis>,
 }
 
 /// A session as the wire contract shows it.
@@ -441,6 +471,8 @@ wire_enum! {
         TaskStarted = "task.started",
         TaskDelta = "task.delta",
         TaskProgress = "task.progress",
+        TaskWaiting = "task.waiting",
+        TaskResumed = "task.resumed",
         TaskCompleted = "task.completed",
         TaskFailed = "task.failed",
         TaskCancelled = "task.cancelled",
@@ -464,7 +496,7 @@ impl EventType {
             Status::Completed => Some(EventType::TaskCompleted),
             Status::Failed => Some(EventType::TaskFailed),
             Status::Cancelled => Some(EventType::TaskCancelled),
-            Status::Queued | Status::Running => None,
+            Status::Queued | Status::Running | Status::Waiting => None,
         }
     }
 }

@@ -141,6 +141,14 @@ const ROUTES: &[Route] = &[
         200,
         || json!({}),
     ),
+    // The cell's interaction is completed: an answer the contract allows is `409 not_waiting`.
+    with_body(
+        "POST",
+        "/v1/sessions/{id}/interactions/{iid}/answer",
+        Class::Cancel,
+        409,
+        || json!({"request_id": "r", "answer": true}),
+    ),
     route("POST", "/v1/sessions/{id}/clear", Class::WriteCreating, 200),
     with_body(
         "POST",

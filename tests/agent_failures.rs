@@ -71,6 +71,7 @@ fn registry() -> AgentRegistry {
             ConfiguredAgent {
                 kind: "test",
                 timeout: None,
+                input_timeout: std::time::Duration::from_secs(86_400),
                 max_history: None,
                 executor: Arc::new(TestAgent(behaviour)),
             },

@@ -68,6 +68,8 @@ pub trait Agent: Send + Sync + 'static {
 pub struct ConfiguredAgent {
     pub kind: &'static str,
     pub timeout: Option<std::time::Duration>,
+    /// How long an interaction of this agent may wait for the client's answer.
+    pub input_timeout: std::time::Duration,
     /// Overrides the server's `history_limit` for this agent.
     pub max_history: Option<u32>,
     pub executor: Arc<dyn Agent>,
@@ -91,6 +93,7 @@ impl AgentRegistry {
             let configured = ConfiguredAgent {
                 kind: config.kind(),
                 timeout: config.timeout_s().map(std::time::Duration::from_secs_f64),
+                input_timeout: std::time::Duration::from_secs_f64(config.input_timeout_s()),
                 max_history: config.max_history(),
                 executor,
             };

@@ -661,6 +661,22 @@ pub struct KeySession(pub SessionId);
 /// simply not found.
 pub struct ReadInteraction(pub SessionId, pub InteractionId);
 
+/// `/v1/sessions/{id}/interactions/{iid}/…`, writable by the caller (a key, or a `write`
+/// token of the session); a malformed `iid` is simply not found.
+pub struct WriteInteraction(pub SessionId, pub InteractionId);
+
+/// The `{iid}` of the path: a malformed one is simply not found.
+fn interaction_id(parts: &Parts) -> Result<InteractionId, ApiError> {
+    parts
+        .uri
+        .path()
+        .split('/')
+        .nth(5)
+        .and_then(percent_decode)
+        .and_then(|raw| InteractionId::parse(&raw).ok())
+        .ok_or_else(|| ApiError::not_found("interaction not found in this session"))
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for AnyCaller {
     type Rejection = ApiError;
 
@@ -731,15 +747,17 @@ impl<S: Send + Sync> FromRequestParts<S> for ReadInteraction {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         let principal = principal(parts)?;
         let session = principal.session(parts, false)?;
-        let id = parts
-            .uri
-            .path()
-            .split('/')
-            .nth(5)
-            .and_then(percent_decode)
-            .and_then(|raw| InteractionId::parse(&raw).ok())
-            .ok_or_else(|| ApiError::not_found("interaction not found in this session"))?;
-        Ok(ReadInteraction(session, id))
+        Ok(ReadInteraction(session, interaction_id(parts)?))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WriteInteraction {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let principal = principal(parts)?;
+        let session = principal.session(parts, true)?;
+        Ok(WriteInteraction(session, interaction_id(parts)?))
     }
 }
 

@@ -158,6 +158,11 @@ impl From<StoreError> for ApiError {
                 format!("the session's queue is full ({limit} queued)"),
             )
             .with("limit", limit),
+            StoreError::NotWaiting => Self::new(
+                StatusCode::CONFLICT,
+                "not_waiting",
+                "the interaction is not waiting for this request (not waiting, or answered)",
+            ),
             StoreError::IdempotencyMismatch => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_mismatch",

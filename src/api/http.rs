@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::auth::{
     AdminCaller, AnyCaller, KeySession, MAX_TOKEN_TTL_S, ReadInteraction, ReadSession, Scope,
-    TenantCaller, WriteSession,
+    TenantCaller, WriteInteraction, WriteSession,
 };
 use super::error::ApiError;
 use super::extract::{JsonBody, OptionalJsonBody, QueryParams};
@@ -42,6 +42,15 @@ pub struct MessageBody {
     pub policy: Option<Policy>,
     #[serde(default)]
     pub metadata: Option<JsonObject>,
+}
+
+/// `POST /v1/sessions/{id}/interactions/{iid}/answer` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerBody {
+    pub request_id: String,
+    /// Any JSON, `null` included, but present.
+    pub answer: Value,
 }
 
 /// `POST /v1/sessions/{id}/cancel` body.
@@ -424,6 +433,20 @@ pub async fn get_interaction(
     ReadInteraction(session, id): ReadInteraction,
 ) -> ApiResult {
     Ok(Json(state.engine.get_interaction(session, id).await?).into_response())
+}
+
+/// `POST …/interactions/{iid}/answer`: one answer wins (`409 not_waiting` for the others);
+/// the interaction runs again, here.
+pub async fn answer(
+    State(state): State<AppState>,
+    WriteInteraction(session, id): WriteInteraction,
+    JsonBody(body): JsonBody<AnswerBody>,
+) -> ApiResult {
+    let interaction = state
+        .engine
+        .answer(session, id, body.request_id, body.answer)
+        .await?;
+    Ok(Json(interaction).into_response())
 }
 
 pub async fn cancel(

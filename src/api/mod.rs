@@ -120,6 +120,11 @@ fn route_table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
             "/v1/sessions/{id}/interactions/{iid}",
             get(http::get_interaction),
         ),
+        (
+            "POST",
+            "/v1/sessions/{id}/interactions/{iid}/answer",
+            post(http::answer),
+        ),
         ("POST", "/v1/sessions/{id}/cancel", post(http::cancel)),
         ("POST", "/v1/sessions/{id}/clear", post(http::clear)),
         ("POST", "/v1/sessions/{id}/tokens", post(http::create_token)),

@@ -382,6 +382,14 @@ struct ContextOp {
 #[serde(deny_unknown_fields)]
 struct EmptyOp {}
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswerOp {
+    interaction_id: String,
+    request_id: String,
+    answer: Value,
+}
+
 /// Runs client operations, one at a time.
 struct OpReader {
     engine: Engine,
@@ -467,7 +475,10 @@ impl OpReader {
                 Err(e) => error_reply(reference, &e),
             });
         }
-        let known = matches!(op.as_str(), "message" | "cancel" | "clear" | "context");
+        let known = matches!(
+            op.as_str(),
+            "message" | "cancel" | "clear" | "context" | "answer"
+        );
         if known && !self.can_write {
             return Some(error_reply(
                 reference,
@@ -479,8 +490,9 @@ impl OpReader {
             "cancel" => self.cancel(fields).await,
             "clear" => self.clear(fields).await,
             "context" => self.context(fields).await,
+            "answer" => self.answer(fields).await,
             other => Err(ApiError::invalid_request(format!(
-                "unknown op {other:?}; expected message, cancel, clear, context or ping"
+                "unknown op {other:?}; expected message, cancel, clear, context, answer or ping"
             ))),
         };
         Some(match result {
@@ -536,6 +548,17 @@ impl OpReader {
         let _: EmptyOp = parse(fields)?;
         let cleared = self.engine.clear(self.session.clone()).await?;
         Ok(json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled}))
+    }
+
+    async fn answer(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+        let op: AnswerOp = parse(fields)?;
+        let id = InteractionId::parse(&op.interaction_id)
+            .map_err(|_| ApiError::not_found("interaction not found in this session"))?;
+        let interaction = self
+            .engine
+            .answer(self.session.clone(), id, op.request_id, op.answer)
+            .await?;
+        serde_json::to_value(interaction).map_err(|_| ApiError::internal())
     }
 
     async fn context(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {

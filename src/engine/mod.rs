@@ -52,6 +52,11 @@ pub struct EngineSettings {
 
 /// How often the retention job runs.
 const COMPACTION_INTERVAL: Duration = Duration::from_secs(30);
+/// How often unanswered requests past their deadline are looked for (the deadline is stored:
+/// whichever node is alive ends them, after any restart).
+const WAIT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Waits ended per look at most.
+const WAIT_EXPIRY_BATCH: u32 = 256;
 
 /// A message as a transport received it, already validated.
 #[derive(Debug, Clone)]
@@ -194,6 +199,18 @@ impl Engine {
                     Ok(deleted) => tracing::debug!(deleted, "retention: events deleted"),
                     Err(e) => tracing::warn!(error = %e, "retention"),
                 }
+            }
+        });
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(WAIT_CHECK_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = inner.stopping.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                inner.expire_waits().await;
             }
         });
         let Some(lease) = self.inner.store.lease() else {
@@ -502,6 +519,26 @@ impl Engine {
         Ok(self.inner.store.get_interaction(session, id).await?)
     }
 
+    /// Answers the pending request of a `waiting` interaction: one answer wins; the
+    /// interaction is `running` again and its agent runs on this node.
+    pub async fn answer(
+        &self,
+        session: SessionId,
+        id: InteractionId,
+        request_id: String,
+        answer: serde_json::Value,
+    ) -> Result<Interaction, EngineError> {
+        self.refuse_when_stopping()?;
+        let started = self
+            .inner
+            .store
+            .answer(session, id, request_id, answer)
+            .await?;
+        let interaction = started.interaction.clone();
+        self.inner.launch(started);
+        Ok(interaction)
+    }
+
     /// Begins shutdown: new writes are refused and waiters return.
     pub fn begin_shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
@@ -552,6 +589,34 @@ impl Engine {
 }
 
 impl Inner {
+    /// Cancels (`timeout`) the waiting interactions whose deadline passed; starts what queued
+    /// behind them.
+    async fn expire_waits(self: &Arc<Self>) {
+        let expired = match self.store.expired_waits(WAIT_EXPIRY_BATCH).await {
+            Ok(expired) => expired,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking for expired waits");
+                return;
+            }
+        };
+        for (session, id) in expired {
+            let start_next = !self.shutting_down.load(Ordering::Relaxed);
+            match self
+                .store
+                .expire_wait(session, id.clone(), start_next)
+                .await
+            {
+                Ok(outcome) => {
+                    if let Some(next) = outcome.started {
+                        self.launch(next);
+                    }
+                }
+                Err(StoreError::SessionNotFound) => {}
+                Err(e) => tracing::warn!(interaction = %id, error = %e, "ending an expired wait"),
+            }
+        }
+    }
+
     /// Runs the task of an interaction that a committed transaction made `running`.
     fn launch(self: &Arc<Self>, task: StartedTask) {
         self.counters.tasks_started.fetch_add(1, Ordering::Relaxed);

@@ -2,20 +2,31 @@
 //! finished task removes its own entry and never a newer task's of the same session.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{InteractionId, SessionId};
 
+/// A registered task: its session, its cancel signal, and which run of its interaction it
+/// is (an interaction that waited for input runs again after the answer).
+#[derive(Debug)]
+struct Registered {
+    session: SessionId,
+    token: CancellationToken,
+    run: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct TaskRegistry {
     // A std mutex: held for a map operation, never across an await.
-    tasks: Mutex<HashMap<InteractionId, (SessionId, CancellationToken)>>,
+    tasks: Mutex<HashMap<InteractionId, Registered>>,
+    runs: AtomicU64,
 }
 
 impl TaskRegistry {
-    fn tasks(&self) -> MutexGuard<'_, HashMap<InteractionId, (SessionId, CancellationToken)>> {
+    fn tasks(&self) -> MutexGuard<'_, HashMap<InteractionId, Registered>> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -26,10 +37,20 @@ impl TaskRegistry {
         session: SessionId,
     ) -> (TaskEntry, CancellationToken) {
         let token = CancellationToken::new();
-        self.tasks().insert(id.clone(), (session, token.clone()));
+        let run = self.runs.fetch_add(1, Ordering::Relaxed);
+        let registered = Registered {
+            session,
+            token: token.clone(),
+            run,
+        };
+        if let Some(earlier) = self.tasks().insert(id.clone(), registered) {
+            // The run that asked is over: make sure it stops.
+            earlier.token.cancel();
+        }
         let entry = TaskEntry {
             registry: Arc::clone(self),
             id,
+            run,
         };
         (entry, token)
     }
@@ -38,8 +59,8 @@ impl TaskRegistry {
     pub fn cancel(&self, ids: &[InteractionId]) {
         let tasks = self.tasks();
         for id in ids {
-            if let Some((_, token)) = tasks.get(id) {
-                token.cancel();
+            if let Some(task) = tasks.get(id) {
+                task.token.cancel();
             }
         }
     }
@@ -48,7 +69,7 @@ impl TaskRegistry {
     pub fn running(&self) -> Vec<(InteractionId, SessionId)> {
         self.tasks()
             .iter()
-            .map(|(id, (session, _))| (id.clone(), session.clone()))
+            .map(|(id, task)| (id.clone(), task.session.clone()))
             .collect()
     }
 
@@ -66,11 +87,16 @@ impl TaskRegistry {
 pub struct TaskEntry {
     registry: Arc<TaskRegistry>,
     id: InteractionId,
+    run: u64,
 }
 
 impl Drop for TaskEntry {
     fn drop(&mut self) {
-        self.registry.tasks().remove(&self.id);
+        let mut tasks = self.registry.tasks();
+        // Only this run's entry: a later run of the same interaction keeps its own.
+        if tasks.get(&self.id).is_some_and(|task| task.run == self.run) {
+            tasks.remove(&self.id);
+        }
     }
 }
 
@@ -92,5 +118,22 @@ mod tests {
         registry.cancel(&[newer_id]);
         assert!(newer_token.is_cancelled());
         assert!(!old_token.is_cancelled());
+    }
+
+    #[test]
+    fn an_earlier_run_of_the_same_interaction_never_removes_the_later_one() {
+        let registry = Arc::new(TaskRegistry::default());
+        let session = SessionId::new(&crate::model::Tenant::default_tenant(), "s").expect("valid");
+        let id = IdGenerator::default().next_id();
+        let (asked, asked_token) = registry.register(id.clone(), session.clone());
+        let (_resumed, resumed_token) = registry.register(id.clone(), session.clone());
+        assert!(
+            asked_token.is_cancelled(),
+            "the earlier run is told to stop"
+        );
+        drop(asked);
+        assert_eq!(registry.running(), vec![(id.clone(), session)]);
+        registry.cancel(&[id]);
+        assert!(resumed_token.is_cancelled());
     }
 }

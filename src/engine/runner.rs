@@ -41,6 +41,9 @@ enum Stop {
     Fenced,
     /// The agent ended; its last outputs are written together with the end.
     Ended(Vec<TaskOutput>, TaskEnd),
+    /// The agent asked the client (`data`): the outputs before the ask are written with it,
+    /// the agent is stopped, and the interaction waits for the answer.
+    Asked(Vec<TaskOutput>, serde_json::Value, Duration),
 }
 
 pub(super) async fn run_task(
@@ -73,6 +76,23 @@ pub(super) async fn run_task(
             return;
         }
         Stop::Ended(outputs, end) => (outputs, end),
+        Stop::Asked(outputs, data, timeout) => {
+            for attempt in 1..=FINISH_ATTEMPTS {
+                match inner
+                    .store
+                    .ask(id.clone(), outputs.clone(), data.clone(), timeout)
+                    .await
+                {
+                    Ok(_) | Err(StoreError::Fenced) => return,
+                    Err(e) => {
+                        tracing::error!(interaction = %id, attempt, error = %e, "recording an ask");
+                        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    }
+                }
+            }
+            // Left `running`: recovery at the next start finishes it as `interrupted`.
+            return;
+        }
     };
     match &end {
         TaskEnd::Completed { .. } => &inner.counters.interactions_completed,
@@ -114,6 +134,7 @@ async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &Cancellatio
         );
     };
     let deadline = agent.timeout.map(|t| Instant::now() + t);
+    let input_timeout = agent.input_timeout;
     let history_limit = agent
         .executor
         .wants_history()
@@ -154,11 +175,22 @@ async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &Cancellatio
                     continue;
                 }
                 let mut outputs = std::mem::replace(&mut batch, Vec::with_capacity(OUTPUT_BATCH));
-                if agent_task.0.is_finished() {
+                let finished = agent_task.0.is_finished();
+                if finished {
                     // The agent is done: its last outputs go with the end, in one write.
                     while let Ok(output) = received.try_recv() {
                         outputs.push(output);
                     }
+                }
+                if let Some(at) = outputs.iter().position(|o| matches!(o, TaskOutput::Ask(_))) {
+                    // What the agent sent after its ask is dropped with the agent.
+                    let TaskOutput::Ask(data) = outputs.swap_remove(at) else {
+                        unreachable!("position found an ask")
+                    };
+                    outputs.truncate(at);
+                    return Stop::Asked(outputs, data, input_timeout);
+                }
+                if finished {
                     return Stop::Ended(outputs, agent_end((&mut agent_task.0).await));
                 }
                 match inner.store.append_outputs(id.clone(), outputs).await {

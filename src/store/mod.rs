@@ -36,6 +36,9 @@ pub enum StoreError {
     QueueFull { limit: u32 },
     #[error("idempotency key was used with a different content or metadata")]
     IdempotencyMismatch,
+    /// An answer to an interaction that is not `waiting` for that request.
+    #[error("the interaction is not waiting for this request")]
+    NotWaiting,
     /// The task's interaction is no longer `running` (cancelled, cleared, deleted, finished):
     /// its write is refused.
     #[error("interaction is no longer running")]
@@ -119,6 +122,9 @@ pub enum TaskOutput {
     Progress(Value),
     /// An RFC 7396 merge patch for the session's context.
     ContextPatch(JsonObject),
+    /// The agent asks the client (`data`) and stops: the interaction becomes `waiting`. The
+    /// runner takes it out of the outputs ([`Store::ask`]); it is never written as one.
+    Ask(Value),
 }
 
 /// How a task ended on its own (cancellation goes through [`Store::cancel`]).
@@ -397,6 +403,72 @@ impl Store {
             start_next,
         };
         self.run(None, op).await?.into_started()
+    }
+
+    /// A running task's agent asks: `outputs` before the ask are written, then the
+    /// interaction becomes `waiting` with the request `data` (`task.waiting`), to time out after
+    /// `timeout`. Refused with [`StoreError::Fenced`] unless `id` is still `running`.
+    pub async fn ask(
+        &self,
+        id: InteractionId,
+        outputs: Vec<TaskOutput>,
+        data: Value,
+        timeout: std::time::Duration,
+    ) -> StoreResult<Interaction> {
+        let request_id = uuid::Uuid::now_v7().simple().to_string();
+        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX / 4);
+        self.run(
+            None,
+            Operation::Ask {
+                id,
+                outputs,
+                data,
+                request_id,
+                timeout_ms,
+            },
+        )
+        .await?
+        .into_waiting()
+    }
+
+    /// The client's answer to the pending request `request_id` of `id`: the interaction is
+    /// `running` again (`task.resumed`) and its task starts on this node. Not waiting for
+    /// that request: [`StoreError::NotWaiting`].
+    pub async fn answer(
+        &self,
+        session: SessionId,
+        id: InteractionId,
+        request_id: String,
+        answer: Value,
+    ) -> StoreResult<StartedTask> {
+        self.run(
+            Some(session),
+            Operation::Answer {
+                id,
+                request_id,
+                answer,
+            },
+        )
+        .await?
+        .into_resumed()
+    }
+
+    /// Cancels `id` with reason `timeout` if it is still `waiting` past its deadline.
+    pub async fn expire_wait(
+        &self,
+        session: SessionId,
+        id: InteractionId,
+        start_next: bool,
+    ) -> StoreResult<Cancelled> {
+        self.run(Some(session), Operation::ExpireWait { id, start_next })
+            .await?
+            .into_cancelled()
+    }
+
+    /// `waiting` interactions whose deadline passed, at most `limit`.
+    pub async fn expired_waits(&self, limit: u32) -> StoreResult<Vec<(SessionId, InteractionId)>> {
+        let now = crate::model::Millis::now();
+        dispatch!(self.expired_waits(now, limit))
     }
 
     /// Cancels the target; when it was the running one and `start_next`, starts the next

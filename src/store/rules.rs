@@ -21,8 +21,8 @@ use super::{
     StoreError, StoreResult, TaskEnd, TaskOutput,
 };
 use crate::model::{
-    CancelReason, ErrorInfo, Event, EventType, Interaction, InteractionId, JsonObject, Policy,
-    Session, Status, merge_patch,
+    CancelReason, ErrorInfo, Event, EventType, Exchange, Interaction, InteractionId, JsonObject,
+    Millis, PendingRequest, Policy, Session, Status, merge_patch,
 };
 pub(super) use plan::{Operation, Outcome, Plan, SessionRow, SessionState, Snapshot, Write};
 
@@ -78,7 +78,11 @@ pub(super) fn decide(snapshot: Snapshot, operation: Operation) -> StoreResult<Pl
             if d.s.session.is_none() {
                 return d.done(Outcome::Started(None));
             }
-            if let Some(mut running) = d.s.running.take_if(|r| r.id == id) {
+            // A waiting interaction has no task to lose: it stays waiting.
+            if let Some(mut running) =
+                d.s.running
+                    .take_if(|r| r.id == id && r.status == Status::Running)
+            {
                 d.make_final(&mut running, Status::Failed, Some(error), None)?;
                 d.stopped.push(running.id);
             }
@@ -91,6 +95,19 @@ pub(super) fn decide(snapshot: Snapshot, operation: Operation) -> StoreResult<Pl
             }
             Outcome::Started(d.start_next()?)
         }
+        Operation::Ask {
+            id,
+            outputs,
+            data,
+            request_id,
+            timeout_ms,
+        } => d.ask(id, outputs, data, request_id, timeout_ms)?,
+        Operation::Answer {
+            id,
+            request_id,
+            answer,
+        } => d.answer(id, request_id, answer)?,
+        Operation::ExpireWait { id, start_next } => d.expire_wait(id, start_next)?,
     };
     d.done(outcome)
 }
@@ -291,13 +308,13 @@ impl Decider {
             } else if earlier.content != message.content || earlier.metadata != message.metadata {
                 return Err(StoreError::IdempotencyMismatch);
             } else {
-                return Ok(Outcome::Accepted(Accepted {
+                return Ok(Outcome::Accepted(Box::new(Accepted {
                     interaction: earlier,
                     replayed: true,
                     started: None,
                     cancelled: Vec::new(),
                     final_watch: None,
-                }));
+                })));
             }
         }
         let busy_with = self
@@ -337,10 +354,13 @@ impl Decider {
             },
             response: String::new(),
             error: None,
+            request: None,
+            answers: Vec::new(),
             cancel_reason: None,
             created_at: now,
             started_at: start_now.then_some(now),
             finished_at: None,
+            input_deadline: None,
         };
         let row = self.row()?;
         let (epoch, agent) = (row.epoch, row.agent.clone());
@@ -361,21 +381,113 @@ impl Decider {
             self.s.queued.push(interaction.clone());
             None
         };
-        Ok(Outcome::Accepted(Accepted {
+        Ok(Outcome::Accepted(Box::new(Accepted {
             interaction,
             replayed: false,
             started,
             cancelled,
             final_watch: None,
-        }))
+        })))
     }
 
-    /// A task may write only while its interaction is the session's running one.
+    /// A task may write only while its interaction is the session's running one (not
+    /// waiting: a task that asked has ended).
     fn running_task(&mut self, id: &InteractionId) -> StoreResult<()> {
         match (&self.s.session, &self.s.running) {
-            (Some(_), Some(running)) if &running.id == id => Ok(()),
+            (Some(_), Some(running)) if &running.id == id && running.status == Status::Running => {
+                Ok(())
+            }
             _ => Err(StoreError::Fenced),
         }
+    }
+
+    fn ask(
+        &mut self,
+        id: InteractionId,
+        outputs: Vec<TaskOutput>,
+        data: Value,
+        request_id: String,
+        timeout_ms: i64,
+    ) -> StoreResult<Outcome> {
+        self.running_task(&id)?;
+        let text = self.write_outputs(&id, outputs)?;
+        let mut waiting = self.s.running.take().ok_or(StoreError::Fenced)?;
+        waiting.response.push_str(&text);
+        waiting.status = Status::Waiting;
+        waiting.request = Some(PendingRequest {
+            id: request_id,
+            data,
+        });
+        waiting.input_deadline = Some(Millis(self.s.now.0.saturating_add(timeout_ms)));
+        self.writes.push(Write::Wait(waiting.clone()));
+        self.emit_interaction(EventType::TaskWaiting, &waiting)?;
+        self.s.running = Some(waiting.clone());
+        Ok(Outcome::Waiting(Box::new(waiting)))
+    }
+
+    /// One answer wins: the interaction must be this session's, `waiting`, for this request.
+    fn answer(
+        &mut self,
+        id: InteractionId,
+        request_id: String,
+        answer: Value,
+    ) -> StoreResult<Outcome> {
+        self.row()?;
+        self.s
+            .named
+            .as_ref()
+            .filter(|i| i.session == self.s.id && i.id == id)
+            .ok_or(StoreError::InteractionNotFound)?;
+        let pending = |r: &mut Interaction| {
+            r.id == id
+                && r.status == Status::Waiting
+                && r.request.as_ref().is_some_and(|q| q.id == request_id)
+        };
+        let mut resumed = self
+            .s
+            .running
+            .take_if(pending)
+            .ok_or(StoreError::NotWaiting)?;
+        let request = resumed.request.take().ok_or(StoreError::NotWaiting)?;
+        resumed.answers.push(Exchange { request, answer });
+        resumed.status = Status::Running;
+        resumed.input_deadline = None;
+        self.writes.push(Write::Resume(resumed.clone()));
+        self.emit_interaction(EventType::TaskResumed, &resumed)?;
+        self.s.running = Some(resumed.clone());
+        let agent = self.row()?.agent.clone();
+        Ok(Outcome::Resumed(Box::new(StartedTask {
+            interaction: resumed,
+            agent,
+        })))
+    }
+
+    /// A wait past its deadline ends `cancelled` (`timeout`); an answered or ended one is left.
+    fn expire_wait(&mut self, id: InteractionId, start_next: bool) -> StoreResult<Outcome> {
+        if self.s.session.is_none() {
+            return Ok(Outcome::Cancelled(Cancelled::default()));
+        }
+        let now = self.s.now;
+        let expired = |r: &mut Interaction| {
+            r.id == id
+                && r.status == Status::Waiting
+                && r.input_deadline.is_some_and(|at| at.0 <= now.0)
+        };
+        let Some(mut expired) = self.s.running.take_if(expired) else {
+            return Ok(Outcome::Cancelled(Cancelled::default()));
+        };
+        self.make_final(
+            &mut expired,
+            Status::Cancelled,
+            None,
+            Some(CancelReason::Timeout),
+        )?;
+        self.stopped.push(expired.id.clone());
+        let started = if start_next { self.start_next()? } else { None };
+        Ok(Outcome::Cancelled(Cancelled {
+            cancelled: vec![expired.id],
+            started,
+        }))
     }
 
     /// Records a running task's outputs, one event each, and applies its context patches.
@@ -406,6 +518,11 @@ impl Decider {
                 TaskOutput::ContextPatch(patch) => {
                     let context = patched(self.row()?.context()?, patch)?;
                     self.set_context(&context)?;
+                }
+                TaskOutput::Ask(_) => {
+                    return Err(StoreError::Internal(
+                        "an ask is not an output to write".into(),
+                    ));
                 }
             }
         }
@@ -456,6 +573,11 @@ impl Decider {
         let Some(target) = target else {
             return Ok(Outcome::Cancelled(Cancelled::default()));
         };
+        // Shutdown stops what runs here; a waiting interaction runs nowhere and stays waiting.
+        let waits = |r: &Interaction| r.id == target && r.status == Status::Waiting;
+        if reason == CancelReason::Shutdown && self.s.running.as_ref().is_some_and(waits) {
+            return Ok(Outcome::Cancelled(Cancelled::default()));
+        }
         let (mut victim, was_running) = match self.s.running.take_if(|r| r.id == target) {
             Some(running) => (running, true),
             None => {
@@ -514,6 +636,8 @@ impl Decider {
         interaction.error = error;
         interaction.cancel_reason = reason;
         interaction.finished_at = Some(self.s.now);
+        interaction.request = None;
+        interaction.input_deadline = None;
         self.writes.push(Write::Finalize(interaction.clone()));
         self.emit_interaction(kind, interaction)
     }

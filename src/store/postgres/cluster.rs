@@ -71,7 +71,7 @@ impl PgStore {
             .query(
                 "SELECT DISTINCT q.session FROM interactions q WHERE q.status = 'queued' \
                  AND NOT EXISTS (SELECT 1 FROM interactions r \
-                 WHERE r.session = q.session AND r.status = 'running')",
+                 WHERE r.session = q.session AND r.status IN ('running', 'waiting'))",
                 &[],
             )
             .await?

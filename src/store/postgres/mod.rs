@@ -59,7 +59,7 @@ const DB_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 macro_rules! interaction_columns {
     () => {
         "id, session, content, metadata, status, response, error_code, error_message, \
-         cancel_reason, created_at, started_at, finished_at"
+         cancel_reason, created_at, started_at, finished_at, request, answers, input_deadline"
     };
 }
 
@@ -402,6 +402,30 @@ impl PgStore {
             .await?
             .ok_or(StoreError::SessionNotFound)?;
         Ok(serde_json::from_str(row.try_get::<_, &str>(0)?)?)
+    }
+
+    /// `waiting` interactions whose deadline is at or before `now`, oldest deadline first.
+    pub(super) async fn expired_waits(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<(SessionId, InteractionId)>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT session, id FROM interactions \
+                 WHERE status = 'waiting' AND input_deadline <= $1 \
+                 ORDER BY input_deadline LIMIT $2",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&now.0, &i64::from(limit)]).await?;
+        rows.iter()
+            .map(|row| {
+                let session = SessionId::from_key(row.try_get::<_, &str>(0)?)
+                    .map_err(|e| StoreError::Internal(format!("stored session id: {e}")))?;
+                Ok((session, InteractionId::from_stored(row.try_get(1)?)))
+            })
+            .collect()
     }
 
     pub(super) async fn list_interactions(

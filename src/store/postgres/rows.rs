@@ -15,8 +15,10 @@ use crate::store::{StoreError, StoreResult};
 pub(super) const SESSION_SELECT: &str = "SELECT s.id, s.agent, s.context, s.epoch, s.last_seq, s.created_at, \
      (SELECT count(*) FROM interactions q WHERE q.session = s.id AND q.status = 'queued'), \
      r.id, r.session, r.content, r.metadata, r.status, r.response, r.error_code, \
-     r.error_message, r.cancel_reason, r.created_at, r.started_at, r.finished_at \
-     FROM sessions s LEFT JOIN interactions r ON r.session = s.id AND r.status = 'running'";
+     r.error_message, r.cancel_reason, r.created_at, r.started_at, r.finished_at, \
+     r.request, r.answers, r.input_deadline \
+     FROM sessions s LEFT JOIN interactions r ON r.session = s.id \
+     AND r.status IN ('running', 'waiting')";
 
 pub(super) async fn require_session(
     client: &impl GenericClient,
@@ -127,5 +129,14 @@ pub(super) fn read_interaction(r: &Row, at: usize) -> StoreResult<Interaction> {
         created_at: Millis(r.try_get(at + 9)?),
         started_at: r.try_get::<_, Option<i64>>(at + 10)?.map(Millis),
         finished_at: r.try_get::<_, Option<i64>>(at + 11)?.map(Millis),
+        request: match r.try_get::<_, Option<&str>>(at + 12)? {
+            Some(text) => Some(serde_json::from_str(text)?),
+            None => None,
+        },
+        answers: match r.try_get::<_, Option<&str>>(at + 13)? {
+            Some(text) => serde_json::from_str(text)?,
+            None => Vec::new(),
+        },
+        input_deadline: r.try_get::<_, Option<i64>>(at + 14)?.map(Millis),
     })
 }

@@ -76,6 +76,20 @@ UPDATE events SET session = 'default/' || session;
 UPDATE retired_sessions SET id = 'default/' || id;
 CREATE INDEX sessions_by_tenant ON sessions (tenant, id);
 "#,
+    r#"
+-- Waiting for input: the status `waiting`, active like `running` (I1 counts both, here in the
+-- schema too), its pending request, the answered ones, and when an unanswered one times out.
+ALTER TABLE interactions DROP CONSTRAINT interactions_status_check;
+ALTER TABLE interactions ADD CONSTRAINT interactions_status_check CHECK (status IN
+    ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled'));
+ALTER TABLE interactions ADD COLUMN request TEXT, ADD COLUMN answers TEXT,
+    ADD COLUMN input_deadline BIGINT;
+DROP INDEX interactions_one_running;
+CREATE UNIQUE INDEX interactions_one_active ON interactions (session)
+    WHERE status IN ('running', 'waiting');
+CREATE INDEX interactions_waiting_deadline ON interactions (input_deadline)
+    WHERE status = 'waiting';
+"#,
 ];
 
 pub(super) async fn migrate(pool: &Pool) -> StoreResult<()> {

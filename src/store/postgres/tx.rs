@@ -135,8 +135,8 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
             .prepare_cached(concat!(
                 "SELECT ",
                 interaction_columns!(),
-                " FROM interactions WHERE session = $1 AND status IN ('running', 'queued') \
-                 ORDER BY id"
+                " FROM interactions WHERE session = $1 \
+                 AND status IN ('running', 'waiting', 'queued') ORDER BY id"
             ))
             .await?;
         let keyed = self
@@ -189,7 +189,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
         )?;
         for row in active {
             let interaction = read_interaction(&row, 0)?;
-            if interaction.status == Status::Running {
+            if interaction.status.is_active() {
                 snapshot.running = Some(interaction);
             } else {
                 snapshot.queued.push(interaction);
@@ -325,7 +325,8 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                 )),
                 Write::Finalize(i) => batch.push((
                     "UPDATE interactions SET status = $2, response = $3, error_code = $4, \
-                     error_message = $5, cancel_reason = $6, finished_at = $7 WHERE id = $1",
+                     error_message = $5, cancel_reason = $6, finished_at = $7, \
+                     request = NULL, input_deadline = NULL WHERE id = $1",
                     vec![
                         param(i.id.to_string()),
                         param(i.status.as_str()),
@@ -342,6 +343,26 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                     vec![
                         param(i.id.to_string()),
                         param(i.started_at.map(|m| m.0)),
+                        param(me.clone()),
+                    ],
+                )),
+                // Waiting runs nowhere: no node holds it, so no node's loss touches it.
+                Write::Wait(i) => batch.push((
+                    "UPDATE interactions SET status = 'waiting', response = $2, request = $3, \
+                     input_deadline = $4, node = NULL WHERE id = $1",
+                    vec![
+                        param(i.id.to_string()),
+                        param(i.response.clone()),
+                        param(serde_json::to_string(&i.request)?),
+                        param(i.input_deadline.map(|m| m.0)),
+                    ],
+                )),
+                Write::Resume(i) => batch.push((
+                    "UPDATE interactions SET status = 'running', request = NULL, answers = $2, \
+                     input_deadline = NULL, node = $3 WHERE id = $1",
+                    vec![
+                        param(i.id.to_string()),
+                        param(serde_json::to_string(&i.answers)?),
                         param(me.clone()),
                     ],
                 )),
@@ -416,7 +437,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                 Write::Insert { interaction, .. } if interaction.status == Status::Running => {
                     self.store.task_started(&interaction.id, &plan.session);
                 }
-                Write::Start(i) => self.store.task_started(&i.id, &plan.session),
+                Write::Start(i) | Write::Resume(i) => self.store.task_started(&i.id, &plan.session),
                 Write::Finalize(i) => self.store.task_ended(&i.id),
                 _ => {}
             }

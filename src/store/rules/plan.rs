@@ -127,6 +127,25 @@ pub(in crate::store) enum Operation {
     },
     /// If nothing runs, the oldest queued interaction starts.
     StartQueued,
+    /// A running task's agent asks the client; `timeout_ms` from now it times out.
+    Ask {
+        id: InteractionId,
+        outputs: Vec<TaskOutput>,
+        data: serde_json::Value,
+        request_id: String,
+        timeout_ms: i64,
+    },
+    /// The client answers the pending request of a waiting interaction.
+    Answer {
+        id: InteractionId,
+        request_id: String,
+        answer: serde_json::Value,
+    },
+    /// A waiting interaction past its deadline is cancelled (`timeout`).
+    ExpireWait {
+        id: InteractionId,
+        start_next: bool,
+    },
 }
 
 impl Operation {
@@ -144,7 +163,8 @@ impl Operation {
             Operation::Cancel {
                 target: CancelTarget::Named(id),
                 ..
-            } => Some(id),
+            }
+            | Operation::Answer { id, .. } => Some(id),
             _ => None,
         }
     }
@@ -156,7 +176,8 @@ impl Operation {
         match self {
             Operation::Append { id, .. }
             | Operation::Finish { id, .. }
-            | Operation::Interrupt { id, .. } => Some(id),
+            | Operation::Interrupt { id, .. }
+            | Operation::Ask { id, .. } => Some(id),
             _ => None,
         }
     }
@@ -228,6 +249,10 @@ pub(in crate::store) enum Write {
     Finalize(Interaction),
     /// A queued interaction starts running (on this node): status and started_at.
     Start(Interaction),
+    /// The interaction became `waiting`: status, response so far, request, deadline.
+    Wait(Interaction),
+    /// Answered: `running` again (on this node), the request moved into its answers.
+    Resume(Interaction),
 }
 
 /// What an operation answers, by operation.
@@ -238,13 +263,15 @@ pub(in crate::store) enum Outcome {
         created: bool,
     },
     Deleted(Vec<InteractionId>),
-    Accepted(Accepted),
+    Accepted(Box<Accepted>),
     Appended,
     /// Finish, Interrupt, StartQueued: the task started next, if any.
     Started(Option<StartedTask>),
     Cancelled(Cancelled),
     Cleared(Cleared),
     Context(JsonObject),
+    Waiting(Box<Interaction>),
+    Resumed(Box<StartedTask>),
 }
 
 /// `Outcome::into_x()`: the answer of the operation that gives an `x`.
@@ -269,12 +296,14 @@ macro_rules! outcome_as {
 outcome_as! {
     into_session: Outcome::Session { session, created } => (session, created), (Session, bool);
     into_deleted: Outcome::Deleted(ids) => ids, Vec<InteractionId>;
-    into_accepted: Outcome::Accepted(accepted) => accepted, Accepted;
+    into_accepted: Outcome::Accepted(accepted) => *accepted, Accepted;
     into_appended: Outcome::Appended => (), ();
     into_started: Outcome::Started(next) => next, Option<StartedTask>;
     into_cancelled: Outcome::Cancelled(cancelled) => cancelled, Cancelled;
     into_cleared: Outcome::Cleared(cleared) => cleared, Cleared;
     into_context: Outcome::Context(context) => context, JsonObject;
+    into_waiting: Outcome::Waiting(interaction) => *interaction, Interaction;
+    into_resumed: Outcome::Resumed(task) => *task, StartedTask;
 }
 
 /// What one operation changes: apply `writes` in order, then store `events` (unless

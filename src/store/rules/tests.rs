@@ -58,7 +58,7 @@ impl Memory {
         }
         for (i, key) in &self.interactions {
             match i.status {
-                Status::Running => s.running = Some(i.clone()),
+                Status::Running | Status::Waiting => s.running = Some(i.clone()),
                 Status::Queued => s.queued.push(i.clone()),
                 _ => {}
             }
@@ -166,6 +166,16 @@ impl Memory {
                     assert_eq!(stored.status, Status::Queued);
                     *stored = s.clone();
                 }
+                Write::Wait(w) => {
+                    let stored = self.find(&w.id);
+                    assert_eq!(stored.status, Status::Running, "only a running one asks");
+                    *stored = w.clone();
+                }
+                Write::Resume(r) => {
+                    let stored = self.find(&r.id);
+                    assert_eq!(stored.status, Status::Waiting, "only a waiting one resumes");
+                    *stored = r.clone();
+                }
             }
         }
         if let Some(seq) = plan.save_seq {
@@ -180,6 +190,15 @@ impl Memory {
             .iter()
             .map(|(i, _)| i)
             .filter(|i| i.status == Status::Running)
+            .collect()
+    }
+
+    /// `running` and `waiting` ones: I1 allows one.
+    fn active(&self) -> Vec<&Interaction> {
+        self.interactions
+            .iter()
+            .map(|(i, _)| i)
+            .filter(|i| i.status.is_active())
             .collect()
     }
 
@@ -295,10 +314,7 @@ fn idempotency_keys_replay_mismatch_and_expire() {
         .accept(message("other", Policy::Interrupt, Some("k")))
         .unwrap();
     assert_eq!(plan.writes[0], Write::ForgetKey(first));
-    assert!(!matches!(
-        plan.outcome,
-        Outcome::Accepted(Accepted { replayed: true, .. })
-    ));
+    assert!(!matches!(&plan.outcome, Outcome::Accepted(a) if a.replayed));
 }
 
 #[test]
@@ -575,6 +591,220 @@ fn an_interrupted_task_fails_and_the_queue_goes_on() {
     assert!(plan.events.is_empty(), "one runs already");
 }
 
+fn ask(m: &mut Memory, id: &InteractionId, timeout_ms: i64) -> StoreResult<Plan> {
+    m.run(Operation::Ask {
+        id: id.clone(),
+        outputs: vec![TaskOutput::Delta("before ".into())],
+        data: json!({"question": "may I?"}),
+        request_id: format!("r-{}", m.now),
+        timeout_ms,
+    })
+}
+
+fn pending_request(m: &mut Memory, id: &InteractionId) -> String {
+    m.find(id).request.clone().expect("waiting").id
+}
+
+#[test]
+fn an_ask_waits_and_one_answer_resumes_it() {
+    let mut m = new_memory();
+    let a = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let plan = ask(&mut m, &a, 1_000).unwrap();
+    assert_eq!(
+        m.kinds_since(m.published.len() - plan.events.len()),
+        ["task.delta", "task.waiting"]
+    );
+    let waiting = m.find(&a).clone();
+    assert_eq!(waiting.status, Status::Waiting);
+    assert_eq!(waiting.response, "before ");
+    assert_eq!(
+        waiting.request.as_ref().unwrap().data,
+        json!({"question": "may I?"})
+    );
+    // The task that asked may write nothing more.
+    let late = m.run(Operation::Append {
+        id: a.clone(),
+        outputs: vec![TaskOutput::Delta("late".into())],
+    });
+    assert!(matches!(late, Err(StoreError::Fenced)));
+    // A wrong request id, then the right one, then the right one again.
+    let wrong = m.run(Operation::Answer {
+        id: a.clone(),
+        request_id: "nope".into(),
+        answer: json!(true),
+    });
+    assert!(matches!(wrong, Err(StoreError::NotWaiting)));
+    let request_id = pending_request(&mut m, &a);
+    let answer = |request_id: &str| Operation::Answer {
+        id: a.clone(),
+        request_id: request_id.into(),
+        answer: json!({"approved": true}),
+    };
+    let plan = m.run(answer(&request_id)).unwrap();
+    assert!(matches!(&plan.outcome, Outcome::Resumed(t) if t.interaction.id == a));
+    assert_eq!(plan.events.len(), 1);
+    assert_eq!(plan.events[0].kind, EventType::TaskResumed);
+    let resumed = m.find(&a).clone();
+    assert_eq!(resumed.status, Status::Running);
+    assert!(resumed.request.is_none());
+    assert_eq!(resumed.answers.len(), 1);
+    assert_eq!(resumed.answers[0].request.id, request_id);
+    assert_eq!(resumed.answers[0].answer, json!({"approved": true}));
+    assert!(matches!(
+        m.run(answer(&request_id)),
+        Err(StoreError::NotWaiting)
+    ));
+    // The resumed task goes on and completes: the text before the ask, then after it.
+    m.run(Operation::Finish {
+        id: a.clone(),
+        outputs: vec![TaskOutput::Delta("after".into())],
+        end: TaskEnd::Completed { response: None },
+        start_next: true,
+    })
+    .unwrap();
+    assert_eq!(m.find(&a).response, "before after");
+    assert_eq!(m.find(&a).status, Status::Completed);
+}
+
+#[test]
+fn a_waiting_interaction_keeps_the_session_busy_under_every_policy() {
+    let mut m = new_memory();
+    let a = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    ask(&mut m, &a, 1_000).unwrap();
+    match m.accept(message("b", Policy::Reject, None)) {
+        Err(StoreError::Busy { running }) => assert_eq!(running, a),
+        other => panic!("expected busy: {other:?}"),
+    }
+    let b = started_id(&m.accept(message("b", Policy::Enqueue, None)).unwrap());
+    assert_eq!(m.find(&b).status, Status::Queued);
+    // Nothing starts while it waits.
+    assert!(m.run(Operation::StartQueued).unwrap().events.is_empty());
+    let plan = m.accept(message("c", Policy::Interrupt, None)).unwrap();
+    let c = started_id(&plan);
+    assert_eq!(m.find(&a).status, Status::Cancelled);
+    assert_eq!(m.find(&a).cancel_reason, Some(CancelReason::Interrupt));
+    assert!(m.find(&a).request.is_none(), "request is null once final");
+    assert_eq!(m.find(&b).status, Status::Cancelled);
+    assert_eq!(m.find(&c).status, Status::Running);
+}
+
+#[test]
+fn cancel_clear_and_delete_end_a_waiting_interaction_but_a_lost_node_or_shutdown_do_not() {
+    let mut m = new_memory();
+    let a = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    ask(&mut m, &a, 1_000).unwrap();
+    let gone = ErrorInfo {
+        code: "interrupted".into(),
+        message: "gone".into(),
+    };
+    let plan = m
+        .run(Operation::Interrupt {
+            id: a.clone(),
+            error: gone,
+        })
+        .unwrap();
+    assert!(plan.events.is_empty(), "nothing ran: nothing was lost");
+    let plan = m
+        .run(Operation::Cancel {
+            target: CancelTarget::Named(a.clone()),
+            reason: CancelReason::Shutdown,
+            start_next: false,
+        })
+        .unwrap();
+    assert!(plan.events.is_empty(), "shutdown leaves it waiting");
+    assert_eq!(m.find(&a).status, Status::Waiting);
+    let plan = m
+        .run(Operation::Cancel {
+            target: CancelTarget::Running,
+            reason: CancelReason::Cancel,
+            start_next: true,
+        })
+        .unwrap();
+    assert!(matches!(&plan.outcome, Outcome::Cancelled(c) if c.cancelled == [a.clone()]));
+    assert_eq!(m.find(&a).status, Status::Cancelled);
+
+    let b = started_id(&m.accept(message("b", Policy::Reject, None)).unwrap());
+    ask(&mut m, &b, 1_000).unwrap();
+    let plan = m
+        .run(Operation::Clear {
+            default_agent: "default".into(),
+        })
+        .unwrap();
+    assert!(matches!(&plan.outcome, Outcome::Cleared(c) if c.cancelled == [b.clone()]));
+
+    let c = started_id(&m.accept(message("c", Policy::Reject, None)).unwrap());
+    ask(&mut m, &c, 1_000).unwrap();
+    let plan = m.run(Operation::DeleteSession).unwrap();
+    assert!(matches!(&plan.outcome, Outcome::Deleted(d) if d == std::slice::from_ref(&c)));
+    // An answer to what is gone: not found.
+    let answer = m.run(Operation::Answer {
+        id: c,
+        request_id: "r".into(),
+        answer: json!(1),
+    });
+    assert!(
+        matches!(answer, Err(StoreError::SessionNotFound)),
+        "{answer:?}"
+    );
+}
+
+#[test]
+fn an_unanswered_request_times_out_at_its_deadline_only() {
+    let mut m = new_memory();
+    let a = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let b = started_id(&m.accept(message("b", Policy::Enqueue, None)).unwrap());
+    ask(&mut m, &a, 5).unwrap();
+    let expire = |id: &InteractionId| Operation::ExpireWait {
+        id: id.clone(),
+        start_next: true,
+    };
+    // Each step advances the memory's clock by 1 ms: not yet.
+    let plan = m.run(expire(&a)).unwrap();
+    assert!(plan.events.is_empty());
+    m.now += 10;
+    let plan = m.run(expire(&a)).unwrap();
+    assert_eq!(m.find(&a).status, Status::Cancelled);
+    assert_eq!(m.find(&a).cancel_reason, Some(CancelReason::Timeout));
+    assert!(
+        matches!(&plan.outcome, Outcome::Cancelled(c) if c.started.as_ref().is_some_and(|s| s.interaction.id == b))
+    );
+    // Answered in time, a wait is not expired.
+    ask(&mut m, &b, 5).unwrap();
+    let request_id = pending_request(&mut m, &b);
+    m.run(Operation::Answer {
+        id: b.clone(),
+        request_id,
+        answer: json!("yes"),
+    })
+    .unwrap();
+    m.now += 10;
+    assert!(m.run(expire(&b)).unwrap().events.is_empty());
+    assert_eq!(m.find(&b).status, Status::Running);
+}
+
+#[test]
+fn answers_reach_only_this_sessions_interactions() {
+    let mut m = new_memory();
+    let a = started_id(&m.accept(message("a", Policy::Reject, None)).unwrap());
+    let unknown = IdGenerator::default().next_id();
+    let answer = m.run(Operation::Answer {
+        id: unknown,
+        request_id: "r".into(),
+        answer: json!(1),
+    });
+    assert!(
+        matches!(answer, Err(StoreError::InteractionNotFound)),
+        "{answer:?}"
+    );
+    // Running, not waiting: 409.
+    let answer = m.run(Operation::Answer {
+        id: a,
+        request_id: "r".into(),
+        answer: json!(1),
+    });
+    assert!(matches!(answer, Err(StoreError::NotWaiting)), "{answer:?}");
+}
+
 /// An operation as the property test draws it; ids are picked among those seen so far.
 #[derive(Debug, Clone)]
 enum Step {
@@ -598,6 +828,9 @@ enum Step {
     Patch(u8),
     Interrupt(u8),
     StartQueued,
+    Ask(u8, u8, i64),
+    Answer(u8, bool),
+    ExpireWait(u8, bool),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -621,6 +854,9 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<u8>().prop_map(Step::Patch),
         1 => any::<u8>().prop_map(Step::Interrupt),
         1 => Just(Step::StartQueued),
+        2 => (any::<u8>(), 0..3u8, 0..4i64).prop_map(|(pick, n, timeout)| Step::Ask(pick, n, timeout)),
+        2 => (any::<u8>(), any::<bool>()).prop_map(|(pick, right)| Step::Answer(pick, right)),
+        1 => (any::<u8>(), any::<bool>()).prop_map(|(pick, start)| Step::ExpireWait(pick, start)),
     ]
 }
 
@@ -640,7 +876,7 @@ fn pick(ledger: &Ledger, n: u8) -> Option<InteractionId> {
     (!all.is_empty()).then(|| all[n as usize % all.len()].clone())
 }
 
-fn to_operation(ledger: &Ledger, step: &Step) -> Option<Operation> {
+fn to_operation(m: &Memory, ledger: &Ledger, step: &Step) -> Option<Operation> {
     let default_agent = || "default".to_string();
     Some(match step.clone() {
         Step::Accept {
@@ -711,6 +947,36 @@ fn to_operation(ledger: &Ledger, step: &Step) -> Option<Operation> {
             },
         },
         Step::StartQueued => Operation::StartQueued,
+        Step::Ask(n, words, timeout_ms) => Operation::Ask {
+            id: pick(ledger, n)?,
+            outputs: (0..words)
+                .map(|w| TaskOutput::Delta(format!("a{w} ")))
+                .collect(),
+            data: json!({"q": n}),
+            request_id: format!("r{}", m.now),
+            timeout_ms,
+        },
+        Step::Answer(n, right) => {
+            let id = pick(ledger, n)?;
+            let pending = m
+                .interactions
+                .iter()
+                .find(|(i, _)| i.id == id)
+                .and_then(|(i, _)| i.request.as_ref())
+                .map(|r| r.id.clone());
+            Operation::Answer {
+                id,
+                request_id: match (right, pending) {
+                    (true, Some(pending)) => pending,
+                    _ => "not-the-request".into(),
+                },
+                answer: json!({"ok": right}),
+            }
+        }
+        Step::ExpireWait(n, start_next) => Operation::ExpireWait {
+            id: pick(ledger, n)?,
+            start_next,
+        },
     })
 }
 
@@ -722,14 +988,21 @@ fn check_step(
     result: &StoreResult<Plan>,
     before: &[Event],
 ) {
-    // I1: at most one running interaction.
-    assert!(m.running().len() <= 1, "I1: {} running", m.running().len());
+    // I1: at most one active (running or waiting) interaction.
+    assert!(m.active().len() <= 1, "I1: {} active", m.active().len());
+    // A waiting one has its request, and only it.
+    for (i, _) in &m.interactions {
+        assert_eq!(i.request.is_some(), i.status == Status::Waiting, "{i:?}");
+    }
     let Ok(plan) = result else {
         // A refusal changes nothing.
         assert_eq!(m.published.len(), before.len());
         if let Some(task) = op.task() {
             let running = m.running().first().map(|i| i.id.clone());
-            if matches!(op, Operation::Append { .. } | Operation::Finish { .. }) {
+            if matches!(
+                op,
+                Operation::Append { .. } | Operation::Finish { .. } | Operation::Ask { .. }
+            ) {
                 assert_ne!(running.as_ref(), Some(task), "a running task was fenced");
             }
         }
@@ -828,7 +1101,7 @@ proptest! {
         let mut m = new_memory();
         let mut ledger = Ledger::default();
         for step in &steps {
-            let Some(op) = to_operation(&ledger, step) else {
+            let Some(op) = to_operation(&m, &ledger, step) else {
                 continue;
             };
             let before = m.published.clone();

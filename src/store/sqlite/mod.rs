@@ -12,7 +12,7 @@
 macro_rules! interaction_columns {
     () => {
         "id, session, content, metadata, status, response, error_code, error_message, \
-         cancel_reason, created_at, started_at, finished_at"
+         cancel_reason, created_at, started_at, finished_at, request, answers, input_deadline"
     };
 }
 
@@ -38,7 +38,8 @@ use super::{
 };
 use crate::bus::Bus;
 use crate::model::{
-    ErrorInfo, Event, EventType, Interaction, InteractionId, JsonObject, Session, SessionId, Tenant,
+    ErrorInfo, Event, EventType, Interaction, InteractionId, JsonObject, Millis, Session,
+    SessionId, Tenant,
 };
 use read::{
     ReadPool, SESSION_LIST, conversion_error, read_interaction, read_session, require_session,
@@ -186,6 +187,30 @@ impl SqliteStore {
                 );
             }
             Ok(started)
+        })
+        .await
+    }
+
+    /// `waiting` interactions whose deadline is at or before `now`, oldest deadline first.
+    pub(super) async fn expired_waits(
+        &self,
+        now: Millis,
+        limit: u32,
+    ) -> StoreResult<Vec<(SessionId, InteractionId)>> {
+        self.read(move |conn| {
+            let rows: Vec<(String, String)> = conn
+                .prepare_cached(
+                    "SELECT session, id FROM interactions \
+                     WHERE status = 'waiting' AND input_deadline <= ?1 \
+                     ORDER BY input_deadline LIMIT ?2",
+                )?
+                .query_map(params![now.0, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(session, id)| {
+                    Ok((stored_session(&session)?, InteractionId::from_stored(id)))
+                })
+                .collect()
         })
         .await
     }

@@ -25,7 +25,8 @@ static SESSION_SELECT: LazyLock<String> = LazyLock::new(|| {
         "SELECT s.id, s.agent, s.context, s.epoch, s.last_seq, s.created_at, \
          (SELECT count(*) FROM interactions q WHERE q.session = s.id AND q.status = 'queued'), \
          {running_columns} \
-         FROM sessions s LEFT JOIN interactions r ON r.session = s.id AND r.status = 'running'"
+         FROM sessions s LEFT JOIN interactions r ON r.session = s.id \
+         AND r.status IN ('running', 'waiting')"
     )
 });
 
@@ -128,6 +129,17 @@ pub(super) fn read_interaction(r: &Row<'_>, at: usize) -> rusqlite::Result<Inter
         created_at: Millis(r.get(at + 9)?),
         started_at: r.get::<_, Option<i64>>(at + 10)?.map(Millis),
         finished_at: r.get::<_, Option<i64>>(at + 11)?.map(Millis),
+        request: match r.get::<_, Option<String>>(at + 12)? {
+            Some(text) => {
+                Some(serde_json::from_str(&text).map_err(|e| conversion_error(at + 12, e))?)
+            }
+            None => None,
+        },
+        answers: match r.get::<_, Option<String>>(at + 13)? {
+            Some(text) => serde_json::from_str(&text).map_err(|e| conversion_error(at + 13, e))?,
+            None => Vec::new(),
+        },
+        input_deadline: r.get::<_, Option<i64>>(at + 14)?.map(Millis),
     })
 }
 

@@ -81,6 +81,47 @@ UPDATE events SET session = 'default/' || session;
 UPDATE retired_sessions SET id = 'default/' || id;
 CREATE INDEX sessions_by_tenant ON sessions (tenant, id);
 "#,
+    r#"
+-- Waiting for input: the status `waiting`, active like `running` (I1 counts both, here in the
+-- schema too), its pending request, the answered ones, and when an unanswered one times out.
+-- SQLite cannot change a CHECK: the table is rebuilt.
+CREATE TABLE interactions_v5 (
+    id              TEXT PRIMARY KEY,
+    session         TEXT NOT NULL,
+    epoch           INTEGER NOT NULL,
+    content         TEXT NOT NULL,
+    metadata        TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN
+                    ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled')),
+    response        TEXT NOT NULL DEFAULT '',
+    error_code      TEXT,
+    error_message   TEXT,
+    cancel_reason   TEXT,
+    idempotency_key TEXT,
+    created_at      INTEGER NOT NULL,
+    started_at      INTEGER,
+    finished_at     INTEGER,
+    request         TEXT,
+    answers         TEXT,
+    input_deadline  INTEGER
+);
+INSERT INTO interactions_v5 (id, session, epoch, content, metadata, status, response,
+    error_code, error_message, cancel_reason, idempotency_key, created_at, started_at,
+    finished_at)
+    SELECT id, session, epoch, content, metadata, status, response, error_code,
+    error_message, cancel_reason, idempotency_key, created_at, started_at, finished_at
+    FROM interactions;
+DROP TABLE interactions;
+ALTER TABLE interactions_v5 RENAME TO interactions;
+CREATE UNIQUE INDEX interactions_one_active ON interactions (session)
+    WHERE status IN ('running', 'waiting');
+CREATE INDEX interactions_by_session ON interactions (session, id);
+CREATE INDEX interactions_queued ON interactions (session, id) WHERE status = 'queued';
+CREATE UNIQUE INDEX interactions_idempotency
+    ON interactions (session, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX interactions_waiting_deadline ON interactions (input_deadline)
+    WHERE status = 'waiting';
+"#,
 ];
 
 pub(super) fn configure(conn: &Connection, synchronous: Synchronous) -> StoreResult<()> {

@@ -106,7 +106,7 @@ impl Tx<'_> {
             .prepare_cached(concat!(
                 "SELECT ",
                 interaction_columns!(),
-                " FROM interactions WHERE session = ?1 AND status = 'running'"
+                " FROM interactions WHERE session = ?1 AND status IN ('running', 'waiting')"
             ))?
             .query_row([sid], |r| read_interaction(r, 0))
             .optional()?;
@@ -236,7 +236,8 @@ impl Tx<'_> {
                 Write::Finalize(i) => {
                     self.execute(
                         "UPDATE interactions SET status = ?2, response = ?3, error_code = ?4, \
-                         error_message = ?5, cancel_reason = ?6, finished_at = ?7 WHERE id = ?1",
+                         error_message = ?5, cancel_reason = ?6, finished_at = ?7, \
+                         request = NULL, input_deadline = NULL WHERE id = ?1",
                         params![
                             i.id.as_str(),
                             i.status.as_str(),
@@ -253,6 +254,25 @@ impl Tx<'_> {
                         "UPDATE interactions SET status = 'running', started_at = ?2 \
                          WHERE id = ?1",
                         params![i.id.as_str(), i.started_at.map(|m| m.0)],
+                    )?;
+                }
+                Write::Wait(i) => {
+                    self.execute(
+                        "UPDATE interactions SET status = 'waiting', response = ?2, \
+                         request = ?3, input_deadline = ?4 WHERE id = ?1",
+                        params![
+                            i.id.as_str(),
+                            i.response,
+                            serde_json::to_string(&i.request)?,
+                            i.input_deadline.map(|m| m.0),
+                        ],
+                    )?;
+                }
+                Write::Resume(i) => {
+                    self.execute(
+                        "UPDATE interactions SET status = 'running', request = NULL, \
+                         answers = ?2, input_deadline = NULL WHERE id = ?1",
+                        params![i.id.as_str(), serde_json::to_string(&i.answers)?],
                     )?;
                 }
             }
