@@ -6,7 +6,9 @@
 //! - `{"type": "progress", "data": <any JSON>}` reports progress;
 //! - `{"type": "context", "patch": {...}}` merge-patches the session's context (RFC 7396);
 //! - `{"type": "result", "response"?: "..."}` ends the task (`response` replaces the deltas);
-//! - `{"type": "error", "message": "...", "code"?: "..."}` fails it.
+//! - `{"type": "error", "message": "...", "code"?: "..."}` fails it;
+//! - `{"type": "ask", "data": <any JSON>}` asks the client: the interaction waits, the program
+//!   is stopped, and once answered it runs again with `answers` and `response` on stdin.
 //!
 //! Blank lines are skipped and unknown fields ignored. The task fails with code
 //! `agent_protocol` on a line that is not one of those (naming its number), `output_limit`
@@ -39,7 +41,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Agent, AgentRequest, AgentResult, OutputSink};
 use crate::config::CommandConfig;
-use crate::model::{ErrorInfo, Interaction, JsonObject, Session};
+use crate::model::{ErrorInfo, Exchange, Interaction, JsonObject, Session};
 use crate::store::TaskOutput;
 
 /// The last bytes of stderr kept for the error message of a failed task.
@@ -162,6 +164,10 @@ struct StdinRequest<'a> {
     interaction: &'a Interaction,
     history: &'a [Interaction],
     context: &'a JsonObject,
+    /// Every earlier ask of this interaction with its answer, in order (empty on a first run).
+    answers: &'a [Exchange],
+    /// The response so far (what runs before an ask produced).
+    response: &'a str,
 }
 
 /// One line of the program's stdout.
@@ -185,6 +191,11 @@ enum OutputLine {
         message: String,
         #[serde(default)]
         code: Option<String>,
+    },
+    /// The program needs the client: the interaction waits for the answer, the program is
+    /// stopped, and it runs again with the answer on its stdin.
+    Ask {
+        data: Value,
     },
 }
 
@@ -229,6 +240,8 @@ impl Agent for CommandAgent {
                 interaction: &request.interaction,
                 history: &request.history,
                 context: &request.context,
+                answers: &request.interaction.answers,
+                response: &request.interaction.response,
             })
             .map_err(|e| agent_error(format!("encoding the request: {e}")))?;
             payload.push(b'\n');
@@ -328,6 +341,12 @@ async fn converse(
                             code: code.unwrap_or_else(|| "agent_error".into()),
                             message,
                         });
+                    }
+                    // The runner records the ask and stops the task; the process is stopped
+                    // with it, as for a cancel.
+                    OutputLine::Ask { data } => {
+                        let _ = outputs.send(TaskOutput::Ask(data)).await;
+                        return Conversation::RunnerGone;
                     }
                 };
                 if outputs.send(output).await.is_err() {
@@ -659,6 +678,8 @@ mod tests {
         assert!(ok(r#"{"type":"result"}"#));
         assert!(ok(r#"{"type":"result","response":"x"}"#));
         assert!(ok(r#"{"type":"error","message":"m"}"#));
+        assert!(ok(r#"{"type":"ask","data":{"q":"may I?"}}"#));
+        assert!(!ok(r#"{"type":"ask"}"#));
         assert!(!ok(r#"{"type":"delta","text":5}"#));
         assert!(!ok(r#"{"type":"context","patch":[1]}"#));
         assert!(!ok(r#"{"type":"shout","text":"x"}"#));
