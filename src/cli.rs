@@ -200,8 +200,32 @@ fn show_send_event(event: &Value, id: Option<&str>) -> anyhow::Result<Option<Exi
             out("\n")?;
             finish_send(&data["interaction"]).map(Some)
         }
+        // The agent asks: `send` cannot answer; it says how, and exits with its own code.
+        Some("task.waiting") => {
+            out("\n")?;
+            let interaction = &data["interaction"];
+            let request = &interaction["request"];
+            let line = format!(
+                "waiting for input: {}\nanswer with `baton chat SESSION`, or POST \
+                 /v1/sessions/SESSION/interactions/{}/answer \
+                 {{\"request_id\": \"{}\", \"answer\": …}}\n",
+                request["data"],
+                interaction["id"].as_str().unwrap_or(""),
+                request["id"].as_str().unwrap_or("")
+            );
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            Ok(Some(ExitCode::from(EXIT_WAITING)))
+        }
         _ => Ok(None),
     }
+}
+
+/// `baton send`'s exit status when the interaction was left waiting for the client's input.
+pub const EXIT_WAITING: u8 = 3;
+
+/// What a line typed as an answer means: JSON when it parses as JSON, else the text itself.
+fn answer_value(line: &str) -> Value {
+    serde_json::from_str(line.trim()).unwrap_or_else(|_| Value::String(line.trim().to_string()))
 }
 
 /// Success if the interaction completed; otherwise its failure as `code: message`.
@@ -314,9 +338,19 @@ pub async fn chat(remote: &Remote, session: &str, agent: Option<&str>) -> anyhow
                     ChatInput::Clear => {
                         socket.send(json!({"op": "clear", "ref": reference})).await?;
                     }
-                    ChatInput::Message(text) => {
-                        socket.send_message(text, "enqueue", reference).await?;
-                    }
+                    ChatInput::Message(text) => match screen.pending.take() {
+                        // The agent asked: this line is the answer.
+                        Some((interaction, request)) => {
+                            socket
+                                .send(json!({
+                                    "op": "answer", "ref": reference,
+                                    "interaction_id": interaction, "request_id": request,
+                                    "answer": answer_value(text),
+                                }))
+                                .await?;
+                        }
+                        None => socket.send_message(text, "enqueue", reference).await?,
+                    },
                 }
             }
             frame = socket.next() => match frame? {
@@ -352,6 +386,8 @@ pub async fn chat(remote: &Remote, session: &str, agent: Option<&str>) -> anyhow
 struct ChatScreen {
     /// The interaction whose reply is streaming, its line not ended yet.
     streaming: Option<String>,
+    /// The agent's pending question: (interaction id, request id). The next line answers it.
+    pending: Option<(String, String)>,
     /// Notices held until the reply's line ends.
     held: Vec<String>,
 }
@@ -364,7 +400,20 @@ impl ChatScreen {
             .as_str()
             .or(data["interaction_id"].as_str())
             .map(str::to_string);
-        match event["type"].as_str().unwrap_or_default() {
+        let kind = event["type"].as_str().unwrap_or_default();
+        if kind.starts_with("task.")
+            && interaction["status"]
+                .as_str()
+                .is_some_and(|s| matches!(s, "completed" | "failed" | "cancelled"))
+            && self
+                .pending
+                .as_ref()
+                .is_some_and(|(p, _)| Some(p) == id.as_ref())
+        {
+            // The question is gone with its interaction.
+            self.pending = None;
+        }
+        match kind {
             "task.started" => self.start_reply(id),
             "task.delta" => {
                 // Joined while a reply was already streaming: it starts a line too.
@@ -372,6 +421,30 @@ impl ChatScreen {
                     self.start_reply(id)?;
                 }
                 out(data["text"].as_str().unwrap_or(""))
+            }
+            "task.waiting" => {
+                self.end_reply()?;
+                let request = &interaction["request"];
+                let question = request["data"]["question"]
+                    .as_str()
+                    .map_or_else(|| request["data"].to_string(), str::to_string);
+                self.pending = Some((
+                    id.unwrap_or_default(),
+                    request["id"].as_str().unwrap_or_default().to_string(),
+                ));
+                out(&format!(
+                    "agent asks> {question}\n[type your answer: JSON, or plain text]\n"
+                ))
+            }
+            "task.resumed" => {
+                if self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|(p, _)| Some(p) == id.as_ref())
+                {
+                    self.pending = None;
+                }
+                self.start_reply(id)
             }
             "task.completed" if self.is_streaming(&id) => self.end_reply(),
             "task.failed" if self.is_streaming(&id) => {

@@ -609,3 +609,93 @@ fn every_argument_and_flag_is_described() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(!help.contains("seed peer"), "{help}");
 }
+
+const APPROVAL: &str = concat!(
+    "[agents.default]\nkind = \"echo\"\n\n[agents.careful]\nkind = \"command\"\n",
+    "program = \"python3\"\nargs = [\"",
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/approval_agent.py\"]\n"
+);
+
+/// `send` cannot answer: it says how, and exits with its own status (3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_exits_3_when_its_interaction_waits_for_input() {
+    let server = TestServer::start(APPROVAL).await;
+    server
+        .put("/v1/sessions/ask", &serde_json::json!({"agent": "careful"}))
+        .await;
+    let out = baton_async(args(&[
+        "send",
+        "ask",
+        "drop the table",
+        "--server",
+        &server.url,
+    ]))
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Plan: drop the table."
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("waiting for input") && stderr.contains("May I drop the table?"),
+        "{stderr}"
+    );
+    server.stop().await;
+}
+
+/// `chat` shows the agent's question and sends the next line as the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_shows_a_question_and_answers_it() {
+    use std::io::Write;
+    let server = TestServer::start(APPROVAL).await;
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args([
+                "chat",
+                "talk",
+                "--agent",
+                "careful",
+                "--server",
+                &server.url,
+            ])
+            .env("BATON_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("chat"),
+    );
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (tx, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut stdout = stdout;
+        let mut buffer = [0u8; 1024];
+        while let Ok(n) = stdout.read(&mut buffer) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buffer[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut seen = String::new();
+        writeln!(stdin, "rotate the keys").expect("write");
+        read_until(&output, &mut seen, "agent asks> May I rotate the keys?");
+        writeln!(stdin, "yes").expect("write");
+        read_until(&output, &mut seen, "Approved: done.");
+        writeln!(stdin, "/quit").expect("write");
+        seen
+    })
+    .await
+    .expect("chat");
+    assert!(seen.contains("Plan: rotate the keys."), "{seen}");
+    let status = wait_exit(&mut child.0, "chat");
+    assert!(status.success());
+    server.stop().await;
+}
