@@ -375,6 +375,7 @@ struct AgentTable {
     system: Option<Spanned<String>>,
     temperature: Option<Spanned<f64>>,
     max_tokens: Option<Spanned<u32>>,
+    tools: Option<Spanned<Vec<toml::Value>>>,
     retries: Option<Spanned<u32>>,
     retry_backoff_ms: Option<Spanned<u64>>,
     connect_timeout_s: Option<Spanned<f64>>,
@@ -403,6 +404,7 @@ const OPENAI_KEYS: &[&str] = &[
     "system",
     "temperature",
     "max_tokens",
+    "tools",
     "timeout_s",
     "input_timeout_s",
     "max_history",
@@ -469,6 +471,7 @@ impl AgentTable {
             at("system", &self.system),
             at("temperature", &self.temperature),
             at("max_tokens", &self.max_tokens),
+            at("tools", &self.tools),
             at("retries", &self.retries),
             at("retry_backoff_ms", &self.retry_backoff_ms),
             at("connect_timeout_s", &self.connect_timeout_s),
@@ -547,6 +550,10 @@ impl AgentTable {
                     system: value(self.system),
                     temperature: value(self.temperature),
                     max_tokens: value(self.max_tokens),
+                    tools: match self.tools {
+                        Some(tools) => Some(tool_definitions(tools)?),
+                        None => None,
+                    },
                     timeout_s: value(self.timeout_s),
                     input_timeout_s: value(self.input_timeout_s),
                     max_history: value(self.max_history),
@@ -560,6 +567,36 @@ impl AgentTable {
             }
         })
     }
+}
+
+/// `tools` as JSON: each an OpenAI tool (`{type = "function", function = {name, …}}`), or a
+/// bare function definition (`{name, description?, parameters?}`), which gets wrapped.
+fn tool_definitions(
+    tools: Spanned<Vec<toml::Value>>,
+) -> Result<Vec<serde_json::Value>, TableError> {
+    let span = tools.span();
+    let refuse = |message: String| TableError {
+        span: span.clone(),
+        message,
+    };
+    tools
+        .into_inner()
+        .into_iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let tool =
+                serde_json::to_value(tool).map_err(|e| refuse(format!("tools[{i}]: {e}")))?;
+            let tool = if tool.get("function").is_some() {
+                tool
+            } else {
+                serde_json::json!({"type": "function", "function": tool})
+            };
+            if !tool["function"]["name"].is_string() {
+                return Err(refuse(format!("tools[{i}] needs a function name")));
+            }
+            Ok(tool)
+        })
+        .collect()
 }
 
 /// The built-in echo agent.
@@ -635,6 +672,9 @@ pub struct OpenaiConfig {
     pub system: Option<String>,
     pub temperature: Option<f64>,
     pub max_tokens: Option<u32>,
+    /// OpenAI function definitions (`[[agents.NAME.tools]]` tables), passed as `tools`: a
+    /// streamed `tool_calls` reply makes the interaction wait for the client's outputs.
+    pub tools: Option<Vec<serde_json::Value>>,
     pub timeout_s: Option<f64>,
     /// How long an interaction may wait for the client's tool outputs (default a day).
     pub input_timeout_s: Option<f64>,
@@ -673,6 +713,7 @@ impl OpenaiConfig {
             system: None,
             temperature: None,
             max_tokens: None,
+            tools: None,
             timeout_s: None,
             input_timeout_s: None,
             max_history: None,

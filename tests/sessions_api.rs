@@ -73,7 +73,7 @@ const SESSION_FIELDS: [&str; 8] = [
     "running",
     "queued",
 ];
-const INTERACTION_FIELDS: [&str; 11] = [
+const INTERACTION_FIELDS: [&str; 12] = [
     "id",
     "session",
     "content",
@@ -81,6 +81,7 @@ const INTERACTION_FIELDS: [&str; 11] = [
     "status",
     "response",
     "error",
+    "request",
     "cancel_reason",
     "created_at",
     "started_at",
@@ -103,9 +104,15 @@ fn assert_session_shape(session: &Value) {
 }
 
 fn assert_interaction_shape(interaction: &Value) {
+    // `answers` appears once the agent has asked; none of these agents asks.
     assert_eq!(
         keys(interaction),
         HashSet::from(INTERACTION_FIELDS),
+        "{interaction}"
+    );
+    assert_eq!(
+        interaction["request"].is_null(),
+        interaction["status"] != "waiting",
         "{interaction}"
     );
     assert!(interaction["id"].is_string());

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Agent, AgentRequest, AgentResult, OutputSink};
 use crate::config::OpenaiConfig;
-use crate::model::{ErrorInfo, JsonObject};
+use crate::model::{ErrorInfo, Exchange, JsonObject};
 use crate::store::TaskOutput;
 
 /// Longest pause before a retry, whatever the backoff or `Retry-After` says.
@@ -72,6 +72,9 @@ struct Endpoint {
     system: Option<String>,
     temperature: Option<f64>,
     max_tokens: Option<u32>,
+    /// OpenAI function definitions the model may call; the client runs them (the interaction
+    /// waits for their outputs).
+    tools: Option<Vec<Value>>,
     retries: u32,
     retry_backoff: Duration,
     /// Longest silence of the stream before the reply is given up.
@@ -111,6 +114,7 @@ impl OpenaiAgent {
                 system: config.system.clone(),
                 temperature: config.temperature,
                 max_tokens: config.max_tokens,
+                tools: config.tools.clone(),
                 retries: config.retries,
                 retry_backoff: Duration::from_millis(config.retry_backoff_ms),
                 idle_timeout: Duration::try_from_secs_f64(config.idle_timeout_s)
@@ -133,7 +137,13 @@ impl Agent for OpenaiAgent {
     ) -> BoxFuture<'static, AgentResult> {
         let endpoint = Arc::clone(&self.shared);
         let body = endpoint.request_body(&request);
-        async move { endpoint.complete(body, &outputs, &cancel).await }.boxed()
+        // A resumed run appends to the text before the ask: its deltas make the response.
+        let resumed = !request.interaction.answers.is_empty();
+        async move {
+            let response = endpoint.complete(body, &outputs, &cancel).await?;
+            Ok(response.filter(|_| !resumed))
+        }
+        .boxed()
     }
 }
 
@@ -183,6 +193,8 @@ fn render_system(template: &str, context: &JsonObject) -> String {
 enum Attempt {
     /// `[DONE]` (or the end of the body after a `finish_reason`): the full text.
     Done(String),
+    /// The model called client-side tools: the interaction waits for their outputs.
+    ToolCalls(Value),
     /// Cancelled, or the runner stopped listening.
     Stopped,
     Failed(Failure),
@@ -217,10 +229,15 @@ impl Endpoint {
         }
         for past in &request.history {
             messages.push(json!({"role": "user", "content": past.content}));
+            push_tool_exchanges(&mut messages, &past.answers);
             messages.push(json!({"role": "assistant", "content": past.response}));
         }
         messages.push(json!({"role": "user", "content": request.interaction.content}));
+        push_tool_exchanges(&mut messages, &request.interaction.answers);
         let mut body = json!({"model": self.model, "messages": messages, "stream": true});
+        if let Some(tools) = &self.tools {
+            body["tools"] = json!(tools);
+        }
         if let Some(temperature) = self.temperature {
             body["temperature"] = json!(temperature);
         }
@@ -241,6 +258,11 @@ impl Endpoint {
         loop {
             let failure = match self.attempt(&body, outputs, cancel).await {
                 Attempt::Done(text) => return Ok(Some(text)),
+                Attempt::ToolCalls(calls) => {
+                    // The runner records the ask and ends this run.
+                    let _ = outputs.send(TaskOutput::Ask(calls)).await;
+                    return Ok(None);
+                }
                 Attempt::Stopped => return Ok(None),
                 Attempt::Failed(failure) => failure,
             };
@@ -458,6 +480,7 @@ impl Endpoint {
         let mut body = response.bytes_stream();
         let mut decoder = SseDecoder::default();
         let mut text = String::new();
+        let mut calls = ToolCalls::default();
         let mut finish_reason: Option<String> = None;
         // Once a delta went out, a failure can no longer be retried: the reply would repeat.
         let mut sent_any = false;
@@ -494,7 +517,7 @@ impl Endpoint {
                         matches!(decoder.finish(), Ok(Some(data)) if data.trim() == "[DONE]");
                     if done || finish_reason.is_some() {
                         self.log_finish(finish_reason.as_deref());
-                        return Attempt::Done(text);
+                        return calls.end(text);
                     }
                     let how = match end {
                         Some(Err(e)) => format!("the connection was lost: {}", causes(&e)),
@@ -520,7 +543,7 @@ impl Endpoint {
                 }
                 if data == "[DONE]" {
                     self.log_finish(finish_reason.as_deref());
-                    return Attempt::Done(text);
+                    return calls.end(text);
                 }
                 let chunk: StreamChunk<'_> = match serde_json::from_str(data) {
                     Ok(chunk) => chunk,
@@ -548,7 +571,15 @@ impl Endpoint {
                 if let Some(reason) = choice.finish_reason {
                     finish_reason = Some(reason.into_owned());
                 }
-                let Some(content) = choice.delta.and_then(|d| d.content) else {
+                let Some(delta) = choice.delta else {
+                    continue;
+                };
+                for call in delta.tool_calls.into_iter().flatten() {
+                    if let Err(e) = calls.add(call) {
+                        return Attempt::Failed(protocol_failure(e));
+                    }
+                }
+                let Some(content) = delta.content else {
                     continue;
                 };
                 if content.is_empty() {
@@ -699,6 +730,125 @@ struct StreamChoice<'a> {
 struct StreamDelta<'a> {
     #[serde(default, borrow)]
     content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
+}
+
+/// A streamed `tool_calls` delta: the first piece of a call names its `index`, `id` and
+/// function `name`; later pieces of the same `index` carry more of its `arguments`.
+#[derive(Deserialize)]
+struct ToolCallDelta<'a> {
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default, borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    function: Option<FunctionDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta<'a> {
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+/// Tool calls assembled from their streamed pieces, by index.
+#[derive(Default)]
+struct ToolCalls {
+    /// `(id, name, arguments)` in index order.
+    calls: Vec<(String, String, String)>,
+}
+
+/// Calls one reply may make at most (a runaway index is a protocol error, not an allocation).
+const MAX_TOOL_CALLS: usize = 128;
+
+impl ToolCalls {
+    fn add(&mut self, delta: ToolCallDelta<'_>) -> Result<(), String> {
+        let index = delta.index.unwrap_or(self.calls.len().saturating_sub(1));
+        if index >= MAX_TOOL_CALLS {
+            return Err(format!("tool call index {index} is out of range"));
+        }
+        if index >= self.calls.len() {
+            self.calls.resize_with(index + 1, Default::default);
+        }
+        let call = &mut self.calls[index];
+        if let Some(id) = delta.id {
+            call.0.push_str(&id);
+        }
+        if let Some(function) = delta.function {
+            if let Some(name) = function.name {
+                call.1.push_str(&name);
+            }
+            if let Some(arguments) = function.arguments {
+                call.2.push_str(&arguments);
+            }
+        }
+        Ok(())
+    }
+
+    /// The reply's end: the tool calls to ask the client for, if it made any; else the text.
+    fn end(self, text: String) -> Attempt {
+        let calls: Vec<Value> = self
+            .calls
+            .into_iter()
+            .filter(|(id, name, _)| !id.is_empty() || !name.is_empty())
+            .map(|(id, name, arguments)| json!({"id": id, "name": name, "arguments": arguments}))
+            .collect();
+        if calls.is_empty() {
+            Attempt::Done(text)
+        } else {
+            Attempt::ToolCalls(json!({ "tool_calls": calls }))
+        }
+    }
+}
+
+/// The messages of an interaction's tool exchanges: for each request of tool calls, the
+/// assistant's `tool_calls` message, then one `tool` message per output of the answer
+/// (`{"tool_outputs": [{"tool_call_id", "output"}]}`; an output that is not a string is sent
+/// as JSON text; an answer without `tool_outputs` is given as the output of every call).
+fn push_tool_exchanges(messages: &mut Vec<Value>, answers: &[Exchange]) {
+    for exchange in answers {
+        let Some(calls) = exchange.request.data["tool_calls"].as_array() else {
+            continue;
+        };
+        let tool_calls: Vec<Value> = calls
+            .iter()
+            .map(|call| {
+                json!({
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                })
+            })
+            .collect();
+        messages.push(json!({"role": "assistant", "content": null, "tool_calls": tool_calls}));
+        let text = |output: &Value| match output {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        match exchange.answer["tool_outputs"].as_array() {
+            Some(outputs) => {
+                for output in outputs {
+                    messages.push(json!({
+                        "role": "tool",
+                        "tool_call_id": output["tool_call_id"],
+                        "content": text(&output["output"]),
+                    }));
+                }
+            }
+            None => {
+                for call in calls {
+                    messages.push(json!({
+                        "role": "tool",
+                        "tool_call_id": call["id"],
+                        "content": text(&exchange.answer),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 /// Why the event stream could not be decoded.
