@@ -250,8 +250,7 @@ fn tools_without_a_function_name_are_refused() {
                 base_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\n\
                 [[agents.llm.tools]]\ndescription = \"nameless\"\n";
     let error = baton::config::Config::from_toml(toml)
-        .err()
-        .expect("a tool without a name is refused")
+        .expect_err("a tool without a name is refused")
         .to_string();
     assert!(error.contains("function name"), "{error}");
 }
