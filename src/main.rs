@@ -134,6 +134,9 @@ enum Command {
         /// Cancels per agent kind in the cancel scenario (0 skips it).
         #[arg(long, default_value_t = 200)]
         cancel_rounds: usize,
+        /// Ask/answer round trips of the ask scenario (0 skips it).
+        #[arg(long, default_value_t = 200)]
+        ask_rounds: usize,
         /// Sessions of the streams scenario, one WebSocket subscriber each, all streaming from
         /// a paced echo agent at once (0 skips it).
         #[arg(long, default_value_t = 1000)]
@@ -156,8 +159,8 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         nodes: Vec<usize>,
         /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel, streams,
-        /// auth, cluster (repeatable; all but auth and cluster by default, cluster too with
-        /// --postgres).
+        /// ask, auth, cluster (repeatable; all but auth and cluster by default, cluster too
+        /// with --postgres).
         #[arg(long)]
         only: Vec<String>,
     },
@@ -333,6 +336,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             fanout_subscribers,
             idle_connections,
             cancel_rounds,
+            ask_rounds,
             streams,
             stream_messages,
             stream_words,
@@ -353,6 +357,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 fanout_subscribers,
                 idle_connections,
                 cancel_rounds,
+                ask_rounds,
                 streams,
                 stream_messages,
                 stream_words,

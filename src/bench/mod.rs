@@ -20,6 +20,8 @@
 //!   streams), delivery latency (`at` → receipt) and first-delta latency (POST → first
 //!   `task.delta`), p50 and p99. `baton bench --only streams`; against `--server URL`, that
 //!   server needs the `paced` agent.
+//! - **ask**: the waiting-for-input round trip with a `command` agent: answer → `task.resumed`
+//!   → the first delta of the resumed run (the program's start-up reported separately).
 //! - **auth** (`--only auth`): the throughput load against an open server and one where every
 //!   request carries an API key, in alternating rounds; and the in-process cost of checking a
 //!   key and a session token.
@@ -38,6 +40,7 @@
 //! in which order.
 
 mod accept;
+mod ask;
 mod auth;
 mod cancel;
 mod cluster;
@@ -89,6 +92,8 @@ pub struct BenchOptions {
     pub idle_connections: usize,
     /// Cancels measured per agent in the cancel scenario (0 skips it).
     pub cancel_rounds: usize,
+    /// Ask/answer round trips of the ask scenario (0 skips it).
+    pub ask_rounds: usize,
     /// Sessions of the streams scenario, one WebSocket subscriber each (0 skips it).
     pub streams: usize,
     /// Messages sent to each of them, one after another, and words per message.
@@ -114,9 +119,14 @@ impl BenchOptions {
                 && (scenario != CLUSTER || self.postgres.is_some()))
     }
 
-    /// Whether any scenario of a single server (all but `cluster` and `auth`) is to run.
+    /// Whether any scenario of the shared single server is to run (all but `cluster`,
+    /// `auth` and `ask`, which start servers of their own).
     fn wants_single_server(&self) -> bool {
-        self.only.is_empty() || self.only.iter().any(|o| o != CLUSTER && o != AUTH)
+        self.only.is_empty()
+            || self
+                .only
+                .iter()
+                .any(|o| o != CLUSTER && o != AUTH && o != "ask")
     }
 }
 
@@ -372,6 +382,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             drop(peer);
         }
         crate::cli::out(&format!("{}\n", report(&results, Some("baton / peer"))))?;
+    }
+    if options.wants("ask") && options.server.is_none() && options.ask_rounds > 0 {
+        eprintln!(
+            "[baton] ask/answer round trip: {} rounds",
+            options.ask_rounds
+        );
+        let table = ask::ask(options.ask_rounds).await?;
+        crate::cli::out(&format!("{table}\n"))?;
     }
     if options.wants(AUTH) && options.server.is_none() {
         let table = auth::auth(&options).await?;
