@@ -37,6 +37,18 @@ kind = "command"
 program = "python3"
 args = ["{EXAMPLE}"]
 
+[agents.twice]
+kind = "command"
+program = "/bin/sh"
+args = ["-c", """
+input=$(cat)
+case "$input" in
+  *'"answers":[]'*) printf '%s\n' '{{"type":"delta","text":"one "}}' '{{"type":"ask","data":1}}' ;;
+  *'"answer":"a"}}]'*) printf '%s\n' '{{"type":"delta","text":"two "}}' '{{"type":"ask","data":2}}' ;;
+  *) printf '%s\n' '{{"type":"delta","text":"three"}}' '{{"type":"result"}}' ;;
+esac
+"""]
+
 [agents.brief]
 kind = "command"
 program = "python3"
@@ -190,6 +202,54 @@ async fn ask_wait_answer_resume_complete_over_websocket() {
         .await;
     assert_eq!(reply["error"]["code"], "not_waiting", "{reply}");
     ws.close().await;
+    server.stop().await;
+}
+
+/// A program that asks again goes through the same path: wait, answer, run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_asks_twice_waits_twice() {
+    let server = server_with("twice", "twice").await;
+    let first = asked(&server, "twice", "go", "reject").await;
+    assert_eq!(first["request"]["data"], 1);
+    let id = first["id"].as_str().expect("id");
+    assert_eq!(
+        answer(&server, "twice", &first, json!("a")).await.status,
+        StatusCode::OK
+    );
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let second = loop {
+        let now = server
+            .get(&format!("/v1/sessions/twice/interactions/{id}"))
+            .await
+            .body;
+        if now["status"] == "waiting" && now["request"]["data"] == 2 {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never asked again: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(second["response"], "one two ");
+    assert_eq!(
+        answer(&server, "twice", &second, json!("b")).await.status,
+        StatusCode::OK
+    );
+    let done = server.wait_final("twice", id).await;
+    assert_eq!(done["response"], "one two three");
+    let answers: Vec<&Value> = done["answers"]
+        .as_array()
+        .expect("answers")
+        .iter()
+        .collect();
+    assert_eq!(answers.len(), 2);
+    assert_eq!(
+        (answers[0]["answer"].clone(), answers[1]["answer"].clone()),
+        (json!("a"), json!("b"))
+    );
+    assert_eq!(answers[0]["request"]["data"], 1);
+    assert_eq!(answers[1]["request"]["data"], 2);
     server.stop().await;
 }
 
