@@ -8,6 +8,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(baton_postgres_tests)");
     println!("cargo::rustc-check-cfg=cfg(baton_has_curl)");
     println!("cargo::rustc-check-cfg=cfg(baton_postgres_tls_tests)");
+    println!("cargo::rustc-check-cfg=cfg(baton_has_chromium)");
     println!("cargo::rerun-if-env-changed=BATON_TEST_POSTGRES_TLS_ROOT");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=BATON_TEST_POSTGRES");
@@ -17,6 +18,16 @@ fn main() {
         if std::env::var("BATON_TEST_POSTGRES_TLS_ROOT").is_ok_and(|p| !p.trim().is_empty()) {
             println!("cargo::rustc-cfg=baton_postgres_tls_tests");
         }
+    }
+    // The console's browser tests: Debian's chromium and its driver.
+    let chromium = find_in_path("chromium").or_else(|| find_in_path("chromium-browser"));
+    match (chromium, find_in_path("chromedriver")) {
+        (Some(browser), Some(driver)) => {
+            println!("cargo::rerun-if-changed={}", browser.display());
+            println!("cargo::rerun-if-changed={}", driver.display());
+            println!("cargo::rustc-cfg=baton_has_chromium");
+        }
+        _ => println!("cargo::rerun-if-changed=/usr/bin/chromedriver"),
     }
     match find_in_path("curl") {
         Some(curl) => {

@@ -260,7 +260,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 // A plain line on stdout, once requests are served, so that scripts and
                 // tests can wait for it and find an ephemeral port.
                 // A closed stdout must not stop the server: nobody is waiting for the line.
-                let _ = baton::cli::out(&format!("baton listening on {scheme}://{addr}\n"));
+                let _ = baton::cli::out(&format!(
+                    "baton listening on {scheme}://{addr}\nconsole: {scheme}://{addr}/console/\n"
+                ));
             })
             .await?;
             tracing::info!("baton stopped");

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod connections;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod feed;
@@ -140,6 +141,24 @@ fn route_table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
     ]
 }
 
+/// The web console's routes: open to anyone (its files hold no data), outside the API.
+fn console_table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
+    vec![
+        ("GET", "/", get(console::root)),
+        ("GET", "/console", get(console::root)),
+        ("GET", "/console/", get(console::index)),
+        ("GET", "/console/{file}", get(console::file)),
+    ]
+}
+
+/// `(method, path)` of the web console's routes.
+pub fn console_route_list() -> Vec<(&'static str, &'static str)> {
+    console_table()
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect()
+}
+
 /// `(method, path)` of every route served.
 pub fn route_list() -> Vec<(&'static str, &'static str)> {
     route_table()
@@ -150,7 +169,7 @@ pub fn route_list() -> Vec<(&'static str, &'static str)> {
 
 fn routes(state: AppState) -> Router {
     let mut router = Router::new();
-    for (_, path, handler) in route_table() {
+    for (_, path, handler) in route_table().into_iter().chain(console_table()) {
         router = router.route(path, handler);
     }
     router

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod access;
+pub mod browser;
 pub mod cluster;
 pub mod mock_openai;
 pub mod pg;

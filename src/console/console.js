@@ -1,0 +1,417 @@
+// The Baton web console: sessions, a live session view, operations. Built on baton.js only.
+// Test hooks: data-testid attributes (see the project's docs); never rely on classes.
+
+import { Baton, BatonError, readToken } from "/console/baton.js";
+
+const STORE_KEY = "baton.credential";
+const app = document.getElementById("app");
+const TRANSCRIPT_PAGE = 200;
+const EVENT_LOG_MAX = 500;
+
+let baton = new Baton({ credential: sessionStorage.getItem(STORE_KEY) });
+let authOn = false;
+let current = null; // the open session view, to close on navigation
+
+function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === false || value === null || value === undefined) continue;
+    if (name.startsWith("on")) element.addEventListener(name.slice(2), value);
+    else if (name === "testid") element.dataset.testid = value;
+    else element.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) element.append(child);
+  }
+  return element;
+}
+
+function errorText(error) {
+  return error instanceof BatonError ? `${error.code}: ${error.message}` : String(error);
+}
+
+async function start() {
+  document.getElementById("sign-out").onclick = () => {
+    sessionStorage.removeItem(STORE_KEY);
+    baton = new Baton({ credential: null });
+    location.hash = "#/";
+    start();
+  };
+  try {
+    await baton.agents();
+  } catch (error) {
+    if (error instanceof BatonError && error.status === 401) {
+      authOn = true;
+      return signIn(baton.credential ? errorText(error) : "");
+    }
+    app.replaceChildren(h("p", { testid: "error" }, errorText(error)));
+    return;
+  }
+  authOn = authOn || !!baton.credential;
+  const token = readToken(baton.credential);
+  document.getElementById("who").textContent = token
+    ? `token for ${token.session} (${token.scope})`
+    : baton.credential ? "signed in with a key" : "";
+  document.getElementById("sign-out").hidden = !baton.credential;
+  if (token && !location.hash.startsWith("#/s/")) location.hash = `#/s/${encodeURIComponent(token.session)}`;
+  window.onhashchange = route;
+  route();
+}
+
+function signIn(message) {
+  const input = h("input", { type: "password", placeholder: "API key or session token", autocomplete: "off", size: 60 });
+  const form = h("form", { testid: "sign-in" },
+    h("h2", {}, "Sign in"),
+    h("p", {}, "Access control is on: paste an API key or a session token. It is kept in this tab only."),
+    input, " ", h("button", { type: "submit" }, "Sign in"),
+    h("p", { testid: "error" }, message));
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(STORE_KEY, input.value.trim());
+    baton = new Baton({ credential: input.value.trim() });
+    start();
+  };
+  app.replaceChildren(form);
+}
+
+function route() {
+  current?.close();
+  current = null;
+  const hash = location.hash || "#/";
+  if (hash.startsWith("#/s/")) return sessionView(decodeURIComponent(hash.slice(4)));
+  if (hash === "#/ops") return opsView();
+  return listView();
+}
+
+// --- Sessions ------------------------------------------------------------------------------
+
+async function listView() {
+  const token = readToken(baton.credential);
+  const error = h("p", { testid: "error" });
+  const filter = h("input", { placeholder: "filter by id prefix", type: "search" });
+  const list = h("div");
+  const more = h("button", { hidden: true }, "More");
+  const agents = h("select", { testid: "agent-select" });
+  const newId = h("input", { placeholder: "new session id", pattern: "[A-Za-z0-9._:-]{1,128}" });
+  const create = h("button", { type: "submit" }, "Create");
+  let items = [];
+  let next = null;
+  const render = () => {
+    const prefix = filter.value.trim();
+    list.replaceChildren(...items.filter((s) => s.id.startsWith(prefix)).map((s) =>
+      h("div", { testid: "session-item" },
+        h("a", { href: `#/s/${encodeURIComponent(s.id)}` }, s.id),
+        h("span", { class: "meta" }, `${s.agent} · ${s.running ? s.running.status : "idle"} · ${s.queued} queued`),
+        h("button", { disabled: !!token, onclick: () => remove(s.id) }, "Delete"))));
+    more.hidden = !next;
+  };
+  const load = async (after) => {
+    try {
+      const page = await baton.sessions({ after, limit: 100 });
+      items = after ? items.concat(page.sessions) : page.sessions;
+      next = page.next;
+      render();
+    } catch (e) {
+      error.textContent = errorText(e);
+    }
+  };
+  const remove = async (id) => {
+    if (!window.confirm(`Delete session ${id} and everything in it?`)) return;
+    try {
+      await baton.deleteSession(id);
+      items = items.filter((s) => s.id !== id);
+      render();
+    } catch (e) {
+      error.textContent = errorText(e);
+    }
+  };
+  filter.oninput = render;
+  more.onclick = () => load(next);
+  const form = h("form", { testid: "new-session", class: "row" }, newId, agents, create);
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    try {
+      await baton.createSession(newId.value.trim(), agents.value || undefined);
+      location.hash = `#/s/${encodeURIComponent(newId.value.trim())}`;
+    } catch (e) {
+      error.textContent = errorText(e);
+    }
+  };
+  app.replaceChildren(
+    h("section", {}, h("h2", {}, "New session"), form),
+    h("section", { testid: "session-list" }, h("h2", {}, "Sessions"), filter, list, more),
+    error);
+  if (token) {
+    form.querySelectorAll("input, select, button").forEach((e) => (e.disabled = true));
+  }
+  try {
+    const { agents: configured } = await baton.agents();
+    agents.replaceChildren(...configured.map((a) =>
+      h("option", { value: a.name, selected: a.default }, `${a.name} (${a.kind})`)));
+  } catch (e) {
+    error.textContent = errorText(e);
+  }
+  if (token) {
+    items = [{ id: token.session, agent: "", running: null, queued: 0 }];
+    render();
+  } else {
+    await load(null);
+  }
+}
+
+// --- One session -----------------------------------------------------------------------------
+
+function sessionView(id) {
+  const token = readToken(baton.credential);
+  const readOnly = token?.scope === "read";
+  const interactions = new Map(); // id → {data, element, response (Text)}
+  let waitingFor = null;
+  let shownFrom = 0;
+
+  const state = h("span", { testid: "connection-state", "data-state": "reconnecting" }, "connecting");
+  const error = h("p", { testid: "error" });
+  const transcript = h("div", { testid: "transcript" });
+  const earlier = h("button", { hidden: true }, "Show earlier");
+  const composer = h("textarea", { testid: "composer", rows: 3, placeholder: "Message" });
+  const policy = h("select", { testid: "policy" }, ...["reject", "enqueue", "interrupt"].map((p) => h("option", { value: p }, p)));
+  const send = h("button", { testid: "send", disabled: readOnly }, "Send");
+  const cancel = h("button", { testid: "cancel", disabled: readOnly }, "Cancel");
+  const clear = h("button", { testid: "clear", disabled: readOnly }, "Clear");
+  const answerSlot = h("div");
+  const contextText = h("textarea", { rows: 6 });
+  const save = h("button", { disabled: readOnly }, "Save (replace)");
+  const patch = h("button", { disabled: readOnly }, "Merge patch");
+  const contextEditor = h("div", { testid: "context-editor" }, contextText, h("div", { class: "row" }, save, patch));
+  const log = h("div", { testid: "event-log" });
+  composer.disabled = readOnly;
+  policy.disabled = readOnly;
+
+  app.replaceChildren(
+    h("section", {}, h("div", { class: "row" }, h("h2", {}, `Session ${id}`), state)),
+    h("div", { class: "grid" },
+      h("div", {},
+        h("section", {}, earlier, transcript),
+        h("section", {}, answerSlot, composer, h("div", { class: "row" }, policy, send, cancel, clear), error)),
+      h("div", {},
+        h("section", {}, h("h2", {}, "Context"), contextEditor),
+        h("section", {}, h("h2", {}, "Events"), log))));
+
+  const stream = baton.open(id, { replay: true });
+  current = stream;
+  stream.onstate = (s) => {
+    const shown = s === "connecting" ? "reconnecting" : s;
+    state.dataset.state = shown;
+    state.textContent = shown;
+    if (s === "closed" && stream.error) error.textContent = errorText(stream.error);
+  };
+  stream.onhello = (session) => {
+    if (!contextText.matches(":focus")) contextText.value = JSON.stringify(session.context, null, 2);
+  };
+
+  const fail = (e) => (error.textContent = errorText(e));
+  const act = (promise) => {
+    error.textContent = "";
+    return promise.catch(fail);
+  };
+  send.onclick = () => {
+    const content = composer.value;
+    if (!content.trim()) return;
+    act(stream.send(content, { policy: policy.value }).then(() => (composer.value = "")));
+  };
+  composer.onkeydown = (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) send.click();
+  };
+  cancel.onclick = () => act(stream.cancel());
+  clear.onclick = () => {
+    if (window.confirm("Clear the conversation: cancel what runs and waits, forget everything?")) act(stream.clear());
+  };
+  const readContext = () => {
+    try {
+      return JSON.parse(contextText.value || "{}");
+    } catch (e) {
+      error.textContent = `invalid_request: the context is not JSON (${e.message})`;
+      return null;
+    }
+  };
+  save.onclick = () => {
+    const value = readContext();
+    if (value) act(stream.context({ set: value }));
+  };
+  patch.onclick = () => {
+    const value = readContext();
+    if (value) act(stream.context({ patch: value }));
+  };
+  earlier.onclick = () => {
+    shownFrom = Math.max(0, shownFrom - TRANSCRIPT_PAGE);
+    renderWindow();
+  };
+
+  const ordered = () => [...interactions.keys()].sort();
+  const renderWindow = () => {
+    const ids = ordered();
+    shownFrom = Math.min(shownFrom, Math.max(0, ids.length - TRANSCRIPT_PAGE));
+    transcript.replaceChildren(...ids.slice(shownFrom).map((i) => interactions.get(i).element));
+    earlier.hidden = shownFrom === 0;
+  };
+
+  const describe = (i) => {
+    const parts = [i.status];
+    if (i.error) parts.push(`${i.error.code}: ${i.error.message}`);
+    if (i.cancel_reason) parts.push(`reason: ${i.cancel_reason}`);
+    parts.push(`created ${i.created_at}`);
+    if (i.finished_at) parts.push(`finished ${i.finished_at}`);
+    return parts.join(" · ");
+  };
+
+  const upsert = (data) => {
+    let entry = interactions.get(data.id);
+    if (!entry) {
+      const response = document.createTextNode("");
+      const element = h("div", { testid: "interaction", "data-id": data.id },
+        h("div", { class: "content" }, data.content),
+        h("div", { testid: "response" }, response),
+        h("div", { class: "meta" }));
+      entry = { data, element, response };
+      interactions.set(data.id, entry);
+      const ids = ordered();
+      const at = ids.indexOf(data.id);
+      if (ids.length - shownFrom > TRANSCRIPT_PAGE && at === ids.length - 1) {
+        shownFrom = ids.length - TRANSCRIPT_PAGE;
+        renderWindow();
+      } else if (at >= shownFrom) {
+        const after = ids.slice(at + 1).find((i) => i >= ids[shownFrom]);
+        transcript.insertBefore(element, after ? interactions.get(after).element : null);
+      }
+    }
+    entry.data = data;
+    entry.element.dataset.status = data.status;
+    if (entry.response.data !== data.response) entry.response.data = data.response;
+    entry.element.querySelector(".meta").textContent = describe(data);
+    return entry;
+  };
+
+  const showAnswerForm = (interaction) => {
+    waitingFor = interaction.id;
+    const request = interaction.request;
+    const calls = Array.isArray(request.data?.tool_calls) ? request.data.tool_calls : null;
+    const inputs = calls
+      ? calls.map((call) => [call.id, h("input", { placeholder: `output of ${call.name}(${call.arguments})`, size: 50 })])
+      : [[null, h("input", { placeholder: "answer (text or JSON)", size: 50 })]];
+    const parse = (text) => {
+      try {
+        return JSON.parse(text);
+      } catch {
+        return text;
+      }
+    };
+    const form = h("form", { testid: "answer-form" },
+      h("div", {}, h("strong", {}, "The agent asks: "),
+        typeof request.data?.question === "string" ? request.data.question : JSON.stringify(request.data)),
+      ...inputs.map(([, input]) => h("div", {}, input)),
+      h("button", { type: "submit", disabled: readOnly }, "Answer"));
+    form.onsubmit = (event) => {
+      event.preventDefault();
+      const answer = calls
+        ? { tool_outputs: inputs.map(([tool_call_id, input]) => ({ tool_call_id, output: parse(input.value) })) }
+        : parse(inputs[0][1].value);
+      act(stream.answer(interaction.id, request.id, answer));
+    };
+    answerSlot.replaceChildren(form);
+  };
+  const hideAnswerForm = (interactionId) => {
+    if (waitingFor === interactionId) {
+      waitingFor = null;
+      answerSlot.replaceChildren();
+    }
+  };
+
+  let pendingLog = [];
+  const flushLog = () => {
+    const entries = pendingLog.splice(0).map((event) =>
+      h("details", {}, h("summary", {}, `#${event.seq} ${event.type}`), h("pre", {}, JSON.stringify(event.data, null, 1))));
+    log.append(...entries);
+    while (log.childElementCount > EVENT_LOG_MAX) log.firstElementChild.remove();
+    log.scrollTop = log.scrollHeight;
+  };
+
+  stream.onevent = (event) => {
+    if (pendingLog.length === 0) requestAnimationFrame(flushLog);
+    pendingLog.push(event);
+    const data = event.data;
+    switch (event.type) {
+      case "task.delta": {
+        const entry = interactions.get(data.interaction_id);
+        if (entry) {
+          entry.response.appendData(data.text);
+          entry.data.response += data.text;
+        }
+        break;
+      }
+      case "interaction.queued":
+      case "task.started":
+      case "task.resumed":
+      case "task.completed":
+      case "task.failed":
+      case "task.cancelled":
+        upsert(data.interaction);
+        hideAnswerForm(data.interaction.id);
+        break;
+      case "task.waiting":
+        upsert(data.interaction);
+        showAnswerForm(data.interaction);
+        break;
+      case "context.updated":
+        if (!contextText.matches(":focus")) contextText.value = JSON.stringify(data.context, null, 2);
+        break;
+      case "session.cleared":
+        interactions.clear();
+        shownFrom = 0;
+        transcript.replaceChildren();
+        hideAnswerForm(waitingFor);
+        if (!contextText.matches(":focus")) contextText.value = "{}";
+        break;
+      case "session.deleted":
+        error.textContent = "not_found: the session was deleted";
+        break;
+    }
+  };
+}
+
+// --- Operations ------------------------------------------------------------------------------
+
+function opsView() {
+  const table = h("table", { testid: "operations" });
+  const error = h("p", { testid: "error" });
+  app.replaceChildren(h("section", {}, h("h2", {}, "Operations"), table, error));
+  let last = null;
+  const read = (text, name) => {
+    const line = text.split("\n").find((l) => l.startsWith(name + " "));
+    return line ? Number(line.split(" ")[1]) : 0;
+  };
+  const poll = async () => {
+    try {
+      const headers = baton.credential ? { authorization: `Bearer ${baton.credential}` } : {};
+      const response = await fetch("/metrics", { headers });
+      if (!response.ok) throw new BatonError(response.status, response.status === 403 ? "forbidden" : "error", "the metrics need an admin key");
+      const text = await response.text();
+      const now = performance.now();
+      const accepted = read(text, "baton_messages_accepted_total");
+      const rate = last ? ((accepted - last.accepted) * 1000) / (now - last.at) : 0;
+      last = { accepted, at: now };
+      table.replaceChildren(...[
+        ["running tasks", read(text, "baton_running_tasks")],
+        ["open connections", read(text, "baton_connections")],
+        ["events published", read(text, "baton_events_published_total")],
+        ["messages per second", rate.toFixed(1)],
+      ].map(([name, value]) => h("tr", {}, h("th", {}, name), h("td", {}, String(value)))));
+      error.textContent = "";
+    } catch (e) {
+      error.textContent = errorText(e);
+    }
+  };
+  poll();
+  const timer = setInterval(poll, 3000);
+  current = { close: () => clearInterval(timer) };
+}
+
+start();

@@ -1,0 +1,281 @@
+//! A small WebDriver client for the console's browser tests: Debian's `chromedriver` started
+//! on a free port, headless `chromium` sessions, and the few commands the tests need (navigate,
+//! find by `data-testid`, click, type, read, run a script, screenshot). Every wait has a
+//! timeout; the driver and its browsers are stopped when dropped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::TIMEOUT;
+
+/// A running `chromedriver`.
+pub struct Driver {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    pub async fn start() -> Driver {
+        let port = super::mock_openai::unused_port().await;
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver (Debian's chromium-driver)");
+        let driver = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+        };
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let ready = driver
+                .http
+                .get(format!("{}/status", driver.url))
+                .send()
+                .await;
+            if let Ok(response) = ready
+                && response.status().is_success()
+            {
+                return driver;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chromedriver did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A new headless browser window.
+    pub async fn browser(&self) -> Browser {
+        let binary = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("chromium");
+        let answer: Value = self
+            .http
+            .post(format!("{}/session", self.url))
+            .json(&json!({"capabilities": {"alwaysMatch": {
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": binary,
+                    "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                             "--disable-dev-shm-usage", "--window-size=1280,1000"],
+                },
+            }}}))
+            .send()
+            .await
+            .expect("new session")
+            .json()
+            .await
+            .expect("json");
+        let id = answer["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no browser session: {answer}"))
+            .to_string();
+        Browser {
+            base: format!("{}/session/{id}", self.url),
+            http: self.http.clone(),
+        }
+    }
+}
+
+/// One browser window (a WebDriver session).
+pub struct Browser {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Browser {
+    async fn command(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let answer: Value = request
+            .send()
+            .await
+            .expect("webdriver")
+            .json()
+            .await
+            .expect("webdriver json");
+        if let Some(error) = answer["value"]["error"].as_str() {
+            panic!("webdriver {path}: {error}: {}", answer["value"]["message"]);
+        }
+        answer["value"].clone()
+    }
+
+    pub async fn goto(&self, url: &str) {
+        self.command(reqwest::Method::POST, "/url", Some(json!({"url": url})))
+            .await;
+    }
+
+    /// Runs `script` (a function body; `arguments` holds `args`) and returns its value.
+    pub async fn script(&self, script: &str, args: Value) -> Value {
+        self.command(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({"script": script, "args": args})),
+        )
+        .await
+    }
+
+    /// Runs an async script: its last argument is the callback to call with the result.
+    pub async fn async_script(&self, script: &str, args: Value) -> Value {
+        self.command(
+            reqwest::Method::POST,
+            "/execute/async",
+            Some(json!({"script": script, "args": args})),
+        )
+        .await
+    }
+
+    /// The element ids of `selector`.
+    async fn find_all(&self, selector: &str) -> Vec<String> {
+        let found = self
+            .command(
+                reqwest::Method::POST,
+                "/elements",
+                Some(json!({"using": "css selector", "value": selector})),
+            )
+            .await;
+        found
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .filter_map(|e| e.as_object()?.values().next()?.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits for `selector` to match; the first element.
+    pub async fn find(&self, selector: &str) -> String {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            if let Some(first) = self.find_all(selector).await.into_iter().next() {
+                return first;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{selector} never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn click(&self, selector: &str) {
+        let element = self.find(selector).await;
+        self.command(
+            reqwest::Method::POST,
+            &format!("/element/{element}/click"),
+            Some(json!({})),
+        )
+        .await;
+    }
+
+    /// Types `text` into the element (after clearing it).
+    pub async fn type_into(&self, selector: &str, text: &str) {
+        let element = self.find(selector).await;
+        self.command(
+            reqwest::Method::POST,
+            &format!("/element/{element}/clear"),
+            Some(json!({})),
+        )
+        .await;
+        self.command(
+            reqwest::Method::POST,
+            &format!("/element/{element}/value"),
+            Some(json!({"text": text})),
+        )
+        .await;
+    }
+
+    /// Polls `check` (a script returning a value) until it returns something truthy.
+    pub async fn until(&self, what: &str, check: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let value = self.script(check, json!([])).await;
+            let truthy = !matches!(value, Value::Null | Value::Bool(false))
+                && value != json!("")
+                && value != json!(0);
+            if truthy {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never: {what} (last {value})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The transcript as the page shows it: `[{id, status, response}]`.
+    pub async fn transcript(&self) -> Value {
+        self.script(
+            "return [...document.querySelectorAll('[data-testid=interaction]')].map(e => ({\
+               id: e.dataset.id, status: e.dataset.status,\
+               response: e.querySelector('[data-testid=response]').textContent}));",
+            json!([]),
+        )
+        .await
+    }
+
+    /// The seqs of the event log's entries.
+    pub async fn logged_seqs(&self) -> Vec<i64> {
+        let seqs = self
+            .script(
+                "return [...document.querySelectorAll('[data-testid=event-log] summary')]\
+                   .map(s => Number(s.textContent.match(/^#(\\d+)/)[1]));",
+                json!([]),
+            )
+            .await;
+        serde_json::from_value(seqs).expect("seqs")
+    }
+
+    pub async fn connection_state(&self) -> String {
+        self.script(
+            "const e = document.querySelector('[data-testid=connection-state]');\
+             return e ? e.dataset.state : null;",
+            json!([]),
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    /// A PNG of the window, written to `path`.
+    pub async fn screenshot(&self, path: &std::path::Path) {
+        use base64::Engine;
+        let data = self
+            .command(reqwest::Method::GET, "/screenshot", None)
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(data.as_str().expect("base64"))
+            .expect("png");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("screenshot folder");
+        }
+        std::fs::write(path, png).expect("write screenshot");
+    }
+
+    pub async fn close(self) {
+        let _ = self.http.delete(&self.base).send().await;
+    }
+}

@@ -1,0 +1,547 @@
+//! The web console in real headless Chromium (Debian's `chromium` and `chromium-driver`;
+//! `.ci/run` installs them), driven only through its `data-testid` hooks: a reply streaming
+//! word by word, two pages that stay identical, a restart mid-response, answering a waiting
+//! interaction, read tokens and tenants, and `baton.js`'s resume and ref matching. A
+//! screenshot of the session view goes to the test's output folder.
+
+mod common;
+
+use std::time::Duration;
+
+use common::access::{ACME_KEY, BETA_KEY, config as access_config, mint};
+use common::browser::{Browser, Driver};
+use common::{TIMEOUT, TestServer};
+use serde_json::{Value, json};
+
+const APPROVAL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/approval_agent.py");
+
+fn console_config() -> String {
+    format!(
+        r#"
+[agents.default]
+kind = "echo"
+
+[agents.slow]
+kind = "echo"
+delay_ms = 60
+
+[agents.careful]
+kind = "command"
+program = "python3"
+args = ["{APPROVAL}"]
+"#
+    )
+}
+
+/// Where the screenshots go (`target/tmp/console`), for a reviewer to look at.
+fn output(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("console")
+        .join(name)
+}
+
+async fn open_session(browser: &Browser, server: &TestServer, id: &str) {
+    browser
+        .goto(&format!("{}/console/#/s/{id}", server.url))
+        .await;
+    browser
+        .until(
+            "the session is live",
+            "const e = document.querySelector('[data-testid=connection-state]');\
+             return e && e.dataset.state === 'live';",
+        )
+        .await;
+}
+
+async fn send(browser: &Browser, text: &str, policy: &str) {
+    browser.type_into("[data-testid=composer]", text).await;
+    browser
+        .script(
+            "document.querySelector('[data-testid=policy]').value = arguments[0];",
+            json!([policy]),
+        )
+        .await;
+    browser.click("[data-testid=send]").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn a_reply_grows_word_by_word_and_completes() {
+    let server = TestServer::start(&console_config()).await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    // The root leads to the console; a new session with the slow agent.
+    browser.goto(&format!("{}/", server.url)).await;
+    browser.find("[data-testid=session-list]").await;
+    browser
+        .type_into("[data-testid=new-session] input", "growing")
+        .await;
+    browser
+        .script(
+            "document.querySelector('[data-testid=agent-select]').value = 'slow';",
+            json!([]),
+        )
+        .await;
+    browser.click("[data-testid=new-session] button").await;
+    browser
+        .until(
+            "the session is live",
+            "const e = document.querySelector('[data-testid=connection-state]');\
+             return e && e.dataset.state === 'live';",
+        )
+        .await;
+    let words: Vec<String> = (1..=12).map(|i| format!("word{i}")).collect();
+    send(&browser, &words.join(" "), "reject").await;
+    // The response is seen growing: several distinct lengths before the end.
+    let mut lengths = Vec::new();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let shown = browser.transcript().await;
+        if let Some(last) = shown.as_array().and_then(|a| a.last()) {
+            let length = last["response"].as_str().unwrap_or("").len();
+            if lengths.last() != Some(&length) {
+                lengths.push(length);
+            }
+            if last["status"] == "completed" {
+                assert_eq!(last["response"], words.join(" "));
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        lengths.len() >= 4,
+        "the response grew in steps: {lengths:?}"
+    );
+    browser.screenshot(&output("session-view.png")).await;
+    browser.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn two_pages_on_one_session_stay_identical() {
+    let server = TestServer::start(&console_config()).await;
+    server
+        .put("/v1/sessions/twin", &json!({"agent": "slow"}))
+        .await;
+    let driver = Driver::start().await;
+    let one = driver.browser().await;
+    let two = driver.browser().await;
+    open_session(&one, &server, "twin").await;
+    open_session(&two, &server, "twin").await;
+    send(&one, "first message here", "reject").await;
+    one.until(
+        "it runs",
+        "return [...document.querySelectorAll('[data-testid=interaction]')]\
+           .some(e => e.dataset.status === 'running');",
+    )
+    .await;
+    one.click("[data-testid=cancel]").await;
+    send(&two, "second message", "reject").await;
+    two.script("window.confirm = () => true;", json!([])).await;
+    two.until(
+        "the second runs",
+        "return [...document.querySelectorAll('[data-testid=interaction]')]\
+           .some(e => e.dataset.status === 'running');",
+    )
+    .await;
+    two.click("[data-testid=clear]").await;
+    for (page, text) in [(&one, "a b c"), (&two, "d e f"), (&one, "g h i")] {
+        page.until(
+            "the composer is empty",
+            "return document.querySelector('[data-testid=composer]').value === '';",
+        )
+        .await;
+        send(page, text, "enqueue").await;
+    }
+    // Both pages converge on what the server stored.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let stored = server.get("/v1/sessions/twin/interactions?limit=100").await;
+        let mut stored: Vec<Value> = stored.body["interactions"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|i| json!({"id": i["id"], "status": i["status"], "response": i["response"]}))
+            .collect();
+        stored.reverse();
+        let done = stored.len() == 3 && stored.iter().all(|i| i["status"] == "completed");
+        let (a, b) = (one.transcript().await, two.transcript().await);
+        if done && a == json!(stored) && b == json!(stored) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pages differ: {a}\n{b}\nstored {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last_seq = server.get("/v1/sessions/twin").await.body["last_seq"]
+        .as_i64()
+        .expect("last_seq");
+    one.until(
+        "the log is complete",
+        &format!(
+            "const s = [...document.querySelectorAll('[data-testid=event-log] summary')];\
+             return s.length && s[s.length - 1].textContent.startsWith('#{last_seq} ');"
+        ),
+    )
+    .await;
+    two.until(
+        "the log is complete",
+        &format!(
+            "const s = [...document.querySelectorAll('[data-testid=event-log] summary')];\
+             return s.length && s[s.length - 1].textContent.startsWith('#{last_seq} ');"
+        ),
+    )
+    .await;
+    assert_eq!(one.logged_seqs().await, two.logged_seqs().await);
+    one.close().await;
+    two.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn a_restart_mid_response_reconnects_without_duplicates_or_gaps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("baton.db");
+    let mut config = baton::config::Config::from_toml(&console_config()).expect("config");
+    config.listen = "127.0.0.1:0".into();
+    config.database = format!("sqlite://{}", db.display());
+    let handle = baton::server::ServerHandle::start(config.clone())
+        .await
+        .expect("server");
+    let url = handle.url();
+    let http = reqwest::Client::new();
+    http.put(format!("{url}/v1/sessions/restart"))
+        .json(&json!({"agent": "slow"}))
+        .send()
+        .await
+        .expect("put");
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser.goto(&format!("{url}/console/#/s/restart")).await;
+    browser
+        .until(
+            "live",
+            "const e = document.querySelector('[data-testid=connection-state]');\
+             return e && e.dataset.state === 'live';",
+        )
+        .await;
+    send(
+        &browser,
+        "one two three four five six seven eight nine ten",
+        "reject",
+    )
+    .await;
+    browser
+        .until(
+            "a few words shown",
+            "const r = document.querySelector('[data-testid=response]');\
+             return r && r.textContent.split(' ').length > 3;",
+        )
+        .await;
+    // Restart on the same address.
+    config.listen = handle.addr.to_string();
+    tokio::time::timeout(TIMEOUT, handle.stop())
+        .await
+        .expect("stops")
+        .expect("stops cleanly");
+    browser
+        .until(
+            "reconnecting",
+            "return document.querySelector('[data-testid=connection-state]').dataset.state\
+               === 'reconnecting';",
+        )
+        .await;
+    let handle = baton::server::ServerHandle::start(config)
+        .await
+        .expect("restart");
+    browser
+        .until(
+            "live again",
+            "return document.querySelector('[data-testid=connection-state]').dataset.state\
+               === 'live';",
+        )
+        .await;
+    // The next message completes; the page then matches the store exactly.
+    send(&browser, "after the restart", "enqueue").await;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let stored: Value = http
+            .get(format!("{url}/v1/sessions/restart/interactions"))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        let mut stored: Vec<Value> = stored["interactions"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|i| json!({"id": i["id"], "status": i["status"], "response": i["response"]}))
+            .collect();
+        stored.reverse();
+        let shown = browser.transcript().await;
+        if stored.len() == 2 && stored[1]["status"] == "completed" && shown == json!(stored) {
+            assert_eq!(
+                stored[0]["status"], "cancelled",
+                "shutdown cancelled the first"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page {shown} is not the store {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seqs = browser.logged_seqs().await;
+    let mut sorted = seqs.clone();
+    sorted.dedup();
+    assert_eq!(seqs, sorted, "no event twice");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gap: {seqs:?}"
+    );
+    browser.close().await;
+    tokio::time::timeout(TIMEOUT, handle.stop())
+        .await
+        .expect("stops")
+        .expect("stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn a_waiting_interaction_is_answered_from_the_page() {
+    let server = TestServer::start(&console_config()).await;
+    server
+        .put("/v1/sessions/ask", &json!({"agent": "careful"}))
+        .await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    open_session(&browser, &server, "ask").await;
+    send(&browser, "delete the backups", "reject").await;
+    browser.find("[data-testid=answer-form]").await;
+    let form = browser
+        .script(
+            "return document.querySelector('[data-testid=answer-form]').textContent;",
+            json!([]),
+        )
+        .await;
+    assert!(
+        form.as_str()
+            .expect("text")
+            .contains("May I delete the backups?"),
+        "{form}"
+    );
+    browser
+        .type_into("[data-testid=answer-form] input", "yes")
+        .await;
+    browser.click("[data-testid=answer-form] button").await;
+    let done = browser
+        .until(
+            "completed",
+            "const i = document.querySelector('[data-testid=interaction]');\
+             return i && i.dataset.status === 'completed' &&\
+               i.querySelector('[data-testid=response]').textContent;",
+        )
+        .await;
+    assert_eq!(done, "Plan: delete the backups. Approved: done.");
+    assert_eq!(
+        browser
+            .script(
+                "return !!document.querySelector('[data-testid=answer-form]');",
+                json!([])
+            )
+            .await,
+        json!(false),
+        "the form is gone once answered"
+    );
+    browser.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn read_tokens_cannot_write_and_other_tenants_see_nothing() {
+    let server = TestServer::start_with_config(access_config()).await;
+    let acme = format!("Bearer {ACME_KEY}");
+    server
+        .request(
+            reqwest::Method::POST,
+            "/v1/sessions/private/messages?wait=10",
+            Some(&json!({"content": "secret words"})),
+            &[("authorization", &acme)],
+        )
+        .await;
+    let read = mint(&server, "private", "read", 600).await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser.goto(&format!("{}/console/", server.url)).await;
+    browser
+        .type_into("[data-testid=sign-in] input", &read)
+        .await;
+    browser.click("[data-testid=sign-in] button").await;
+    // A token opens its session directly, read-only.
+    browser
+        .until(
+            "the transcript",
+            "const r = document.querySelector('[data-testid=response]');\
+             return r && r.textContent === 'secret words';",
+        )
+        .await;
+    let disabled = browser
+        .script(
+            "return ['send', 'cancel', 'clear', 'composer', 'policy']\
+               .map(t => document.querySelector(`[data-testid=${t}]`).disabled);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(disabled, json!([true, true, true, true, true]));
+    browser.close().await;
+
+    // Another tenant's key: the session is not in its list, and opening it is not found.
+    let other = driver.browser().await;
+    other.goto(&format!("{}/console/", server.url)).await;
+    other
+        .type_into("[data-testid=sign-in] input", BETA_KEY)
+        .await;
+    other.click("[data-testid=sign-in] button").await;
+    other.find("[data-testid=session-list]").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let items = other
+        .script(
+            "return [...document.querySelectorAll('[data-testid=session-item]')].map(e => e.textContent);",
+            json!([]),
+        )
+        .await;
+    assert!(!items.to_string().contains("private"), "{items}");
+    other
+        .goto(&format!("{}/console/#/s/private", server.url))
+        .await;
+    other
+        .until(
+            "no transcript of theirs",
+            "const t = document.querySelector('[data-testid=transcript]');\
+             return t && t.childElementCount === 0 &&\
+               document.querySelector('[data-testid=connection-state]').dataset.state === 'live';",
+        )
+        .await;
+    other.close().await;
+    server.stop().await;
+}
+
+/// `baton.js` itself, in the browser: a stream resumes with `after=` and hands each event out
+/// once; replies are matched to their ops by `ref`, out of order too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn baton_js_resumes_and_matches_replies_by_ref() {
+    let server = TestServer::start(&console_config()).await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser.goto(&format!("{}/console/", server.url)).await;
+    browser.find("[data-testid=session-list]").await;
+    // The module, as a page loads it.
+    browser
+        .script(
+            "const s = document.createElement('script'); s.type = 'module';\
+             s.textContent = \"import * as b from '/console/baton.js'; window.batonjs = b;\";\
+             document.head.append(s);",
+            json!([]),
+        )
+        .await;
+    browser
+        .until("baton.js loaded", "return !!window.batonjs;")
+        .await;
+    let result = browser
+        .async_script(
+            r#"
+const done = arguments[arguments.length - 1];
+(async () => {
+  const { Baton, backoff } = window.batonjs;
+  const sockets = [];
+  class FakeSocket {
+    constructor(url) { this.url = url; this.readyState = 1; this.sent = []; sockets.push(this);
+      setTimeout(() => this.onmessage({ data: JSON.stringify({ kind: 'hello',
+        session: { id: 's', last_seq: sockets.length === 1 ? 2 : 5, context: {} } }) }), 0); }
+    send(text) { this.sent.push(JSON.parse(text)); }
+    close() {}
+    push(frame) { this.onmessage({ data: JSON.stringify(frame) }); }
+  }
+  const baton = new Baton({ base: 'http://example.test', WebSocket: FakeSocket });
+  const stream = baton.open('s', { after: 0 });
+  const seen = [];
+  stream.onevent = (e) => seen.push(e.seq);
+  await new Promise((r) => setTimeout(r, 10));
+  const first = sockets[0];
+  first.push({ kind: 'event', seq: 1, type: 'x', data: {} });
+  first.push({ kind: 'event', seq: 2, type: 'x', data: {} });
+  // Two ops, replied to in the reverse order.
+  const a = stream.send('a');
+  const b = stream.cancel();
+  const [refA, refB] = first.sent.map((op) => op.ref);
+  first.push({ kind: 'reply', ref: refB, ok: true, data: { cancelled: [] } });
+  first.push({ kind: 'reply', ref: refA, ok: false, error: { code: 'session_busy', message: 'busy' } });
+  const gotB = await b;
+  let codeA = null;
+  try { await a; } catch (e) { codeA = e.code; }
+  // An op in flight when the socket drops is rejected; the stream resumes after seq 2.
+  const lost = stream.ping();
+  first.onclose({ code: 1006, reason: '' });
+  let lostCode = null;
+  try { await lost; } catch (e) { lostCode = e.code; }
+  const state = stream.state;
+  await new Promise((r) => setTimeout(r, 400));
+  const second = sockets[1];
+  second.push({ kind: 'event', seq: 2, type: 'x', data: {} });  // already seen: skipped
+  second.push({ kind: 'event', seq: 3, type: 'x', data: {} });
+  second.push({ kind: 'event', seq: 4, type: 'x', data: {} });
+  second.push({ kind: 'event', seq: 5, type: 'x', data: {} });
+  done({ seen, gotB, codeA, lostCode, state, resumeUrl: second.url, live: stream.state,
+         backoffs: [0, 1, 2, 10].map(backoff) });
+})().catch((e) => done({ error: String(e) }));
+"#,
+            json!([]),
+        )
+        .await;
+    assert!(result.get("error").is_none(), "{result}");
+    assert_eq!(result["seen"], json!([1, 2, 3, 4, 5]));
+    assert_eq!(result["gotB"], json!({"cancelled": []}));
+    assert_eq!(result["codeA"], "session_busy");
+    assert_eq!(result["lostCode"], "lost");
+    assert_eq!(result["state"], "reconnecting");
+    assert!(
+        result["resumeUrl"]
+            .as_str()
+            .expect("url")
+            .contains("/v1/sessions/s/ws?after=2"),
+        "{result}"
+    );
+    assert_eq!(result["live"], "live");
+    assert_eq!(result["backoffs"], json!([250, 500, 1000, 8000]));
+    browser.close().await;
+    server.stop().await;
+}
