@@ -18,12 +18,18 @@ const APPROVAL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/approval_a
 fn console_config() -> String {
     format!(
         r#"
+queue_limit = 100
+
 [agents.default]
 kind = "echo"
 
 [agents.slow]
 kind = "echo"
 delay_ms = 60
+
+[agents.fast]
+kind = "echo"
+delay_ms = 5
 
 [agents.careful]
 kind = "command"
@@ -95,6 +101,21 @@ async fn a_reply_grows_word_by_word_and_completes() {
         .await;
     let words: Vec<String> = (1..=12).map(|i| format!("word{i}")).collect();
     send(&browser, &words.join(" "), "reject").await;
+    browser
+        .until(
+            "it runs",
+            "const i = document.querySelector('[data-testid=interaction]');\
+             return i && i.dataset.status === 'running';",
+        )
+        .await;
+    // A second message with reject while it runs: the error shows inline, with its code.
+    send(&browser, "too early", "reject").await;
+    browser
+        .until(
+            "session_busy shown",
+            "return document.querySelector('[data-testid=error]').textContent.includes('session_busy');",
+        )
+        .await;
     // The response is seen growing: several distinct lengths before the end.
     let mut lengths = Vec::new();
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -542,6 +563,118 @@ const done = arguments[arguments.length - 1];
     );
     assert_eq!(result["live"], "live");
     assert_eq!(result["backoffs"], json!([250, 500, 1000, 8000]));
+    browser.close().await;
+    server.stop().await;
+}
+
+/// Responsiveness, measured (figures printed for BENCHMARKS.md, never asserted as timings): a
+/// session of 2,000 interactions opens with its last page of the transcript; a stream of
+/// 200 events/s keeps the page's main thread mostly idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn a_long_session_and_a_fast_stream_stay_responsive() {
+    let server = TestServer::start(&console_config()).await;
+    let http = server.http.clone();
+    let mut sent = 0;
+    while sent < 2000 {
+        let batch: Vec<_> = (0..50)
+            .map(|i| {
+                http.post(format!("{}/v1/sessions/big/messages", server.url))
+                    .json(&json!({"content": format!("message {}", sent + i), "policy": "enqueue"}))
+                    .send()
+            })
+            .collect();
+        for answer in futures_util::future::join_all(batch).await {
+            assert!(answer.expect("send").status().is_success());
+        }
+        sent += 50;
+        server.wait_idle("big").await;
+    }
+    // Concurrent sends: the newest by acceptance is not necessarily the highest number.
+    let newest = server
+        .get("/v1/sessions/big/interactions?limit=1")
+        .await
+        .body["interactions"][0]["id"]
+        .as_str()
+        .expect("newest")
+        .to_string();
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser.cdp("Performance.enable", json!({})).await;
+    browser
+        .goto(&format!("{}/console/#/s/big", server.url))
+        .await;
+    let first_render = browser
+        .until(
+            "the last interaction shown",
+            &format!(
+                "const all = document.querySelectorAll('[data-testid=interaction]');\
+                 const last = all[all.length - 1];\
+                 return document.querySelector('[data-testid=connection-state]').dataset.state\
+                   === 'live' && last && last.dataset.id === '{newest}' && performance.now();"
+            ),
+        )
+        .await
+        .as_f64()
+        .expect("ms");
+    let shown = browser
+        .script(
+            "return document.querySelectorAll('[data-testid=interaction]').length;",
+            json!([]),
+        )
+        .await;
+    // The stream: 200 words/s on another session, watched by the same page.
+    server
+        .put("/v1/sessions/stream", &json!({"agent": "fast"}))
+        .await;
+    browser
+        .goto(&format!("{}/console/#/s/stream", server.url))
+        .await;
+    browser
+        .until(
+            "live",
+            "return document.querySelector('[data-testid=connection-state]').dataset.state === 'live';",
+        )
+        .await;
+    let words: Vec<String> = (0..1400).map(|i| format!("w{i}")).collect();
+    server
+        .post(
+            "/v1/sessions/stream/messages",
+            &json!({"content": words.join(" ")}),
+        )
+        .await;
+    browser
+        .until(
+            "streaming",
+            "const r = document.querySelector('[data-testid=response]');\
+             return r && r.textContent.length > 100;",
+        )
+        .await;
+    let (busy_before, at) = (
+        browser.main_thread_seconds().await,
+        std::time::Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let busy = browser.main_thread_seconds().await - busy_before;
+    let seconds = at.elapsed().as_secs_f64();
+    browser
+        .until(
+            "completed",
+            "const i = document.querySelector('[data-testid=interaction]');\
+             return i && i.dataset.status === 'completed';",
+        )
+        .await;
+    let shown_text = browser.transcript().await[0]["response"].clone();
+    assert_eq!(shown_text, json!(words.join(" ")));
+    println!(
+        "CONSOLE-BENCH first render of a 2,000-interaction session: {first_render:.0} ms \
+         ({shown} interactions in the page); main thread while streaming 200 events/s: \
+         {:.0} ms per second",
+        busy / seconds * 1000.0
+    );
     browser.close().await;
     server.stop().await;
 }

@@ -165,6 +165,7 @@ function sessionView(id) {
   const token = readToken(baton.credential);
   const readOnly = token?.scope === "read";
   const interactions = new Map(); // id → {data, element, response (Text)}
+  const order = []; // their ids, sorted (ids are time-ordered: almost always an append)
   let waitingFor = null;
   let shownFrom = 0;
 
@@ -246,11 +247,22 @@ function sessionView(id) {
     renderWindow();
   };
 
-  const ordered = () => [...interactions.keys()].sort();
+  const place = (id) => {
+    let at = order.length;
+    if (at > 0 && order[at - 1] > id) {
+      let low = 0;
+      while (low < at) {
+        const mid = (low + at) >> 1;
+        if (order[mid] < id) low = mid + 1;
+        else at = mid;
+      }
+    }
+    order.splice(at, 0, id);
+    return at;
+  };
   const renderWindow = () => {
-    const ids = ordered();
-    shownFrom = Math.min(shownFrom, Math.max(0, ids.length - TRANSCRIPT_PAGE));
-    transcript.replaceChildren(...ids.slice(shownFrom).map((i) => interactions.get(i).element));
+    shownFrom = Math.min(shownFrom, Math.max(0, order.length - TRANSCRIPT_PAGE));
+    transcript.replaceChildren(...order.slice(shownFrom).map((i) => interactions.get(i).element));
     earlier.hidden = shownFrom === 0;
   };
 
@@ -273,14 +285,19 @@ function sessionView(id) {
         h("div", { class: "meta" }));
       entry = { data, element, response };
       interactions.set(data.id, entry);
-      const ids = ordered();
-      const at = ids.indexOf(data.id);
-      if (ids.length - shownFrom > TRANSCRIPT_PAGE && at === ids.length - 1) {
-        shownFrom = ids.length - TRANSCRIPT_PAGE;
-        renderWindow();
+      const at = place(data.id);
+      if (at === order.length - 1) {
+        // The newest: appended; the window slides when it holds a page already.
+        transcript.append(element);
+        if (order.length - shownFrom > TRANSCRIPT_PAGE) {
+          transcript.firstElementChild?.remove();
+          shownFrom += 1;
+          earlier.hidden = false;
+        }
       } else if (at >= shownFrom) {
-        const after = ids.slice(at + 1).find((i) => i >= ids[shownFrom]);
-        transcript.insertBefore(element, after ? interactions.get(after).element : null);
+        transcript.insertBefore(element, interactions.get(order[at + 1]).element);
+      } else {
+        shownFrom += 1;
       }
     }
     entry.data = data;
@@ -327,8 +344,15 @@ function sessionView(id) {
 
   let pendingLog = [];
   const flushLog = () => {
-    const entries = pendingLog.splice(0).map((event) =>
-      h("details", {}, h("summary", {}, `#${event.seq} ${event.type}`), h("pre", {}, JSON.stringify(event.data, null, 1))));
+    // Only what can stay in the log is built.
+    const entries = pendingLog.splice(0).slice(-EVENT_LOG_MAX).map((event) => {
+      // The data is rendered when the entry is opened, not for every event that streams by.
+      const entry = h("details", {}, h("summary", {}, `#${event.seq} ${event.type}`));
+      entry.addEventListener("toggle", () => {
+        if (entry.open && entry.childElementCount === 1) entry.append(h("pre", {}, JSON.stringify(event.data, null, 1)));
+      }, { once: true });
+      return entry;
+    });
     log.append(...entries);
     while (log.childElementCount > EVENT_LOG_MAX) log.firstElementChild.remove();
     log.scrollTop = log.scrollHeight;
@@ -365,6 +389,7 @@ function sessionView(id) {
         break;
       case "session.cleared":
         interactions.clear();
+        order.length = 0;
         shownFrom = 0;
         transcript.replaceChildren();
         hideAnswerForm(waitingFor);

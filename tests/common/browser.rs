@@ -275,6 +275,26 @@ impl Browser {
         std::fs::write(path, png).expect("write screenshot");
     }
 
+    /// A Chrome DevTools Protocol command through chromedriver (`Performance.getMetrics`…).
+    pub async fn cdp(&self, command: &str, params: Value) -> Value {
+        self.command(
+            reqwest::Method::POST,
+            "/goog/cdp/execute",
+            Some(json!({"cmd": command, "params": params})),
+        )
+        .await
+    }
+
+    /// The main thread's busy time so far (CDP `TaskDuration`), in seconds.
+    pub async fn main_thread_seconds(&self) -> f64 {
+        let metrics = self.cdp("Performance.getMetrics", json!({})).await;
+        metrics["metrics"]
+            .as_array()
+            .and_then(|all| all.iter().find(|m| m["name"] == "TaskDuration"))
+            .and_then(|m| m["value"].as_f64())
+            .expect("TaskDuration")
+    }
+
     pub async fn close(self) {
         let _ = self.http.delete(&self.base).send().await;
     }
