@@ -1,15 +1,16 @@
-//! `GET /v1/sessions/{id}/ws`: the WebSocket protocol of API.md. Each connection is a writer
-//! loop (hello, replay, live events, replies, pings; nothing else writes to the socket) and a
-//! reader task that runs the client's operations one at a time, in order, and hands the
-//! replies to the writer. No lock is held while writing to a socket.
+//! `GET /v1/sessions/{id}/ws`: the WebSocket protocol of API.md. Each connection is one task:
+//! it writes hello, the replay, live events, replies and pings, and reads the client's frames,
+//! running their operations one at a time, in order (the next frame is read once the
+//! operation in flight has its reply; events flow meanwhile). No lock is held while writing
+//! to a socket.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
-use futures_channel::mpsc;
 use futures_util::{Sink, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -29,8 +30,6 @@ use crate::model::{
     validate_idempotency_key,
 };
 
-/// Replies waiting for the writer.
-const REPLY_BUFFER: usize = 64;
 /// Initial read buffer of a connection: client frames are small operations (a larger one is
 /// read in several chunks).
 const READ_BUFFER: usize = 1024;
@@ -123,25 +122,16 @@ struct Access {
     expires: Option<std::time::SystemTime>,
 }
 
-/// What the reader hands to the writer.
-enum Outbound {
-    Text(String),
-    Close(u16, String),
-}
-
 /// The close (RFC 6455 §7.4.1) owed to a peer whose frame could not be read: `1009` for a
 /// frame past the size limit, `1007` for text that is not UTF-8, `1002` for any other
 /// protocol violation (unmasked frame, reserved opcode or bits, oversized control frame).
 /// A transport error owes nothing: the peer is gone.
-fn close_for_read_error(error: &axum::BoxError) -> Option<Outbound> {
+fn close_for_read_error(error: &axum::BoxError) -> Option<(u16, String)> {
     use tokio_tungstenite::tungstenite::Error;
     match error.downcast_ref::<Error>()? {
-        Error::Capacity(_) => Some(Outbound::Close(1009, "frame too large".into())),
-        Error::Utf8(_) => Some(Outbound::Close(
-            1007,
-            "text frame is not valid UTF-8".into(),
-        )),
-        Error::Protocol(_) => Some(Outbound::Close(1002, "protocol error".into())),
+        Error::Capacity(_) => Some((1009, "frame too large".into())),
+        Error::Utf8(_) => Some((1007, "text frame is not valid UTF-8".into())),
+        Error::Protocol(_) => Some((1002, "protocol error".into())),
         _ => None,
     }
 }
@@ -154,59 +144,20 @@ enum Ending {
 }
 
 impl Connection {
-    async fn run(self, socket: WebSocket, hello: Session, mut feed: EventFeed) {
-        let (mut sink, mut stream) = socket.split();
-        // futures' channel allocates per message, not a block up front: idle connections are
-        // the common case.
-        let (mut replies, mut pending) = mpsc::channel::<Outbound>(REPLY_BUFFER);
-        let (heard_tx, mut heard) = tokio::sync::watch::channel(Instant::now());
-        let reader = OpReader {
-            engine: self.engine.clone(),
-            session: self.session.clone(),
+    /// The connection, as one task: it writes hello, the replay, live events, replies and
+    /// pings, and reads the client's frames, running their operations one at a time (while
+    /// one runs, the next frame waits in the socket; events keep flowing meanwhile).
+    async fn run(self, mut socket: WebSocket, hello: Session, mut feed: EventFeed) {
+        let mut reader = OpReader {
+            ops: Ops {
+                engine: self.engine.clone(),
+                session: self.session.clone(),
+            },
             bucket: Bucket::new(self.settings.ops_per_second),
             can_write: self.access.can_write,
         };
-        // Owned by this connection: aborted when the writer loop ends.
-        let reader = AbortOnDrop(tokio::spawn(async move {
-            let mut reader = reader;
-            while let Some(message) = stream.next().await {
-                let message = match message {
-                    Ok(message) => message,
-                    Err(e) => {
-                        if let Some(close) = close_for_read_error(&e.into_inner()) {
-                            let _ = replies.send(close).await;
-                        }
-                        break;
-                    }
-                };
-                let _ = heard_tx.send(Instant::now());
-                if replies.is_closed() {
-                    // The writer is closing: read on (and discard) until the peer's close.
-                    if matches!(message, Message::Close(_)) {
-                        break;
-                    }
-                    continue;
-                }
-                let reply = match message {
-                    // Boxed: the reader of an idle connection then holds no room for an
-                    // operation in flight (the engine's futures are several KiB).
-                    Message::Text(text) => Box::pin(reader.handle(text.as_str())).await,
-                    Message::Binary(_) => Some(error_reply(
-                        Value::Null,
-                        &ApiError::invalid_request(
-                            "binary frames are not supported; send JSON text",
-                        ),
-                    )),
-                    Message::Close(_) => break,
-                    Message::Ping(_) | Message::Pong(_) => None,
-                };
-                if let Some(reply) = reply {
-                    // An error means the writer is closing; the loop then only drains.
-                    let _ = replies.send(Outbound::Text(reply)).await;
-                }
-            }
-        }));
-
+        let mut op: Option<Pin<Box<dyn Future<Output = String> + Send>>> = None;
+        let mut heard = Instant::now();
         let hello = json!({"kind": "hello", "session": hello}).to_string();
         let stopping = self.engine.stopping();
         let mut ping = tokio::time::interval(self.settings.ping_interval);
@@ -218,31 +169,63 @@ impl Connection {
             }
         };
         tokio::pin!(expiry);
-        let ending = 'writer: {
-            if send(&mut sink, Message::Text(hello.into())).await.is_err() {
-                break 'writer Ending::Drop;
+        let ending = 'connection: {
+            if send(&mut socket, Message::Text(hello.into()))
+                .await
+                .is_err()
+            {
+                break 'connection Ending::Drop;
             }
             loop {
                 tokio::select! {
                     biased;
                     _ = stopping.cancelled() => {
-                        break 'writer Ending::Close(1001, "server shutting down".into());
+                        break 'connection Ending::Close(1001, "server shutting down".into());
                     }
                     _ = &mut expiry => {
-                        break 'writer Ending::Close(4001, "token expired".into());
+                        break 'connection Ending::Close(4001, "token expired".into());
                     }
-                    reply = pending.next() => match reply {
-                        Some(Outbound::Text(reply)) => {
-                            if send(&mut sink, Message::Text(reply.into())).await.is_err() {
-                                break 'writer Ending::Drop;
-                            }
+                    reply = async { op.as_mut().expect("guarded").await }, if op.is_some() => {
+                        op = None;
+                        if send(&mut socket, Message::Text(reply.into())).await.is_err() {
+                            break 'connection Ending::Drop;
                         }
-                        Some(Outbound::Close(code, reason)) => {
-                            break 'writer Ending::Close(code, reason);
+                    }
+                    message = socket.next(), if op.is_none() => {
+                        let message = match message {
+                            Some(Ok(message)) => message,
+                            Some(Err(e)) => match close_for_read_error(&e.into_inner()) {
+                                Some((code, reason)) => {
+                                    break 'connection Ending::Close(code, reason);
+                                }
+                                // The peer is gone.
+                                None => break 'connection Ending::Drop,
+                            },
+                            // The client closed its side.
+                            None => break 'connection Ending::Close(1000, String::new()),
+                        };
+                        heard = Instant::now();
+                        let reply = match message {
+                            Message::Text(text) => match reader.handle(text.as_str()) {
+                                Handled::Now(reply) => reply,
+                                Handled::Later(operation) => {
+                                    op = Some(operation);
+                                    continue;
+                                }
+                            },
+                            Message::Binary(_) => error_reply(
+                                Value::Null,
+                                &ApiError::invalid_request(
+                                    "binary frames are not supported; send JSON text",
+                                ),
+                            ),
+                            Message::Close(_) => break 'connection Ending::Close(1000, String::new()),
+                            Message::Ping(_) | Message::Pong(_) => continue,
+                        };
+                        if send(&mut socket, Message::Text(reply.into())).await.is_err() {
+                            break 'connection Ending::Drop;
                         }
-                        // The reader ended: the client closed or the stream failed.
-                        None => break 'writer Ending::Close(1000, String::new()),
-                    },
+                    }
                     item = feed.next() => match item {
                         Ok(FeedItem::Event(mut event)) => {
                             // Write every event already waiting, then flush once: one
@@ -250,7 +233,7 @@ impl Connection {
                             let mut burst = 0;
                             let ended = loop {
                                 let frame = event_frame(&event.envelope);
-                                if feed_frame(&mut sink, Message::Text(frame.into())).await.is_err() {
+                                if feed_frame(&mut socket, Message::Text(frame.into())).await.is_err() {
                                     break Some(Ending::Drop);
                                 }
                                 if event.kind == EventType::SessionDeleted {
@@ -265,51 +248,57 @@ impl Connection {
                                     Some(FeedItem::Closed) | None => break None,
                                 }
                             };
-                            if flush(&mut sink).await.is_err() {
-                                break 'writer Ending::Drop;
+                            if flush(&mut socket).await.is_err() {
+                                break 'connection Ending::Drop;
                             }
                             if let Some(ending) = ended {
-                                break 'writer ending;
+                                break 'connection ending;
                             }
                         }
                         Ok(FeedItem::Lagged { last_sent }) => {
-                            break 'writer Ending::Close(1013, format!("after={last_sent}"));
+                            break 'connection Ending::Close(1013, format!("after={last_sent}"));
                         }
                         Ok(FeedItem::Closed) => {
-                            break 'writer Ending::Close(1001, "server shutting down".into());
+                            break 'connection Ending::Close(1001, "server shutting down".into());
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "WebSocket replay failed");
-                            break 'writer Ending::Close(1011, "replay failed".into());
+                            break 'connection Ending::Close(1011, "replay failed".into());
                         }
                     },
                     _ = ping.tick() => {
-                        if heard.borrow_and_update().elapsed() > self.settings.ping_interval * 2 {
-                            break 'writer Ending::Drop;
+                        if heard.elapsed() > self.settings.ping_interval * 2 {
+                            break 'connection Ending::Drop;
                         }
-                        if send(&mut sink, Message::Ping(Default::default())).await.is_err() {
-                            break 'writer Ending::Drop;
+                        if send(&mut socket, Message::Ping(Default::default())).await.is_err() {
+                            break 'connection Ending::Drop;
                         }
                     }
                 }
             }
         };
-        // From here on the reader only drains: its replies have nowhere to go.
-        drop(pending);
-        let mut reader = reader;
+        // An operation still in flight is dropped: its reply has nowhere to go (what it
+        // committed stays committed).
+        drop(op);
         if let Ending::Close(code, reason) = ending {
             let frame = CloseFrame {
                 code,
                 reason: Utf8Bytes::from(reason),
             };
-            if send(&mut sink, Message::Close(Some(frame))).await.is_ok() {
+            if send(&mut socket, Message::Close(Some(frame))).await.is_ok() {
                 // Closing a socket with unread input makes the kernel reset it and discard
                 // what is still in flight (the close frame included): read until the peer's
                 // close, or give up after a while.
-                let _ = tokio::time::timeout(CLOSE_DRAIN, &mut reader.0).await;
+                let drain = async {
+                    while let Some(Ok(message)) = socket.next().await {
+                        if matches!(message, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(CLOSE_DRAIN, drain).await;
             }
         }
-        drop(reader);
     }
 }
 
@@ -340,14 +329,6 @@ fn event_frame(envelope: &str) -> String {
     frame.push_str("{\"kind\":\"event\",");
     frame.push_str(envelope.strip_prefix('{').unwrap_or(envelope));
     frame
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[derive(Deserialize)]
@@ -390,12 +371,28 @@ struct AnswerOp {
     answer: Value,
 }
 
-/// Runs client operations, one at a time.
+/// Checks client frames as they come (rate, shape, scope) and turns each into its reply or
+/// the operation that will give it; the connection runs one operation at a time.
 struct OpReader {
-    engine: Engine,
-    session: SessionId,
+    ops: Ops,
     bucket: Bucket,
     can_write: bool,
+}
+
+/// What an operation needs, owned, so the operation in flight borrows nothing of the
+/// connection.
+#[derive(Clone)]
+struct Ops {
+    engine: Engine,
+    session: SessionId,
+}
+
+/// The reply to one text frame.
+enum Handled {
+    /// Known at once (a pong, a refusal).
+    Now(String),
+    /// After this operation (boxed: an idle connection holds no room for one).
+    Later(Pin<Box<dyn Future<Output = String> + Send>>),
 }
 
 fn error_reply(reference: Value, error: &ApiError) -> String {
@@ -419,8 +416,29 @@ fn parse<T: serde::de::DeserializeOwned>(
 }
 
 impl OpReader {
-    /// The frame to send back for one text frame (a reply or a pong).
-    async fn handle(&mut self, text: &str) -> Option<String> {
+    /// The frame to send back for one text frame (a reply or a pong), or the operation that
+    /// will give it.
+    fn handle(&mut self, text: &str) -> Handled {
+        match self.check(text) {
+            Ok((reference, op, fields)) => {
+                let ops = self.ops.clone();
+                Handled::Later(Box::pin(async move {
+                    match ops.run(&op, fields).await {
+                        Ok(data) => ok_reply(reference, data),
+                        Err(e) => error_reply(reference, &e),
+                    }
+                }))
+            }
+            Err(reply) => Handled::Now(reply),
+        }
+    }
+
+    /// A frame's ref, op and fields, when it is an operation to run; `Err`: the reply to send
+    /// at once (a pong, or why the frame is refused).
+    fn check(
+        &mut self,
+        text: &str,
+    ) -> Result<(Value, String, serde_json::Map<String, Value>), String> {
         // Every text frame counts, malformed ones included.
         if self.bucket.take().is_err() {
             let reference = serde_json::from_str::<Value>(text)
@@ -433,18 +451,18 @@ impl OpReader {
                 "rate_limited",
                 "too many operations on this connection; slow down",
             );
-            return Some(error_reply(reference, &error));
+            return Err(error_reply(reference, &error));
         }
         let mut fields = match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(fields)) => fields,
             Ok(_) => {
-                return Some(error_reply(
+                return Err(error_reply(
                     Value::Null,
                     &ApiError::invalid_request("a frame must be a JSON object with an op"),
                 ));
             }
             Err(e) => {
-                return Some(error_reply(
+                return Err(error_reply(
                     Value::Null,
                     &ApiError::invalid_request(format!("malformed JSON: {e}")),
                 ));
@@ -454,7 +472,7 @@ impl OpReader {
             None | Some(Value::Null) => Value::Null,
             Some(r @ (Value::String(_) | Value::Number(_))) => r,
             Some(_) => {
-                return Some(error_reply(
+                return Err(error_reply(
                     Value::Null,
                     &ApiError::invalid_request("ref must be a string or a number"),
                 ));
@@ -463,14 +481,14 @@ impl OpReader {
         let op = match fields.remove("op") {
             Some(Value::String(op)) => op,
             _ => {
-                return Some(error_reply(
+                return Err(error_reply(
                     reference,
                     &ApiError::invalid_request("every frame needs an op (a string)"),
                 ));
             }
         };
         if op == "ping" {
-            return Some(match parse::<EmptyOp>(fields) {
+            return Err(match parse::<EmptyOp>(fields) {
                 Ok(_) => json!({"kind": "pong", "ref": reference}).to_string(),
                 Err(e) => error_reply(reference, &e),
             });
@@ -480,28 +498,39 @@ impl OpReader {
             "message" | "cancel" | "clear" | "context" | "answer"
         );
         if known && !self.can_write {
-            return Some(error_reply(
+            return Err(error_reply(
                 reference,
                 &ApiError::forbidden("this session token only reads (scope read): only ping"),
             ));
         }
-        let result = match op.as_str() {
+        if !known {
+            return Err(error_reply(
+                reference,
+                &ApiError::invalid_request(format!(
+                    "unknown op {op:?}; expected message, cancel, clear, context, answer or ping"
+                )),
+            ));
+        }
+        Ok((reference, op, fields))
+    }
+}
+
+impl Ops {
+    async fn run(
+        &self,
+        op: &str,
+        fields: serde_json::Map<String, Value>,
+    ) -> Result<Value, ApiError> {
+        match op {
             "message" => self.message(fields).await,
             "cancel" => self.cancel(fields).await,
             "clear" => self.clear(fields).await,
             "context" => self.context(fields).await,
-            "answer" => self.answer(fields).await,
-            other => Err(ApiError::invalid_request(format!(
-                "unknown op {other:?}; expected message, cancel, clear, context, answer or ping"
-            ))),
-        };
-        Some(match result {
-            Ok(data) => ok_reply(reference, data),
-            Err(e) => error_reply(reference, &e),
-        })
+            _ => self.answer(fields).await,
+        }
     }
 
-    async fn message(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+    async fn message(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
         let op: MessageOp = parse(fields)?;
         validate_content(&op.content)?;
         let is_clear = op.content.trim() == "/clear";
@@ -531,7 +560,7 @@ impl OpReader {
         })
     }
 
-    async fn cancel(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+    async fn cancel(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
         let op: CancelOp = parse(fields)?;
         let target = match op.interaction_id {
             Some(raw) => Some(
@@ -544,13 +573,13 @@ impl OpReader {
         Ok(json!({ "cancelled": cancelled }))
     }
 
-    async fn clear(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+    async fn clear(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
         let _: EmptyOp = parse(fields)?;
         let cleared = self.engine.clear(self.session.clone()).await?;
         Ok(json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled}))
     }
 
-    async fn answer(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+    async fn answer(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
         let op: AnswerOp = parse(fields)?;
         let id = InteractionId::parse(&op.interaction_id)
             .map_err(|_| ApiError::not_found("interaction not found in this session"))?;
@@ -561,7 +590,7 @@ impl OpReader {
         serde_json::to_value(interaction).map_err(|_| ApiError::internal())
     }
 
-    async fn context(&mut self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+    async fn context(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
         let op: ContextOp = parse(fields)?;
         let context = match (op.set, op.patch) {
             // Neither: the context as it is (a read, still a write token's op).
