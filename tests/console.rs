@@ -175,6 +175,23 @@ async fn two_pages_on_one_session_stay_identical() {
     )
     .await;
     two.click("[data-testid=clear]").await;
+    // The clear reaches both pages: their transcripts empty.
+    for page in [&one, &two] {
+        page.until(
+            "the transcript is cleared",
+            "const log = [...document.querySelectorAll('[data-testid=event-log] summary')];\
+             return log.some(s => s.textContent.includes('session.cleared'))\
+               || document.querySelector('[data-testid=error]').textContent;",
+        )
+        .await;
+    }
+    let error = two
+        .script(
+            "return document.querySelector('[data-testid=error]').textContent;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(error, json!(""), "the clear was refused");
     for (page, text) in [(&one, "a b c"), (&two, "d e f"), (&one, "g h i")] {
         page.until(
             "the composer is empty",
@@ -535,13 +552,18 @@ const done = arguments[arguments.length - 1];
   let lostCode = null;
   try { await lost; } catch (e) { lostCode = e.code; }
   const state = stream.state;
+  // An op made while reconnecting is held, then sent on the new connection.
+  const held = stream.ping();
   await new Promise((r) => setTimeout(r, 400));
   const second = sockets[1];
   second.push({ kind: 'event', seq: 2, type: 'x', data: {} });  // already seen: skipped
   second.push({ kind: 'event', seq: 3, type: 'x', data: {} });
   second.push({ kind: 'event', seq: 4, type: 'x', data: {} });
   second.push({ kind: 'event', seq: 5, type: 'x', data: {} });
-  done({ seen, gotB, codeA, lostCode, state, resumeUrl: second.url, live: stream.state,
+  const heldOp = second.sent.find((op) => op.op === 'ping');
+  second.push({ kind: 'pong', ref: heldOp ? heldOp.ref : -1 });
+  const heldReply = await Promise.race([held.then(() => 'sent'), new Promise((r) => setTimeout(() => r('held'), 200))]);
+  done({ heldReply, seen, gotB, codeA, lostCode, state, resumeUrl: second.url, live: stream.state,
          backoffs: [0, 1, 2, 10].map(backoff) });
 })().catch((e) => done({ error: String(e) }));
 "#,
@@ -563,6 +585,10 @@ const done = arguments[arguments.length - 1];
     );
     assert_eq!(result["live"], "live");
     assert_eq!(result["backoffs"], json!([250, 500, 1000, 8000]));
+    assert_eq!(
+        result["heldReply"], "sent",
+        "an op made while reconnecting is sent after"
+    );
     browser.close().await;
     server.stop().await;
 }

@@ -135,7 +135,8 @@ export function backoff(attempt) {
  * - events: `for await (const event of stream)`, or `stream.onevent = (event) => …`;
  * - `state`: "connecting" | "live" | "reconnecting" | "closed", told by `onstate`;
  * - `send`, `cancel`, `clear`, `answer`, `context`: promises of the server's reply data,
- *   matched by `ref`; an op whose connection drops before its reply is rejected (`lost`).
+ *   matched by `ref`; an op whose connection drops before its reply is rejected (`lost`);
+ *   one made while the stream reconnects is sent once it is connected again.
  */
 export class SessionStream {
   constructor(baton, id, { after = null, replay = false } = {}) {
@@ -156,6 +157,8 @@ export class SessionStream {
     this.closed = false;
     this.catchUpTo = 0;
     this.socket = null;
+    this.connected = false;
+    this.held = [];
     this.token = null;
     this.connect();
   }
@@ -190,6 +193,8 @@ export class SessionStream {
     if (frame.kind === "hello") {
       this.hello = frame.session;
       this.attempt = 0;
+      this.connected = true;
+      for (const held of this.held.splice(0)) held.go();
       this.catchUpTo = frame.session.last_seq;
       if (this.lastSeq === null && !this.replay) this.lastSeq = frame.session.last_seq;
       this.onhello?.(frame.session);
@@ -224,6 +229,7 @@ export class SessionStream {
   async dropped(socket, close) {
     if (socket !== this.socket) return;
     this.socket = null;
+    this.connected = false;
     for (const [, waiter] of this.pending) {
       waiter.reject(new BatonError(0, "lost", "the connection was lost before the reply"));
     }
@@ -246,18 +252,32 @@ export class SessionStream {
   end() {
     this.closed = true;
     this.setState("closed");
+    for (const held of this.held.splice(0)) {
+      held.reject(new BatonError(0, "closed", "the stream is closed"));
+    }
     for (const waiter of this.waiters.splice(0)) waiter({ value: undefined, done: true });
   }
 
+  /** Sends an op, or, while the stream reconnects, holds it until it is connected again
+   *  (at most 10 s, then it is rejected with `not_connected`). */
   op(fields) {
     return new Promise((resolve, reject) => {
-      if (!this.socket || this.socket.readyState !== 1) {
-        reject(new BatonError(0, "not_connected", "the stream is not connected"));
-        return;
-      }
-      const ref = this.nextRef++;
-      this.pending.set(ref, { resolve, reject });
-      this.socket.send(JSON.stringify({ ...fields, ref }));
+      const go = () => {
+        const ref = this.nextRef++;
+        this.pending.set(ref, { resolve, reject });
+        this.socket.send(JSON.stringify({ ...fields, ref }));
+      };
+      if (this.connected && this.socket && this.socket.readyState === 1) return go();
+      if (this.closed) return reject(new BatonError(0, "closed", "the stream is closed"));
+      const held = { go, reject };
+      this.held.push(held);
+      setTimeout(() => {
+        const at = this.held.indexOf(held);
+        if (at >= 0) {
+          this.held.splice(at, 1);
+          reject(new BatonError(0, "not_connected", "the stream did not reconnect in 10 s"));
+        }
+      }, 10000);
     });
   }
 
