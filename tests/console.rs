@@ -158,7 +158,12 @@ async fn two_pages_on_one_session_stay_identical() {
     let two = driver.browser().await;
     open_session(&one, &server, "twin").await;
     open_session(&two, &server, "twin").await;
-    send(&one, "first message here", "reject").await;
+    send(
+        &one,
+        "first message here with enough words to be seen running for a while",
+        "reject",
+    )
+    .await;
     one.until(
         "it runs",
         "return [...document.querySelectorAll('[data-testid=interaction]')]\
@@ -166,7 +171,12 @@ async fn two_pages_on_one_session_stay_identical() {
     )
     .await;
     one.click("[data-testid=cancel]").await;
-    send(&two, "second message", "reject").await;
+    send(
+        &two,
+        "second message with enough words to be seen running for a while too",
+        "reject",
+    )
+    .await;
     two.script("window.confirm = () => true;", json!([])).await;
     two.until(
         "the second runs",
