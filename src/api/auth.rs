@@ -128,9 +128,10 @@ impl Principal {
 
     /// The session `name` of the path, for this caller: a token reaches its own session only.
     fn session(&self, parts: &Parts, write: bool) -> Result<SessionId, ApiError> {
-        let name = session_name(parts)?;
+        // Decoded and checked before any access decision: a malformed id is `400` for everyone.
+        let id = session_id_from_uri(&self.tenant, &parts.uri)?;
         if let Caller::Token { session, scope, .. } = &self.caller {
-            if **session != *name {
+            if **session != *id.name() {
                 return Err(ApiError::forbidden(
                     "this session token is for another session",
                 ));
@@ -141,7 +142,7 @@ impl Principal {
                 ));
             }
         }
-        SessionId::new(&self.tenant, &name).map_err(|e| ApiError::invalid_session_id(e.0))
+        Ok(id)
     }
 
     fn require_key(&self, what: &str) -> Result<(), ApiError> {
@@ -152,14 +153,6 @@ impl Principal {
         }
         Ok(())
     }
-}
-
-/// The `{id}` of the path, decoded and checked (before any access decision, so a malformed
-/// id is `400` for everyone).
-fn session_name(parts: &Parts) -> Result<String, ApiError> {
-    // Any tenant validates the same way; the name is what is checked here.
-    let id = session_id_from_uri(&Tenant::default_tenant(), &parts.uri)?;
-    Ok(id.name().to_string())
 }
 
 /// One configured API key.
