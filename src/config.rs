@@ -49,6 +49,12 @@ pub struct Config {
     pub max_connections: usize,
     /// Open WebSocket and SSE connections per session.
     pub max_connections_per_session: usize,
+    /// Open WebSocket and SSE connections per tenant; absent: half of `max_connections`.
+    pub max_connections_per_tenant: Option<usize>,
+    /// Sessions one tenant may hold; absent: unlimited.
+    pub max_sessions_per_tenant: Option<u64>,
+    /// Largest context (serialized JSON, in bytes) a write or patch may leave.
+    pub max_context_bytes: usize,
     /// Seconds between the server's WebSocket pings; a peer silent for two is dropped.
     pub ws_ping_interval_s: f64,
     /// Sustained operations per second on one WebSocket (bursts up to twice that).
@@ -97,6 +103,9 @@ impl Default for Config {
             shutdown_grace_ms: 5_000,
             max_connections: 20_000,
             max_connections_per_session: 5_000,
+            max_connections_per_tenant: None,
+            max_sessions_per_tenant: None,
+            max_context_bytes: crate::store::DEFAULT_MAX_CONTEXT_BYTES,
             ws_ping_interval_s: 30.0,
             ws_ops_per_second: 100.0,
             http_header_timeout_s: 30.0,
@@ -775,6 +784,39 @@ impl Config {
         Ok(config)
     }
 
+    /// Streams (WebSocket and SSE) one tenant may hold open at once.
+    pub fn connections_per_tenant(&self) -> usize {
+        self.max_connections_per_tenant
+            .unwrap_or(self.max_connections / 2)
+            .max(1)
+    }
+
+    /// The bounds of the session rules.
+    pub fn store_limits(&self) -> crate::store::Limits {
+        crate::store::Limits {
+            max_context_bytes: self.max_context_bytes,
+            max_sessions_per_tenant: self.max_sessions_per_tenant,
+        }
+    }
+
+    /// Every environment variable a `*_env` setting names (token secrets, agents' API keys):
+    /// the server's secrets, which no program an agent runs inherits.
+    pub fn secret_env_names(&self) -> std::collections::BTreeSet<String> {
+        let mut names: std::collections::BTreeSet<String> = self
+            .auth
+            .iter()
+            .flat_map(|auth| auth.token_secret_env.iter().cloned())
+            .collect();
+        for agent in self.agents.values() {
+            if let AgentConfig::Openai(openai) = agent
+                && let Some(name) = &openai.api_key_env
+            {
+                names.insert(name.clone());
+            }
+        }
+        names
+    }
+
     /// `BATON_LISTEN`, `BATON_DATABASE`, `BATON_QUEUE_LIMIT`, `BATON_MAX_BODY_BYTES`,
     /// `BATON_SQLITE_SYNCHRONOUS`, `BATON_HISTORY_LIMIT`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
@@ -844,6 +886,15 @@ impl Config {
         }
         if self.max_http_connections == 0 {
             bail!("max_http_connections must be at least 1");
+        }
+        if self.max_connections_per_tenant == Some(0) {
+            bail!("max_connections_per_tenant must be at least 1");
+        }
+        if self.max_sessions_per_tenant == Some(0) {
+            bail!("max_sessions_per_tenant must be at least 1");
+        }
+        if self.max_context_bytes < 2 {
+            bail!("max_context_bytes must be at least 2 (the empty context, {{}})");
         }
         match &self.auth {
             Some(auth) => auth.validate()?,

@@ -13,7 +13,7 @@
 //! - [`agent`]: the agent contract and the built-in agents.
 //! - [`api`]: the transports — the HTTP listener (connection bounds and timeouts), the HTTP
 //!   handlers, WebSocket and SSE on one replay/live feed — and the one error model.
-//! - [`server`]: wiring and graceful shutdown.
+//! - [`server`]: wiring and graceful shutdown; [`logs`]: what may reach the logs.
 //! - [`client`]: HTTP and WebSocket clients of the contract; [`cli`]: the CLI's commands.
 //! - [`bench`](mod@bench): the load generator (`baton bench`).
 //!
@@ -27,6 +27,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod logs;
 pub mod model;
 pub mod server;
 pub mod store;

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use baton::client::{DEFAULT_SERVER, Remote};
 use baton::config::{Config, Overrides};
@@ -219,6 +221,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colour codes only where a person reads them, never in a file or a pipe.
         .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(baton::logs::payload_caps())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -42,12 +42,14 @@ pub async fn build_engine(config: &Config, agents: AgentRegistry) -> anyhow::Res
     let location = config.database_location()?;
     let options = SqliteOptions {
         synchronous: config.sqlite_synchronous,
+        limits: config.store_limits(),
         ..SqliteOptions::default()
     };
     let postgres = PgOptions {
         url: String::new(),
         pool_size: config.pg_pool_size,
         lease: Duration::from_secs_f64(config.node_lease_s),
+        limits: config.store_limits(),
     };
     let store = Store::connect(&location, options, postgres, bus.clone())
         .await
@@ -98,6 +100,7 @@ pub async fn serve_with_agents(
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     check_default_agent(agents.iter().map(|(name, _)| name))?;
+    agents.withhold_env(&config.secret_env_names());
     let auth = Auth::from_config(config.auth.as_ref(), |name| std::env::var(name).ok())?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(crate::api::tls::acceptor(cert, key)?),
@@ -116,6 +119,7 @@ pub async fn serve_with_agents(
             body_timeout: Duration::from_secs_f64(config.http_body_timeout_s),
             connections: Arc::new(Connections::new(
                 config.max_connections,
+                config.connections_per_tenant(),
                 config.max_connections_per_session,
             )),
             ws: WsSettings {

@@ -3,62 +3,14 @@
 //! `baton key new` prints a key and the block that makes it work; the CLI sends `--key`;
 //! and no key, token or secret ever shows up in the logs or `/metrics`.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use common::TIMEOUT;
+use common::child::{baton, finish, run, serve};
 
 use serde_json::{Value, json};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
 const SECRET: &str = "a-token-secret-that-must-never-be-logged-31337";
-
-/// A `baton` child, killed when dropped.
-struct Baton(Child);
-
-impl Drop for Baton {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn baton() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("BATON_KEY")
-        .env_remove("BATON_TENANT")
-        .env_remove("BATON_LISTEN");
-    command
-}
-
-/// Runs a short-lived `baton` command: exit code, stdout, stderr.
-fn run(command: &mut Command) -> (i32, String, String) {
-    let child = Baton(command.spawn().expect("start baton"));
-    finish(child)
-}
-
-fn finish(mut child: Baton) -> (i32, String, String) {
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "baton did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut out) = child.0.stdout.take() {
-        let _ = out.read_to_string(&mut stdout);
-    }
-    if let Some(mut err) = child.0.stderr.take() {
-        let _ = err.read_to_string(&mut stderr);
-    }
-    (status.code().unwrap_or(-1), stdout, stderr)
-}
 
 /// `baton key new`: the key and the `[[auth.keys]]` block it printed.
 fn new_key(tenant: &str, role: &str) -> (String, String) {
@@ -76,40 +28,6 @@ fn new_key(tenant: &str, role: &str) -> (String, String) {
         "the block holds the hash, never the key"
     );
     (key, block)
-}
-
-/// A started `baton serve` and the URL of its listening line.
-fn serve(dir: &tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> (Baton, String) {
-    let path = dir.path().join("baton.toml");
-    std::fs::write(&path, config).expect("write config");
-    let database = format!("sqlite://{}/baton.db", dir.path().display());
-    let mut command = baton();
-    command
-        .args(["serve", "--config"])
-        .arg(&path)
-        .args(["--database", &database])
-        .env(
-            "BATON_LOG",
-            "trace,hyper=info,tokio_tungstenite=info,tungstenite=info",
-        );
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    let mut child = Baton(command.spawn().expect("start baton serve"));
-    let mut stdout = BufReader::new(child.0.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("the listening line");
-    let url = line
-        .trim()
-        .strip_prefix("baton listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    // Keep reading stdout so the child never blocks on it.
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stdout.read_to_string(&mut rest);
-    });
-    (child, url)
 }
 
 #[test]

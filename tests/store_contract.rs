@@ -48,6 +48,7 @@ async fn connect(location: &DatabaseLocation) -> (Store, Arc<Bus>) {
             url: String::new(),
             pool_size: 8,
             lease: LEASE,
+            limits: Default::default(),
         },
         bus.clone(),
     )

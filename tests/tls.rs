@@ -180,6 +180,7 @@ async fn open(url: &str) -> Result<Store, String> {
             url: String::new(),
             pool_size: 2,
             lease: Duration::from_secs(5),
+            limits: Default::default(),
         },
         Arc::new(Bus::default()),
     )

@@ -20,12 +20,12 @@
 //! `kill_grace_ms`, and the process is always reaped. After a `result` the program first gets
 //! the grace period to exit on its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -115,7 +115,13 @@ pub struct CommandAgent {
     kill_grace: Duration,
     /// Stopping processes outlive their tasks; shutdown waits for them.
     stoppers: TaskTracker,
+    /// Variables of the server's environment the program must not inherit (besides every
+    /// `BATON_*`): set once before serving, read at each spawn (a std lock: no await).
+    withheld: RwLock<BTreeSet<String>>,
 }
+
+/// Variables with this prefix configure Baton itself: a program never inherits them.
+const SERVER_ENV_PREFIX: &str = "BATON_";
 
 #[derive(Debug, Clone, Copy)]
 struct Limits {
@@ -137,13 +143,23 @@ impl CommandAgent {
             },
             kill_grace: Duration::from_millis(config.kill_grace_ms),
             stoppers: TaskTracker::new(),
+            withheld: RwLock::new(BTreeSet::new()),
         })
     }
 
     fn command(&self) -> Command {
         let mut command = Command::new(&self.program);
+        command.args(&self.args);
+        {
+            let withheld = self.withheld.read().unwrap_or_else(|e| e.into_inner());
+            for (name, _) in std::env::vars_os() {
+                let Some(text) = name.to_str() else { continue };
+                if text.starts_with(SERVER_ENV_PREFIX) || withheld.contains(text) {
+                    command.env_remove(&name);
+                }
+            }
+        }
         command
-            .args(&self.args)
             .envs(&self.env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -214,6 +230,11 @@ fn protocol_error(line: u64, message: impl std::fmt::Display) -> ErrorInfo {
 }
 
 impl Agent for CommandAgent {
+    fn withhold_env(&self, names: &BTreeSet<String>) {
+        let mut withheld = self.withheld.write().unwrap_or_else(|e| e.into_inner());
+        withheld.extend(names.iter().cloned());
+    }
+
     fn wants_history(&self) -> bool {
         true
     }
@@ -546,6 +567,7 @@ async fn read_stderr(
             let shown = &line[..line.len().min(STDERR_LOG_LINE_BYTES)];
             let text = String::from_utf8_lossy(shown);
             tracing::info!(
+                target: crate::logs::AGENT_STDERR,
                 agent = %log.agent,
                 interaction = %log.interaction,
                 "agent stderr: {}",
@@ -557,6 +579,7 @@ async fn read_stderr(
     }
     if dropped > 0 {
         tracing::info!(
+            target: crate::logs::AGENT_STDERR,
             agent = %log.agent,
             interaction = %log.interaction,
             "agent stderr: {dropped} further lines not logged"

@@ -5,7 +5,7 @@ mod command;
 mod echo;
 mod openai;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
@@ -61,6 +61,12 @@ pub trait Agent: Send + Sync + 'static {
     fn drain(&self) -> BoxFuture<'static, ()> {
         Box::pin(std::future::ready(()))
     }
+
+    /// Names environment variables holding secrets of the server (token secrets, other
+    /// agents' API keys): an agent that starts a process keeps them, and every `BATON_*`
+    /// variable, out of its environment. Called by the server before it serves; repeated
+    /// calls add to the set.
+    fn withhold_env(&self, _names: &BTreeSet<String>) {}
 }
 
 /// A configured agent: its kind, its timeout and the executor.
@@ -100,6 +106,13 @@ impl AgentRegistry {
             registry.insert(name.clone(), configured);
         }
         Ok(registry)
+    }
+
+    /// [`Agent::withhold_env`] for every agent.
+    pub fn withhold_env(&self, names: &BTreeSet<String>) {
+        for agent in self.agents.values() {
+            agent.executor.withhold_env(names);
+        }
     }
 
     /// Waits until every agent finished its after-task work (see [`Agent::drain`]).

@@ -69,6 +69,9 @@ pub struct Principal {
     /// The tenant every session named by this request belongs to.
     pub tenant: Tenant,
     pub caller: Caller,
+    /// The rate bucket and counters of the key behind the caller (the minting key, for a
+    /// token); `None` when access control is off.
+    meter: Option<Arc<Meter>>,
 }
 
 /// The kind of caller.
@@ -84,10 +87,41 @@ pub enum Caller {
         scope: Scope,
         /// Unix seconds.
         expires_at: u64,
+        /// The id of the key that minted it: the token is valid only while that key is
+        /// configured.
+        key: Arc<str>,
     },
 }
 
 impl Principal {
+    /// The caller when access control is off.
+    fn open() -> Self {
+        Self {
+            tenant: Tenant::default_tenant(),
+            caller: Caller::Open,
+            meter: None,
+        }
+    }
+
+    /// The id of the key behind this caller (the minting key, for a token); `""` when access
+    /// control is off.
+    pub fn key_id(&self) -> &str {
+        match &self.caller {
+            Caller::Open => "",
+            Caller::Key { id, .. } => id,
+            Caller::Token { key, .. } => key,
+        }
+    }
+
+    /// Takes one request (or WebSocket operation) from the bucket of the caller's key:
+    /// `429 rate_limited` past its `rate_per_s`.
+    pub fn charge(&self) -> Result<(), ApiError> {
+        match &self.meter {
+            Some(meter) => meter.charge(),
+            None => Ok(()),
+        }
+    }
+
     /// When this caller's access ends on its own (a token's expiry), for long-lived
     /// streams.
     pub fn expires_at(&self) -> Option<SystemTime> {
@@ -161,10 +195,39 @@ struct ApiKey {
     tenant: Tenant,
     admin: bool,
     sha256: [u8; 32],
+    meter: Arc<Meter>,
+}
+
+/// A key's rate bucket and counters, shared by every request and WebSocket operation made
+/// with the key or with a token it minted.
+struct Meter {
     bucket: Option<Mutex<Bucket>>,
-    /// Requests it authenticated, and those refused past its rate (for `/metrics`).
+    /// Requests (and WebSocket operations) it allowed, and those refused past its rate (for
+    /// `/metrics`).
     requests: AtomicU64,
     limited: AtomicU64,
+}
+
+impl std::fmt::Debug for Meter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meter")
+            .field("limited", &self.bucket.is_some())
+            .finish()
+    }
+}
+
+impl Meter {
+    fn charge(&self) -> Result<(), ApiError> {
+        if let Some(bucket) = &self.bucket {
+            let taken = bucket.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Err(retry_after) = taken {
+                self.limited.fetch_add(1, Ordering::Relaxed);
+                return Err(ApiError::rate_limited(retry_after));
+            }
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// A token bucket: `rate` per second, up to `2 × rate`, starting full (a key's requests, a
@@ -262,9 +325,11 @@ impl Auth {
                 tenant: Tenant::parse(&key.tenant)?,
                 admin: key.role == KeyRole::Admin,
                 sha256,
-                bucket: key.rate_per_s.map(|rate| Mutex::new(Bucket::new(rate))),
-                requests: AtomicU64::new(0),
-                limited: AtomicU64::new(0),
+                meter: Arc::new(Meter {
+                    bucket: key.rate_per_s.map(|rate| Mutex::new(Bucket::new(rate))),
+                    requests: AtomicU64::new(0),
+                    limited: AtomicU64::new(0),
+                }),
             });
         }
         let mut secrets = Vec::with_capacity(config.token_secret_env.len());
@@ -306,8 +371,8 @@ impl Auth {
             .map(|k| {
                 (
                     k.id.clone(),
-                    k.requests.load(Ordering::Relaxed),
-                    k.limited.load(Ordering::Relaxed),
+                    k.meter.requests.load(Ordering::Relaxed),
+                    k.meter.limited.load(Ordering::Relaxed),
                 )
             })
             .collect();
@@ -327,10 +392,7 @@ impl Auth {
     /// The principal of a request to `parts`, or why it has none.
     fn authenticate(&self, parts: &Parts) -> Result<Principal, ApiError> {
         if self.mode == AuthMode::None {
-            return Ok(Principal {
-                tenant: Tenant::default_tenant(),
-                caller: Caller::Open,
-            });
+            return Ok(Principal::open());
         }
         let principal = match bearer(&parts.headers)? {
             Some(credential) => self.resolve(credential)?,
@@ -343,10 +405,13 @@ impl Auth {
                 }
             },
         };
-        self.with_tenant_header(principal, &parts.headers)
+        let principal = self.with_tenant_header(principal, &parts.headers)?;
+        principal.charge()?;
+        Ok(principal)
     }
 
-    /// A key or a token, from the `Authorization` header (counted against the key's rate).
+    /// A key or a token, from the `Authorization` header (not yet counted against the key's
+    /// rate: [`Principal::charge`]).
     pub fn resolve(&self, credential: &str) -> Result<Principal, ApiError> {
         if credential.starts_with(TOKEN_PREFIX) {
             return self.verify_token(credential);
@@ -354,21 +419,19 @@ impl Auth {
         let key = self
             .find_key(credential)
             .ok_or_else(|| ApiError::unauthorized("unknown API key"))?;
-        if let Some(bucket) = &key.bucket {
-            let taken = bucket.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Err(retry_after) = taken {
-                key.limited.fetch_add(1, Ordering::Relaxed);
-                return Err(ApiError::rate_limited(retry_after));
-            }
-        }
-        key.requests.fetch_add(1, Ordering::Relaxed);
         Ok(Principal {
             tenant: key.tenant.clone(),
             caller: Caller::Key {
                 id: key.id.clone(),
                 admin: key.admin,
             },
+            meter: Some(key.meter.clone()),
         })
+    }
+
+    /// The configured key of this id (ids are not secret: no constant-time comparison).
+    fn key_by_id(&self, id: &str) -> Option<&ApiKey> {
+        self.keys.iter().find(|key| &*key.id == id)
     }
 
     /// The key whose hash matches. Every configured hash is compared, each in constant time,
@@ -415,25 +478,41 @@ impl Auth {
         Ok(principal)
     }
 
-    /// Signs a token for `session` (of its tenant), valid for `ttl` seconds from now.
-    pub fn mint(&self, session: &SessionId, scope: Scope, ttl_s: u64) -> Option<MintedToken> {
-        // Rounded up: a token lives at least `ttl_s` seconds.
+    /// Signs a token for `session` (of its tenant), valid for `ttl` seconds from now, minted
+    /// by the key `key` (its id): it lives only as long as that key is configured.
+    pub fn mint(
+        &self,
+        key: &str,
+        session: &SessionId,
+        scope: Scope,
+        ttl_s: u64,
+    ) -> Option<MintedToken> {
+        // Rounded up, so a token lives at least `ttl_s` seconds; but never further from now
+        // than the longest lifetime, which verification enforces.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let expires_at = now.as_secs() + u64::from(now.subsec_nanos() > 0) + ttl_s;
+        let expires_at = (now.as_secs() + u64::from(now.subsec_nanos() > 0) + ttl_s)
+            .min(now.as_secs() + MAX_TOKEN_TTL_S);
         Some(MintedToken {
-            token: self.sign(session, scope, expires_at)?,
+            token: self.sign(key, session, scope, expires_at)?,
             scope,
             expires_at,
         })
     }
 
-    /// The token of `session` and `scope` until `expires_at` (Unix seconds).
-    fn sign(&self, session: &SessionId, scope: Scope, expires_at: u64) -> Option<String> {
+    /// The token of `session` and `scope` until `expires_at` (Unix seconds), minted by `key`.
+    /// The key's id comes last: it is the only field that may hold a `/`.
+    fn sign(
+        &self,
+        key: &str,
+        session: &SessionId,
+        scope: Scope,
+        expires_at: u64,
+    ) -> Option<String> {
         let secret = self.secrets.first()?;
         let payload = format!(
-            "{}/{}/{}/{expires_at}",
+            "{}/{}/{}/{expires_at}/{key}",
             session.tenant(),
             session.name(),
             scope.as_str()
@@ -443,7 +522,8 @@ impl Auth {
         Some(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref())))
     }
 
-    /// Checks a token's signature (against every secret) and expiry; no lookup.
+    /// Checks a token's signature (against every secret), its expiry (past, or further than
+    /// the longest lifetime from now) and that its minting key is still configured.
     pub fn verify_token(&self, token: &str) -> Result<Principal, ApiError> {
         let invalid = || ApiError::unauthorized("invalid session token");
         let (signed, tag) = token.rsplit_once('.').ok_or_else(invalid)?;
@@ -460,8 +540,8 @@ impl Auth {
             .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
             .and_then(|p| String::from_utf8(p).ok())
             .ok_or_else(invalid)?;
-        let mut fields = payload.split('/');
-        let (Some(tenant), Some(session), Some(scope), Some(expires_at), None) = (
+        let mut fields = payload.splitn(5, '/');
+        let (Some(tenant), Some(session), Some(scope), Some(expires_at), Some(key)) = (
             fields.next(),
             fields.next(),
             fields.next(),
@@ -474,16 +554,28 @@ impl Auth {
         let scope = Scope::parse(scope).ok_or_else(invalid)?;
         let expires_at: u64 = expires_at.parse().map_err(|_| invalid())?;
         SessionId::new(&tenant, session).map_err(|_| invalid())?;
-        if expires_at <= unix_now() {
+        let now = unix_now();
+        if expires_at <= now {
             return Err(ApiError::unauthorized("the session token has expired"));
         }
+        // However it was signed (a leaked secret, a clock far off when it was minted).
+        if expires_at > now.saturating_add(MAX_TOKEN_TTL_S) {
+            return Err(ApiError::unauthorized(
+                "the session token's expiry is further away than a token may live",
+            ));
+        }
+        let minter = self.key_by_id(key).ok_or_else(|| {
+            ApiError::unauthorized("the key that minted this session token is no longer configured")
+        })?;
         Ok(Principal {
             tenant,
             caller: Caller::Token {
                 session: Arc::from(session),
                 scope,
                 expires_at,
+                key: minter.id.clone(),
             },
+            meter: Some(minter.meter.clone()),
         })
     }
 }
@@ -647,8 +739,9 @@ pub struct ReadSession(pub SessionId, pub Principal);
 /// The path's session, writable by the caller: a key, or a `write` token for it.
 pub struct WriteSession(pub SessionId);
 
-/// The path's session, for what only a key may do (`PUT`, `DELETE`, minting tokens).
-pub struct KeySession(pub SessionId);
+/// The path's session, for what only a key may do (`PUT`, `DELETE`, minting tokens), and
+/// the key's caller.
+pub struct KeySession(pub SessionId, pub Principal);
 
 /// `/v1/sessions/{id}/interactions/{iid}`, readable by the caller; a malformed `iid` is
 /// simply not found.
@@ -730,7 +823,7 @@ impl<S: Send + Sync> FromRequestParts<S> for KeySession {
             _ => "create session tokens",
         };
         principal.require_key(what)?;
-        Ok(KeySession(id))
+        Ok(KeySession(id, principal))
     }
 }
 
@@ -759,12 +852,26 @@ mod tests {
     use super::*;
 
     fn auth(secrets: &[&str]) -> Auth {
+        auth_with_keys(secrets, &[("k1", None)])
+    }
+
+    /// Keys by id, each with an optional rate; the key itself is `key-<id>`.
+    fn auth_with_keys(secrets: &[&str], keys: &[(&str, Option<f64>)]) -> Auth {
         let config = AuthConfig {
             mode: AuthMode::Keys,
             token_secret_env: secrets.iter().map(|s| s.to_string()).collect(),
             token_secrets: Vec::new(),
             cors_origins: Vec::new(),
-            keys: Vec::new(),
+            keys: keys
+                .iter()
+                .map(|(id, rate)| crate::config::KeyConfig {
+                    id: id.to_string(),
+                    tenant: "acme".into(),
+                    role: KeyRole::Tenant,
+                    sha256: key_sha256(&format!("key-{id}")),
+                    rate_per_s: *rate,
+                })
+                .collect(),
         };
         Auth::from_config(Some(&config), |name| {
             Some(format!("secret-of-{name}-0123456789"))
@@ -779,7 +886,9 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_refuse_tampering() {
         let a = auth(&["A"]);
-        let minted = a.mint(&session("acme", "demo:1"), Scope::Read, 60).unwrap();
+        let minted = a
+            .mint("k1", &session("acme", "demo:1"), Scope::Read, 60)
+            .unwrap();
         let p = a.verify_token(&minted.token).expect("valid");
         assert_eq!(p.tenant.as_str(), "acme");
         let Caller::Token { session, scope, .. } = &p.caller else {
@@ -804,15 +913,64 @@ mod tests {
     fn expired_tokens_are_refused() {
         let a = auth(&["A"]);
         let past = a
-            .sign(&session("acme", "s"), Scope::Write, unix_now() - 1)
+            .sign("k1", &session("acme", "s"), Scope::Write, unix_now() - 1)
             .unwrap();
         let e = a.verify_token(&past).unwrap_err();
         assert_eq!(e.code, "unauthorized");
         assert!(e.message.contains("expired"), "{}", e.message);
         // A token of ttl 1 lives at least a second.
-        let minted = a.mint(&session("acme", "s"), Scope::Write, 1).unwrap();
+        let minted = a
+            .mint("k1", &session("acme", "s"), Scope::Write, 1)
+            .unwrap();
         assert!(minted.expires_at > unix_now());
         assert!(a.verify_token(&minted.token).is_ok());
+    }
+
+    #[test]
+    fn tokens_live_at_most_the_longest_lifetime() {
+        let a = auth(&["A"]);
+        let s = session("acme", "s");
+        // The longest a token may be minted for verifies at once.
+        let minted = a.mint("k1", &s, Scope::Write, MAX_TOKEN_TTL_S).unwrap();
+        assert!(a.verify_token(&minted.token).is_ok());
+        // One signed (with the real secret) further away is refused, `u64::MAX` included.
+        for far in [unix_now() + MAX_TOKEN_TTL_S + 1, u64::MAX] {
+            let token = a.sign("k1", &s, Scope::Write, far).unwrap();
+            let e = a.verify_token(&token).unwrap_err();
+            assert_eq!(e.code, "unauthorized", "{far}");
+        }
+    }
+
+    #[test]
+    fn tokens_need_their_minting_key() {
+        let s = session("acme", "s");
+        let before = auth_with_keys(&["A"], &[("k1", None), ("k/2", None)]);
+        let of_k1 = before.mint("k1", &s, Scope::Read, 60).unwrap().token;
+        let of_k2 = before.mint("k/2", &s, Scope::Read, 60).unwrap().token;
+        let p = before.verify_token(&of_k2).unwrap();
+        assert_eq!(p.key_id(), "k/2");
+        // The same secret, without key k1 (removed, then a restart): its tokens are refused.
+        let after = auth_with_keys(&["A"], &[("k/2", None)]);
+        assert_eq!(after.verify_token(&of_k1).unwrap_err().code, "unauthorized");
+        assert!(after.verify_token(&of_k2).is_ok());
+    }
+
+    #[test]
+    fn tokens_draw_from_their_minting_keys_bucket() {
+        let a = auth_with_keys(&["A"], &[("slow", Some(1.0))]);
+        let token = a
+            .mint("slow", &session("acme", "s"), Scope::Write, 60)
+            .unwrap()
+            .token;
+        // The key's bucket holds 2: the key and its token share it.
+        assert!(a.resolve("key-slow").unwrap().charge().is_ok());
+        assert!(a.resolve(&token).unwrap().charge().is_ok());
+        let e = a.resolve(&token).unwrap().charge().unwrap_err();
+        assert_eq!(e.code, "rate_limited");
+        assert_eq!(
+            a.resolve("key-slow").unwrap().charge().unwrap_err().code,
+            "rate_limited"
+        );
     }
 
     #[test]

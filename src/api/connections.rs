@@ -1,5 +1,5 @@
-//! Bounds on streaming connections (WebSocket and SSE), in total and per session, and their
-//! exact count (I6: a guard removes exactly its own connection).
+//! Bounds on streaming connections (WebSocket and SSE), in total, per tenant and per
+//! session, and their exact count (I6: a guard removes exactly its own connection).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,20 +14,25 @@ pub struct Connections {
     // A std mutex: a map update, never an await.
     state: Mutex<State>,
     max_total: usize,
+    max_per_tenant: usize,
     max_per_session: usize,
 }
 
 #[derive(Debug, Default)]
 struct State {
     total: usize,
+    per_tenant: HashMap<Box<str>, usize>,
     per_session: HashMap<SessionId, usize>,
 }
 
 impl Connections {
-    pub fn new(max_total: usize, max_per_session: usize) -> Self {
+    /// `max_per_tenant` keeps one tenant from taking every stream slot: the others (and
+    /// the tenant's own short requests, which take none) are still served.
+    pub fn new(max_total: usize, max_per_tenant: usize, max_per_session: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
             max_total,
+            max_per_tenant,
             max_per_session,
         }
     }
@@ -46,6 +51,17 @@ impl Connections {
                 format!("too many connections ({} open)", self.max_total),
             ));
         }
+        let of_tenant = state.per_tenant.get(session.tenant()).copied().unwrap_or(0);
+        if of_tenant >= self.max_per_tenant {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "tenant_limit",
+                format!(
+                    "this tenant has {} streams open, its limit (max_connections_per_tenant)",
+                    self.max_per_tenant
+                ),
+            ));
+        }
         let count = state.per_session.get(session).copied().unwrap_or(0);
         if count >= self.max_per_session {
             return Err(ApiError::new(
@@ -58,6 +74,9 @@ impl Connections {
             ));
         }
         state.per_session.insert(session.clone(), count + 1);
+        state
+            .per_tenant
+            .insert(session.tenant().into(), of_tenant + 1);
         state.total += 1;
         Ok(ConnectionGuard {
             connections: Arc::clone(self),
@@ -91,6 +110,12 @@ impl Drop for ConnectionGuard {
             *count -= 1;
             if *count == 0 {
                 state.per_session.remove(&self.session);
+            }
+        }
+        if let Some(count) = state.per_tenant.get_mut(self.session.tenant()) {
+            *count -= 1;
+            if *count == 0 {
+                state.per_tenant.remove(self.session.tenant());
             }
         }
     }

@@ -158,6 +158,14 @@ impl From<StoreError> for ApiError {
                 format!("the session's queue is full ({limit} queued)"),
             )
             .with("limit", limit),
+            StoreError::ContextTooLarge { .. } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "context_too_large",
+                e.to_string(),
+            ),
+            StoreError::TenantLimit { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "tenant_limit", e.to_string())
+            }
             StoreError::NotWaiting => Self::new(
                 StatusCode::CONFLICT,
                 "not_waiting",

@@ -196,13 +196,62 @@ fn content_length(headers: &HeaderMap) -> Option<usize> {
 /// serde's explanation. Only an object is accepted: serde would otherwise fill a struct from
 /// an array, field by field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    numbers_kept(bytes)?;
+    // Checked as a Value first, so malformed JSON and a non-object get their own messages;
+    // then read straight from the text (a detour through the Value would round some numbers).
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid_request(format!("malformed JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::invalid_request("the body must be a JSON object"));
     }
-    serde_json::from_value(value)
+    serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid_request(format!("invalid request body: {e}")))
+}
+
+/// Refuses JSON whose numbers would not come back as they were written. Numbers are kept as
+/// their text (serde_json's `arbitrary_precision`), except forms it rewrites (`1E5` becomes
+/// `1e+5`, some long fractions are rounded): those are `400`, never silently changed.
+pub fn numbers_kept(json: &[u8]) -> Result<(), ApiError> {
+    let mut i = 0;
+    let mut in_string = false;
+    while i < json.len() {
+        let byte = json[i];
+        if in_string {
+            match byte {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < json.len()
+                    && matches!(json[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let text = &json[start..i];
+                // A malformed number is the parser's to report.
+                if let Ok(number) = serde_json::from_slice::<serde_json::Number>(text)
+                    && number.to_string().as_bytes() != text
+                {
+                    return Err(ApiError::invalid_request(format!(
+                        "the number {} cannot be kept exactly as written (it would read back \
+                         as {number}); send it as {number} or as a string",
+                        String::from_utf8_lossy(text)
+                    )));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
@@ -227,5 +276,26 @@ impl<T: DeserializeOwned + Default> FromRequest<AppState> for OptionalJsonBody<T
             return Ok(OptionalJsonBody(T::default()));
         }
         parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbers_kept;
+
+    #[test]
+    fn numbers_that_read_back_as_written_pass_and_others_are_refused() {
+        for kept in [
+            r#"{"a": 1, "b": -2, "c": 123456789012345678901234567890, "d": 1.10}"#,
+            r#"{"e": -123456789012345678901234567890, "f": 0.1000000000000000055511151231257827}"#,
+            r#"{"g": 1e+400, "h": 2.5e-3, "s": "1E5 and \" 1e400 in a string"}"#,
+            r#"[0, -0, 10, 3.14159265358979323846264338327950288]"#,
+        ] {
+            assert!(numbers_kept(kept.as_bytes()).is_ok(), "{kept}");
+        }
+        for changed in [r#"{"a": 1E5}"#, r#"{"a": 1e400}"#] {
+            let e = numbers_kept(changed.as_bytes()).unwrap_err();
+            assert_eq!(e.code, "invalid_request", "{changed}");
+        }
     }
 }

@@ -279,7 +279,7 @@ pub async fn list_sessions(
 
 pub async fn put_session(
     State(state): State<AppState>,
-    KeySession(id): KeySession,
+    KeySession(id, _): KeySession,
     OptionalJsonBody(body): OptionalJsonBody<PutSessionBody>,
 ) -> ApiResult {
     let (session, created) = state
@@ -315,7 +315,7 @@ pub async fn get_session(
 
 pub async fn delete_session(
     State(state): State<AppState>,
-    KeySession(id): KeySession,
+    KeySession(id, _): KeySession,
     OptionalJsonBody(EmptyBody {}): OptionalJsonBody<EmptyBody>,
 ) -> ApiResult {
     state.engine.delete_session(id).await?;
@@ -526,7 +526,7 @@ pub struct TokenBody {
 /// Everything is checked before the session is created.
 pub async fn create_token(
     State(state): State<AppState>,
-    KeySession(session): KeySession,
+    KeySession(session, caller): KeySession,
     OptionalJsonBody(body): OptionalJsonBody<TokenBody>,
 ) -> ApiResult {
     let scope = match body.scope.as_deref() {
@@ -551,7 +551,7 @@ pub async fn create_token(
         .await?;
     let minted = state
         .auth
-        .mint(&session, scope, ttl_s)
+        .mint(caller.key_id(), &session, scope, ttl_s)
         .ok_or_else(ApiError::internal)?;
     let expires_at = crate::model::Millis(minted.expires_at as i64 * 1000);
     Ok((

@@ -4,17 +4,32 @@
 use std::future::Future;
 use std::io;
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
+
+/// A connection's place among the `max_connections` served at once, in its requests'
+/// extensions. An event stream gives it back ([`HttpSlot::release`]): streams are bounded by
+/// their own limits, and must not keep short requests from being served.
+#[derive(Clone)]
+pub struct HttpSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl HttpSlot {
+    /// Frees the slot for another connection (the one of a response that streams until the
+    /// connection closes: it must say `Connection: close`).
+    pub fn release(&self) {
+        drop(self.0.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
 
 /// Bounds of plain HTTP connections (an upgraded WebSocket leaves them: it has its own).
 #[derive(Clone)]
@@ -59,12 +74,21 @@ pub async fn serve_http(
         };
         // Events are small frames that must leave at once, not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let slot = HttpSlot(Arc::new(Mutex::new(Some(permit))));
+        let service = {
+            let app = app.clone();
+            let slot = slot.clone();
+            service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(slot.clone());
+                let mut app = app.clone();
+                tower_service::Service::call(&mut app, request)
+            })
+        };
         let stopping = stopping.clone();
         let tls = settings.tls.clone();
         let header_timeout = settings.header_timeout;
         connections.spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             match tls {
                 None => serve_connection(stream, service, header_timeout, stopping).await,
                 Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
@@ -85,13 +109,19 @@ pub async fn serve_http(
 
 /// Serves one connection (plain or TLS) until it ends, or, once `stopping` says so, until
 /// the request in progress is answered.
-async fn serve_connection<S>(
+async fn serve_connection<S, H>(
     stream: S,
-    service: TowerToHyperService<Router>,
+    service: H,
     header_timeout: Duration,
     mut stopping: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    H: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        >,
+    H::Future: Send + 'static,
 {
     let mut builder = http1::Builder::new();
     builder

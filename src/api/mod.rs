@@ -180,5 +180,49 @@ fn routes(state: AppState) -> Router {
             state.clone(),
             auth::gate,
         ))
+        // Outside the gate, so its refusals are seen too.
+        .layer(axum::middleware::from_fn(close_when_unread))
         .with_state(state)
+}
+
+/// A request answered before its body was read to the end (a refusal by the gate or by an
+/// extractor, an oversized body) cannot leave its connection ready for the next request:
+/// the answer says `Connection: close`, so the client knows to open another.
+async fn close_when_unread(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    use futures_util::StreamExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let headers = request.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    if !has_body {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let read = Arc::new(AtomicBool::new(false));
+    let end = {
+        let read = read.clone();
+        futures_util::stream::once(async move {
+            read.store(true, Ordering::Relaxed);
+        })
+        .filter_map(|()| std::future::ready(None))
+    };
+    let body = axum::body::Body::from_stream(body.into_data_stream().chain(end));
+    let mut response = next
+        .run(axum::extract::Request::from_parts(parts, body))
+        .await;
+    if !read.load(Ordering::Relaxed) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }

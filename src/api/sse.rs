@@ -3,8 +3,9 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
@@ -16,6 +17,7 @@ use super::connections::ConnectionGuard;
 use super::error::ApiError;
 use super::extract::QueryParams;
 use super::feed::{EventFeed, FeedItem};
+use super::listener::HttpSlot;
 use crate::model::EventType;
 
 /// Keep-alive comment interval (API.md: every 15 s).
@@ -78,6 +80,7 @@ pub async fn events(
     ReadSession(session, principal): ReadSession,
     query: QueryParams,
     headers: HeaderMap,
+    slot: Option<Extension<HttpSlot>>,
 ) -> Result<Response, ApiError> {
     let last_event_id = headers
         .get("last-event-id")
@@ -145,7 +148,16 @@ pub async fn events(
         };
         Some((Ok::<_, Infallible>(sse), s))
     });
-    Ok(Sse::new(events)
+    // Counted among the streams now: its connection leaves the slots of short requests, and
+    // closes when the stream ends (it holds no slot to serve another request with).
+    if let Some(Extension(slot)) = slot {
+        slot.release();
+    }
+    let mut response = Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive"))
-        .into_response())
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Ok(response)
 }

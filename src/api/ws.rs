@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::AppState;
-use super::auth::{Bucket, ReadSession};
+use super::auth::{Bucket, Principal, ReadSession};
 use super::connections::ConnectionGuard;
 use super::error::ApiError;
 use super::extract::QueryParams;
@@ -83,6 +83,7 @@ pub async fn ws(
         can_write: principal.can_write(),
         expires: principal.expires_at(),
     };
+    let caller = principal;
     Ok(upgrade
         .max_message_size(settings.max_frame_bytes)
         .max_frame_size(settings.max_frame_bytes)
@@ -97,6 +98,7 @@ pub async fn ws(
                 session,
                 settings,
                 access,
+                caller,
                 _guard: guard,
             }
             .run(socket, hello, feed)
@@ -110,6 +112,8 @@ struct Connection {
     session: SessionId,
     settings: WsSettings,
     access: Access,
+    /// Its operations draw from the bucket of the caller's key too.
+    caller: Principal,
     _guard: ConnectionGuard,
 }
 
@@ -154,6 +158,7 @@ impl Connection {
                 session: self.session.clone(),
             },
             bucket: Bucket::new(self.settings.ops_per_second),
+            caller: self.caller.clone(),
             can_write: self.access.can_write,
         };
         let mut op: Option<Pin<Box<dyn Future<Output = String> + Send>>> = None;
@@ -375,7 +380,10 @@ struct AnswerOp {
 /// the operation that will give it; the connection runs one operation at a time.
 struct OpReader {
     ops: Ops,
+    /// The connection's own rate.
     bucket: Bucket,
+    /// The key's rate (the minting key's, for a token), shared with its HTTP requests.
+    caller: Principal,
     can_write: bool,
 }
 
@@ -411,7 +419,10 @@ fn ok_reply(reference: Value, data: Value) -> String {
 fn parse<T: serde::de::DeserializeOwned>(
     fields: serde_json::Map<String, Value>,
 ) -> Result<T, ApiError> {
-    serde_json::from_value(Value::Object(fields))
+    // Through the text, not `from_value`: that detour rounds some numbers (they are kept as
+    // written, API.md).
+    let text = serde_json::to_string(&fields).map_err(|_| ApiError::internal())?;
+    serde_json::from_str(&text)
         .map_err(|e| ApiError::invalid_request(format!("invalid operation: {e}")))
 }
 
@@ -439,19 +450,26 @@ impl OpReader {
         &mut self,
         text: &str,
     ) -> Result<(Value, String, serde_json::Map<String, Value>), String> {
-        // Every text frame counts, malformed ones included.
-        if self.bucket.take().is_err() {
+        // Every text frame counts, malformed ones included: against the connection's rate,
+        // then against its key's.
+        let limited = match self.bucket.take() {
+            Err(_) => Some(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many operations on this connection; slow down",
+            )),
+            Ok(()) => self.caller.charge().err(),
+        };
+        if let Some(error) = limited {
             let reference = serde_json::from_str::<Value>(text)
                 .ok()
                 .and_then(|frame| frame.get("ref").cloned())
                 .filter(|r| r.is_string() || r.is_number())
                 .unwrap_or(Value::Null);
-            let error = ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many operations on this connection; slow down",
-            );
             return Err(error_reply(reference, &error));
+        }
+        if let Err(e) = super::extract::numbers_kept(text.as_bytes()) {
+            return Err(error_reply(Value::Null, &e));
         }
         let mut fields = match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(fields)) => fields,

@@ -103,7 +103,7 @@ fn check_costs() -> anyhow::Result<(f64, f64)> {
     let auth = Auth::from_config(Some(&config), |_| None)?;
     let session = SessionId::new(&Tenant::parse("bench")?, "s")?;
     let token = auth
-        .mint(&session, Scope::Write, 3600)
+        .mint("k15", &session, Scope::Write, 3600)
         .ok_or_else(|| anyhow::anyhow!("no token"))?
         .token;
     let time = |check: &dyn Fn() -> bool| {

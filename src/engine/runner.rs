@@ -76,7 +76,7 @@ pub(super) async fn run_task(
             return;
         }
         Stop::Ended(outputs, end) => (outputs, end),
-        Stop::Asked(outputs, data, timeout) => {
+        Stop::Asked(mut outputs, data, timeout) => 'ask: {
             for attempt in 1..=FINISH_ATTEMPTS {
                 match inner
                     .store
@@ -84,6 +84,10 @@ pub(super) async fn run_task(
                     .await
                 {
                     Ok(_) | Err(StoreError::Fenced) => return,
+                    Err(e @ StoreError::ContextTooLarge { at: Some(at), .. }) => {
+                        outputs.truncate(at);
+                        break 'ask (outputs, context_too_large(&e));
+                    }
                     Err(e) => {
                         tracing::error!(interaction = %id, attempt, error = %e, "recording an ask");
                         tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
@@ -94,11 +98,7 @@ pub(super) async fn run_task(
             return;
         }
     };
-    match &end {
-        TaskEnd::Completed { .. } => &inner.counters.interactions_completed,
-        TaskEnd::Failed(_) => &inner.counters.interactions_failed,
-    }
-    .fetch_add(1, Ordering::Relaxed);
+    let (mut outputs, mut end) = (outputs, end);
     for attempt in 1..=FINISH_ATTEMPTS {
         let start_next = !inner.shutting_down.load(Ordering::Relaxed);
         match inner
@@ -107,12 +107,22 @@ pub(super) async fn run_task(
             .await
         {
             Ok(next) => {
+                match &end {
+                    TaskEnd::Completed { .. } => &inner.counters.interactions_completed,
+                    TaskEnd::Failed(_) => &inner.counters.interactions_failed,
+                }
+                .fetch_add(1, Ordering::Relaxed);
                 if let Some(next) = next {
                     inner.launch(next);
                 }
                 return;
             }
             Err(StoreError::Fenced) => return,
+            Err(e @ StoreError::ContextTooLarge { at: Some(at), .. }) => {
+                // The outputs before the refused patch stand; the task fails at it.
+                outputs.truncate(at);
+                end = context_too_large(&e);
+            }
             Err(e) => {
                 tracing::error!(interaction = %id, attempt, error = %e, "recording a task's end");
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
@@ -193,9 +203,20 @@ async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &Cancellatio
                 if finished {
                     return Stop::Ended(outputs, agent_end((&mut agent_task.0).await));
                 }
+                // A context patch may be refused (max_context_bytes): what came before it is
+                // then written with the failure. Only batches with a patch are copied.
+                let kept = outputs
+                    .iter()
+                    .any(|o| matches!(o, TaskOutput::ContextPatch(_)))
+                    .then(|| outputs.clone());
                 match inner.store.append_outputs(id.clone(), outputs).await {
                     Ok(()) => {}
                     Err(StoreError::Fenced) => return Stop::Fenced,
+                    Err(e @ StoreError::ContextTooLarge { at: Some(at), .. }) => {
+                        let mut before = kept.unwrap_or_default();
+                        before.truncate(at);
+                        return Stop::Ended(before, context_too_large(&e));
+                    }
                     Err(e) => {
                         return Stop::Ended(Vec::new(), TaskEnd::Failed(ErrorInfo {
                             code: "internal".into(),
@@ -209,6 +230,14 @@ async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &Cancellatio
             }
         }
     }
+}
+
+/// The end of a task whose agent's context patch was refused.
+fn context_too_large(e: &StoreError) -> TaskEnd {
+    TaskEnd::Failed(ErrorInfo {
+        code: "context_too_large".into(),
+        message: format!("the agent's context patch was refused: {e}"),
+    })
 }
 
 fn agent_end(joined: Result<AgentResult, tokio::task::JoinError>) -> TaskEnd {

@@ -39,6 +39,17 @@ pub enum StoreError {
     /// An answer to an interaction that is not `waiting` for that request.
     #[error("the interaction is not waiting for this request")]
     NotWaiting,
+    /// A context write (or an agent's patch, the `at`th of its outputs) would make the
+    /// context serialize to `size` bytes, past `limit`; nothing was changed.
+    #[error("the context would be {size} bytes, past the limit of {limit} (max_context_bytes)")]
+    ContextTooLarge {
+        limit: usize,
+        size: usize,
+        at: Option<usize>,
+    },
+    /// Creating the session would give its tenant more than `limit` sessions.
+    #[error("the tenant has {limit} sessions, its limit (max_sessions_per_tenant)")]
+    TenantLimit { limit: u64 },
     /// The task's interaction is no longer `running` (cancelled, cleared, deleted, finished):
     /// its write is refused.
     #[error("interaction is no longer running")]
@@ -153,12 +164,34 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// Bounds the session rules enforce, the same on every backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest context, serialized, after any write or patch.
+    pub max_context_bytes: usize,
+    /// Most sessions one tenant may hold; `None`: unlimited.
+    pub max_sessions_per_tenant: Option<u64>,
+}
+
+/// `max_context_bytes` by default: 256 KiB.
+pub const DEFAULT_MAX_CONTEXT_BYTES: usize = 256 * 1024;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_context_bytes: DEFAULT_MAX_CONTEXT_BYTES,
+            max_sessions_per_tenant: None,
+        }
+    }
+}
+
 /// Options of the SQLite backend.
 #[derive(Debug, Clone, Copy)]
 pub struct SqliteOptions {
     pub synchronous: Synchronous,
     /// Read connections used in parallel with the single writer.
     pub readers: usize,
+    pub limits: Limits,
 }
 
 impl Default for SqliteOptions {
@@ -166,6 +199,7 @@ impl Default for SqliteOptions {
         Self {
             synchronous: Synchronous::Normal,
             readers: 4,
+            limits: Limits::default(),
         }
     }
 }

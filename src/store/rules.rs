@@ -71,7 +71,7 @@ pub(super) fn decide(snapshot: Snapshot, operation: Operation) -> StoreResult<Pl
             } else {
                 value
             };
-            d.set_context(&context)?;
+            d.set_context(&context, None)?;
             Outcome::Context(context)
         }
         Operation::Interrupt { id, error } => {
@@ -169,6 +169,12 @@ impl Decider {
         if self.s.session.is_some() {
             return Ok(false);
         }
+        if let Some(limit) = self.s.limits.max_sessions_per_tenant
+            && self.s.tenant_sessions.unwrap_or(0) >= limit
+        {
+            return Err(StoreError::TenantLimit { limit });
+        }
+        self.check_context_size(&context, None)?;
         let last_seq = self.s.retired_seq;
         let now = self.s.now;
         self.writes.push(Write::CreateSession {
@@ -230,7 +236,21 @@ impl Decider {
         )
     }
 
-    fn set_context(&mut self, context: &JsonObject) -> StoreResult<()> {
+    /// Refuses a context that serializes past `max_context_bytes`; `at`: the agent output
+    /// that would make it.
+    fn check_context_size(&self, context: &JsonObject, at: Option<usize>) -> StoreResult<()> {
+        let limit = self.s.limits.max_context_bytes;
+        let size = serialized_size(context);
+        if size > limit {
+            return Err(StoreError::ContextTooLarge { limit, size, at });
+        }
+        Ok(())
+    }
+
+    /// Replaces the context, refused past `max_context_bytes` (`at`: the agent output that
+    /// asks for it).
+    fn set_context(&mut self, context: &JsonObject, at: Option<usize>) -> StoreResult<()> {
+        self.check_context_size(context, at)?;
         self.writes.push(Write::SetContext(context.clone()));
         self.row()?.context = Ok(context.clone());
         self.emit(
@@ -275,7 +295,7 @@ impl Decider {
                 self.writes.push(Write::SetAgent(agent));
             }
             if let Some(context) = context {
-                self.set_context(&context)?;
+                self.set_context(&context, None)?;
             }
         }
         Ok(Outcome::Session {
@@ -498,7 +518,7 @@ impl Decider {
         outputs: Vec<TaskOutput>,
     ) -> StoreResult<String> {
         let mut text = String::new();
-        for output in outputs {
+        for (at, output) in outputs.into_iter().enumerate() {
             match output {
                 TaskOutput::Delta(delta) => {
                     let data = DeltaData {
@@ -517,7 +537,7 @@ impl Decider {
                 }
                 TaskOutput::ContextPatch(patch) => {
                     let context = patched(self.row()?.context()?, patch)?;
-                    self.set_context(&context)?;
+                    self.set_context(&context, Some(at))?;
                 }
                 TaskOutput::Ask(_) => {
                     return Err(StoreError::Internal(
@@ -672,6 +692,24 @@ impl Decider {
         }
         Ok(cancelled)
     }
+}
+
+/// The length of `value`'s JSON text, counted without building it.
+fn serialized_size(value: &JsonObject) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing to a counter cannot fail, and a map of JSON values always serializes.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 fn patched(context: &JsonObject, patch: JsonObject) -> StoreResult<JsonObject> {

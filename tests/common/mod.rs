@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod browser;
+pub mod child;
 pub mod cluster;
 pub mod mock_openai;
 pub mod pg;
@@ -89,6 +90,13 @@ impl TestServer {
     pub async fn restart_in(config_toml: &str, dir: tempfile::TempDir) -> Self {
         let db_path = dir.path().join("baton.db");
         Self::start_at(config_toml, dir, db_path).await
+    }
+
+    /// Starts a server with `config` on an existing database directory.
+    pub async fn restart_with_config(config: Config, dir: tempfile::TempDir) -> Self {
+        let db_path = dir.path().join("baton.db");
+        let agents = AgentRegistry::from_config(&config.agents).expect("agents");
+        Self::start_configured(config, agents, dir, db_path).await
     }
 
     /// Stops the server and hands back its database directory, for a restart.

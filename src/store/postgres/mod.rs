@@ -35,7 +35,7 @@ use tokio_postgres::error::SqlState;
 
 use super::rules::{Operation, Outcome};
 use super::shared::page;
-use super::{Page, StartedTask, StoreError, StoreResult, StoreStats, register_final_watch};
+use super::{Limits, Page, StartedTask, StoreError, StoreResult, StoreStats, register_final_watch};
 use crate::bus::Bus;
 use crate::model::{
     Event, IdGenerator, Interaction, InteractionId, JsonObject, Millis, Session, SessionId, Tenant,
@@ -71,6 +71,8 @@ pub struct PgOptions {
     pub pool_size: usize,
     /// How long a node's heartbeat keeps it alive.
     pub lease: Duration,
+    /// The bounds of the session rules.
+    pub limits: Limits,
 }
 
 pub(super) struct PgStore {
@@ -89,6 +91,8 @@ pub(super) struct PgStore {
     notes: mpsc::UnboundedSender<Note>,
     cancels: Mutex<Option<mpsc::UnboundedReceiver<InteractionId>>>,
     lease: Duration,
+    /// The bounds of the session rules.
+    limits: Limits,
     background: Vec<tokio::task::AbortHandle>,
 }
 
@@ -272,6 +276,7 @@ impl PgStore {
             sequencer,
             cancels: Mutex::new(Some(cancel_rx)),
             lease: options.lease,
+            limits: options.limits,
             notes,
             background: vec![
                 filler.abort_handle(),

@@ -97,6 +97,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
     /// Locks the session's row and reads what the rules look at.
     async fn load(&mut self, id: &SessionId, op: &Operation) -> TxResult<Snapshot> {
         let mut snapshot = Snapshot::absent(id.clone(), self.now);
+        snapshot.limits = self.store.limits;
         let sid = id.key();
         let stmt = self
             .tx
@@ -122,6 +123,26 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                 if let Some(row) = self.tx.query_opt(&stmt, &[&sid]).await? {
                     snapshot.retired_seq = row.try_get(0)?;
                 }
+            }
+            if snapshot.counts_tenant(op) {
+                // Creations of one tenant queue behind this lock until commit, so the count
+                // (read once it is held) sees each one before it: the bound is exact across
+                // nodes.
+                let lock = self
+                    .tx
+                    .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 7420))")
+                    .await?;
+                self.tx.execute(&lock, &[&id.tenant()]).await?;
+                let count = self
+                    .tx
+                    .prepare_cached("SELECT count(*) FROM sessions WHERE tenant = $1")
+                    .await?;
+                let count: i64 = self
+                    .tx
+                    .query_one(&count, &[&id.tenant()])
+                    .await?
+                    .try_get(0)?;
+                snapshot.tenant_sessions = Some(count.max(0) as u64);
             }
             if op.inserts() {
                 snapshot.fresh_id = Some(self.fresh_id(None)?.0);

@@ -6,8 +6,8 @@ use crate::model::{
     SessionId,
 };
 use crate::store::{
-    Accepted, CancelTarget, Cancelled, Cleared, NewMessage, StartedTask, StoreError, StoreResult,
-    TaskEnd, TaskOutput,
+    Accepted, CancelTarget, Cancelled, Cleared, Limits, NewMessage, StartedTask, StoreError,
+    StoreResult, TaskEnd, TaskOutput,
 };
 
 /// A session's row as loaded by a backend.
@@ -54,6 +54,12 @@ pub(in crate::store) struct Snapshot {
     /// The id a message gets if it is stored (not a replay): allocated by the backend, after
     /// every id of the session.
     pub(in crate::store) fresh_id: Option<InteractionId>,
+    /// The bounds the rules enforce (the backend's configured ones).
+    pub(in crate::store) limits: Limits,
+    /// How many sessions the tenant holds, loaded when the operation would create this one
+    /// and the tenant's sessions are bounded (in a transaction that serialises the tenant's
+    /// creations).
+    pub(in crate::store) tenant_sessions: Option<u64>,
 }
 
 impl Snapshot {
@@ -80,7 +86,15 @@ impl Snapshot {
             keyed: None,
             named: None,
             fresh_id: None,
+            limits: Limits::default(),
+            tenant_sessions: None,
         }
+    }
+
+    /// Whether the backend must load [`Snapshot::tenant_sessions`] for `op` on this
+    /// (absent) session.
+    pub(in crate::store) fn counts_tenant(&self, op: &Operation) -> bool {
+        self.session.is_none() && op.creates() && self.limits.max_sessions_per_tenant.is_some()
     }
 }
 

@@ -63,8 +63,39 @@ pub(super) struct SqliteStore {
     delta_cursor: AtomicI64,
 }
 
+/// Makes the database readable by its owner only, whatever the umask: the file is created
+/// with mode 0600 before SQLite opens it (SQLite gives its WAL, shared-memory and journal
+/// files the database's mode), and files of an earlier run are set to 0600.
+fn owner_only(path: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |e: std::io::Error| {
+        StoreError::Internal(format!(
+            "securing the database file {}: {e}",
+            path.display()
+        ))
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(failed)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     pub(super) fn open(path: &Path, options: SqliteOptions, bus: Arc<Bus>) -> StoreResult<Self> {
+        owner_only(path)?;
         let mut conn = Connection::open(path)?;
         configure(&conn, options.synchronous)?;
         incremental_vacuum_mode(&conn)?;
@@ -79,6 +110,7 @@ impl SqliteStore {
             bus: bus.clone(),
             stats: stats.clone(),
             checkpoint_requested,
+            limits: options.limits,
         };
         std::thread::Builder::new()
             .name("baton-sqlite-writer".into())

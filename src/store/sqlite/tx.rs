@@ -7,7 +7,7 @@ use super::cache::SessionCache;
 use super::read::{read_interaction, select_interaction};
 use crate::model::{Event, EventType, IdGenerator, InteractionId, Millis, SessionId};
 use crate::store::rules::{self, Operation, Outcome, Plan, SessionRow, Snapshot, Write};
-use crate::store::{StoreError, StoreResult};
+use crate::store::{Limits, StoreError, StoreResult};
 
 /// The write side of one job: the connection inside the batch's transaction, the id
 /// generator and the events the job caused.
@@ -19,6 +19,8 @@ pub(super) struct Tx<'c> {
     pub(super) events: Vec<Event>,
     /// Whether this job has written anything: if it then fails, its batch is undone.
     pub(super) wrote: bool,
+    /// The bounds of the session rules.
+    pub(super) limits: Limits,
 }
 
 impl Tx<'_> {
@@ -49,6 +51,15 @@ impl Tx<'_> {
             Some(state) => Snapshot::of(session.clone(), self.now, state.clone()),
             None => self.load(&session, &op)?,
         };
+        snapshot.limits = self.limits;
+        if snapshot.counts_tenant(&op) {
+            // The single writer serialises every creation: the count is exact.
+            let count: i64 = self
+                .conn
+                .prepare_cached("SELECT count(*) FROM sessions WHERE tenant = ?1")?
+                .query_row([session.tenant()], |r| r.get(0))?;
+            snapshot.tenant_sessions = Some(count.max(0) as u64);
+        }
         self.load_named(&mut snapshot, &op)?;
         if op.inserts() {
             snapshot.fresh_id = Some(self.ids.next_id());

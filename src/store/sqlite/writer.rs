@@ -14,7 +14,7 @@ use super::cache::SessionCache;
 use super::tx::Tx;
 use crate::bus::Bus;
 use crate::model::{IdGenerator, Millis};
-use crate::store::{StoreError, StoreResult, StoreStats};
+use crate::store::{Limits, StoreError, StoreResult, StoreStats};
 
 /// Most jobs committed together in one transaction.
 const MAX_BATCH: usize = 512;
@@ -43,6 +43,8 @@ pub(super) struct Writer {
     pub(super) stats: Arc<StoreStats>,
     /// Set by the checkpointer when the WAL is not restarting.
     pub(super) checkpoint_requested: Arc<AtomicBool>,
+    /// The bounds of the session rules.
+    pub(super) limits: Limits,
 }
 
 impl Writer {
@@ -52,6 +54,7 @@ impl Writer {
             bus,
             stats,
             checkpoint_requested,
+            limits,
         } = self;
         let mut ids = IdGenerator::default();
         let mut cache = SessionCache::default();
@@ -95,6 +98,7 @@ impl Writer {
                     now: Millis::now(),
                     events: Vec::new(),
                     wrote: false,
+                    limits,
                 };
                 let outcome = catch_unwind(AssertUnwindSafe(|| job(&mut tx)));
                 let wrote = tx.wrote;
