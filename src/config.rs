@@ -49,7 +49,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Open WebSocket and SSE connections per session.
     pub max_connections_per_session: usize,
-    /// Open WebSocket and SSE connections per tenant; absent: half of `max_connections`.
+    /// Open WebSocket and SSE connections per tenant; absent: half of `max_connections` with
+    /// access control on (all of them without: there is one tenant then).
     pub max_connections_per_tenant: Option<usize>,
     /// Sessions one tenant may hold; absent: unlimited.
     pub max_sessions_per_tenant: Option<u64>,
@@ -784,11 +785,20 @@ impl Config {
         Ok(config)
     }
 
-    /// Streams (WebSocket and SSE) one tenant may hold open at once.
+    /// Streams (WebSocket and SSE) one tenant may hold open at once: as set, or half of
+    /// `max_connections` with access control on. Without it every request is tenant
+    /// `default`, the only one, which then may use them all.
     pub fn connections_per_tenant(&self) -> usize {
-        self.max_connections_per_tenant
-            .unwrap_or(self.max_connections / 2)
-            .max(1)
+        let tenants = self
+            .auth
+            .as_ref()
+            .is_some_and(|auth| auth.mode == AuthMode::Keys);
+        let default = if tenants {
+            self.max_connections / 2
+        } else {
+            self.max_connections
+        };
+        self.max_connections_per_tenant.unwrap_or(default).max(1)
     }
 
     /// The bounds of the session rules.

@@ -251,6 +251,7 @@ fn tampered(token: &str) -> String {
 
 /// The state one matrix cell runs against: `acme`'s session with a completed interaction,
 /// and the tokens of the callers.
+#[derive(Clone)]
 struct Cell {
     session: String,
     interaction: String,
@@ -367,6 +368,8 @@ async fn call(
             401 => "unauthorized",
             403 => "forbidden",
             404 => "not_found",
+            // Only the bounds answer 429 to the matrix's callers (no key has a rate).
+            429 => "tenant_limit",
             _ => code,
         };
         assert_eq!(code, want, "{body}");
@@ -622,5 +625,111 @@ async fn unknown_paths_are_behind_the_gate_too() {
         )
         .await;
     assert_eq!(wrong.status, 405);
+    server.stop().await;
+}
+
+/// The bounds' refusals on every route they apply to, for every caller that gets that far:
+/// with every tenant at `max_sessions_per_tenant`, a route that would create a session is
+/// `429 tenant_limit`; a context past `max_context_bytes` is `413 context_too_large` on every
+/// route that writes one. Callers refused for their credentials are refused as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bounds_refuse_on_every_route_they_apply_to() {
+    let mut config = config();
+    config.max_sessions_per_tenant = Some(1);
+    config.max_context_bytes = 512;
+    let server = TestServer::start_with_config(config).await;
+    let expired = mint(&server, "m0", "write", 1).await;
+    // acme's one session is m0 (minting created it); beta's and ops' one session each.
+    for key in [BETA_KEY, ADMIN_KEY] {
+        let created = server
+            .request(
+                Method::PUT,
+                "/v1/sessions/taken",
+                Some(&json!({})),
+                &[("authorization", &format!("Bearer {key}"))],
+            )
+            .await;
+        assert_eq!(created.status, 201, "{}", created.body);
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let cell = Cell {
+        session: "m0".into(),
+        interaction: "00000000000000000000000000000000".into(),
+        read_token: mint(&server, "m0", "read", 600).await,
+        write_token: mint(&server, "m0", "write", 600).await,
+        other_session_token: mint(&server, "m0", "write", 600).await,
+    };
+    let mut failures = Vec::new();
+    let creating = |class: Class| {
+        matches!(
+            class,
+            Class::WriteCreating | Class::PutSession | Class::Tokens | Class::Ws
+        )
+    };
+    for route in ROUTES.iter().filter(|r| creating(r.class)) {
+        for caller in [
+            Caller::OwnKey,
+            Caller::AdminAsOwner,
+            Caller::OtherTenantKey,
+            Caller::Admin,
+            Caller::Anonymous,
+            Caller::ReadToken,
+        ] {
+            // A session none of them has: creating it is past every tenant's bound.
+            let fresh = Cell {
+                session: "absent".into(),
+                ..cell.clone()
+            };
+            // The tokens are m0's: another session is theirs to refuse first.
+            let want = match expected(route.class, route.ok, caller) {
+                401 => 401,
+                _ if caller == Caller::ReadToken => 403,
+                403 => 403,
+                _ => 429,
+            };
+            let got = call(&server, route, caller, &fresh, &expired).await;
+            if got != want {
+                failures.push(format!(
+                    "tenant_limit: {} {} as {caller:?}: {got}, expected {want}",
+                    route.method, route.path
+                ));
+            }
+        }
+    }
+    // Context writes past the bound, on the existing session.
+    let big = json!({"blob": "x".repeat(1000)});
+    for (method, path, body) in [
+        (Method::PUT, "/v1/sessions/m0/context", big.clone()),
+        (Method::PATCH, "/v1/sessions/m0/context", big.clone()),
+        (Method::PUT, "/v1/sessions/m0", json!({"context": big})),
+    ] {
+        for (caller, credential) in [
+            ("own key", ACME_KEY.to_string()),
+            ("write token", cell.write_token.clone()),
+            ("read token", cell.read_token.clone()),
+        ] {
+            let answer = server
+                .request(
+                    method.clone(),
+                    path,
+                    Some(&body),
+                    &[("authorization", &format!("Bearer {credential}"))],
+                )
+                .await;
+            let token_put = caller.ends_with("token") && path == "/v1/sessions/m0";
+            let want = if caller == "read token" || token_put {
+                (403, "forbidden")
+            } else {
+                (413, "context_too_large")
+            };
+            if (answer.status.as_u16(), answer.code().unwrap_or("")) != want {
+                failures.push(format!(
+                    "context_too_large: {method} {path} as {caller}: {} {}",
+                    answer.status, answer.body
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     server.stop().await;
 }

@@ -57,14 +57,24 @@ pub fn finish(mut child: Baton) -> (i32, String, String) {
 
 /// A started `baton serve` and the URL of its listening line.
 pub fn serve(dir: &tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> (Baton, String) {
+    let database = format!("sqlite://{}/baton.db", dir.path().display());
+    serve_on(dir, config, &database, env)
+}
+
+/// [`serve`] on the database `database`.
+pub fn serve_on(
+    dir: &tempfile::TempDir,
+    config: &str,
+    database: &str,
+    env: &[(&str, &str)],
+) -> (Baton, String) {
     let path = dir.path().join("baton.toml");
     std::fs::write(&path, config).expect("write config");
-    let database = format!("sqlite://{}/baton.db", dir.path().display());
     let mut command = baton();
     command
         .args(["serve", "--config"])
         .arg(&path)
-        .args(["--database", &database])
+        .args(["--database", database, "--listen", "127.0.0.1:0"])
         .env("BATON_LOG", "trace");
     for (name, value) in env {
         command.env(name, value);
