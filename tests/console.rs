@@ -512,12 +512,12 @@ async fn baton_js_resumes_and_matches_replies_by_ref() {
     let browser = driver.browser().await;
     browser.goto(&format!("{}/console/", server.url)).await;
     browser.find("[data-testid=session-list]").await;
-    // The module, as a page loads it.
+    // The module, as a page loads it (imported: the console's policy allows no inline script).
     browser
-        .script(
-            "const s = document.createElement('script'); s.type = 'module';\
-             s.textContent = \"import * as b from '/console/baton.js'; window.batonjs = b;\";\
-             document.head.append(s);",
+        .async_script(
+            "const done = arguments[arguments.length - 1];\
+             import('/console/baton.js').then((b) => { window.batonjs = b; done(true); },\
+                                              (e) => done(String(e)));",
             json!([]),
         )
         .await;
@@ -649,8 +649,9 @@ async fn a_long_session_and_a_fast_stream_stay_responsive() {
             &format!(
                 "const all = document.querySelectorAll('[data-testid=interaction]');\
                  const last = all[all.length - 1];\
-                 return document.querySelector('[data-testid=connection-state]').dataset.state\
-                   === 'live' && last && last.dataset.id === '{newest}' && performance.now();"
+                 const state = document.querySelector('[data-testid=connection-state]');\
+                 return !!state && state.dataset.state === 'live' && !!last\
+                   && last.dataset.id === '{newest}' && performance.now();"
             ),
         )
         .await
