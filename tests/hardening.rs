@@ -772,3 +772,51 @@ async fn json_numbers_come_back_exactly_as_sent() {
     ws.close().await;
     server.stop().await;
 }
+
+/// The session bound across nodes: creations racing on two PostgreSQL nodes never pass it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_postgres_tests),
+    ignore = "needs PostgreSQL: set BATON_TEST_POSTGRES to an admin URL"
+)]
+async fn racing_creations_on_two_nodes_never_pass_the_session_limit() {
+    let admin = common::pg::postgres_admin_url();
+    let config = format!("max_sessions_per_tenant = 5\n{}", common::BASE_CONFIG);
+    let cluster = common::cluster::Cluster::start(&admin, 2, &config).await;
+    let apis = cluster.apis();
+    let mut racers = Vec::new();
+    for i in 0..24 {
+        let api = &apis[i % 2];
+        let http = api.http.clone();
+        let url = format!("{}/v1/sessions/r{i}/messages", api.base);
+        racers.push(tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({"content": "hi"}))
+                .send()
+                .await
+                .expect("answer")
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for racer in racers {
+        statuses.push(racer.await.expect("racer"));
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 202 || *s == 429),
+        "{statuses:?}"
+    );
+    let rows = cluster
+        .pg
+        .rows("SELECT count(*) FROM sessions", &[])
+        .await
+        .expect("count");
+    let stored: i64 = rows[0].get(0);
+    assert_eq!(stored, 5, "five sessions stored");
+}
