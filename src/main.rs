@@ -152,6 +152,12 @@ enum Command {
         /// The paced agent's pause before each word, in ms (20: 50 words/s).
         #[arg(long, default_value_t = 20)]
         stream_delay_ms: u64,
+        /// WebSocket subscribers of the fanout-burst and noisy scenarios.
+        #[arg(long, default_value_t = 50)]
+        burst_subscribers: usize,
+        /// Words of the message echoed in the fanout-burst and noisy scenarios.
+        #[arg(long, default_value_t = 50_000)]
+        burst_words: usize,
         /// PostgreSQL URL of a role that may create databases, e.g.
         /// postgres://postgres@127.0.0.1:5432/postgres: enables the cluster scenario (a fresh
         /// database per configuration, dropped afterwards).
@@ -161,8 +167,8 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         nodes: Vec<usize>,
         /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel, streams,
-        /// ask, auth, cluster (repeatable; all but auth and cluster by default, cluster too
-        /// with --postgres).
+        /// ask, auth, fanout-burst, noisy, cluster (repeatable; all but auth, fanout-burst,
+        /// noisy and cluster by default, cluster too with --postgres).
         #[arg(long)]
         only: Vec<String>,
     },
@@ -347,6 +353,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             stream_messages,
             stream_words,
             stream_delay_ms,
+            burst_subscribers,
+            burst_words,
             postgres,
             nodes,
             only,
@@ -368,6 +376,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 stream_messages,
                 stream_words,
                 stream_delay_ms,
+                burst_subscribers,
+                burst_words,
                 postgres,
                 nodes,
                 only,

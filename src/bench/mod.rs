@@ -25,6 +25,15 @@
 //! - **auth** (`--only auth`): the throughput load against an open server and one where every
 //!   request carries an API key, in alternating rounds; and the in-process cost of checking a
 //!   key and a session token.
+//! - **fanout-burst** (`--only fanout-burst`, issue 17): the per-delta cost of fan-out. One
+//!   session, `--burst-subscribers` (50) WebSocket subscribers reading everything (resuming
+//!   after a `1013`), the instant echo of a message of `--burst-words` (50,000) words: POST →
+//!   final event at every subscriber, against the same message with nobody listening; frames/s,
+//!   resumes and seq faults.
+//! - **noisy** (`--only noisy`, issue 17, I9): a noisy neighbour. Access control on, two tenant
+//!   keys; tenant A's session gets the fan-out burst above, storm after storm, while tenant B
+//!   makes small requests (GET session, PATCH context, a short message with `?wait`) at 20/s:
+//!   tenant B's latency p50/p99 without the storm and during it.
 //! - **cluster** (with `--postgres ADMIN_URL`): the throughput load spread over N `baton serve`
 //!   nodes sharing one fresh PostgreSQL database (and, for comparison, over one node on
 //!   SQLite), with WebSocket subscribers on every node measuring cross-node delivery.
@@ -34,7 +43,8 @@
 //! One module per scenario, each with its figures, its load and its rows of the report:
 //! `throughput`, `accept`, `memory`, `fanout`, `idle`, `cancel` (with the mock LLM),
 //! `streams` (a folder: the scenario, and `stream`, one session's messages and what its
-//! subscriber saw), `cluster`. Beside them: `spawn` starts the servers and reads their
+//! subscriber saw), `burst` (fanout-burst, and the subscribers it shares with `noisy`),
+//! `noisy`, `cluster`. Beside them: `spawn` starts the servers and reads their
 //! memory, `ws` holds the WebSocket subscriber's frame parsing (and the whole subscriber of
 //! the fan-out and cluster scenarios), `report` writes the table. This module says what runs,
 //! in which order.
@@ -42,11 +52,13 @@
 mod accept;
 mod ask;
 mod auth;
+mod burst;
 mod cancel;
 mod cluster;
 mod fanout;
 mod idle;
 mod memory;
+mod noisy;
 mod report;
 mod spawn;
 mod streams;
@@ -101,13 +113,17 @@ pub struct BenchOptions {
     pub stream_words: usize,
     /// The paced echo agent's pause before each word, in ms (20: 50 words/s).
     pub stream_delay_ms: u64,
+    /// Subscribers and words of the fan-out burst and noisy-neighbour scenarios.
+    pub burst_subscribers: usize,
+    pub burst_words: usize,
     /// PostgreSQL URL of a role that may create databases: enables the cluster scenario, which
     /// creates a fresh database on it per configuration and drops it afterwards.
     pub postgres: Option<String>,
     /// Node counts of the cluster scenario.
     pub nodes: Vec<usize>,
     /// Which scenarios to run (`throughput`, `accept`, `memory`, `fanout`, `idle`, `cancel`,
-    /// `streams`, `cluster`); empty means all (`cluster` only when `postgres` is given).
+    /// `streams`, `ask`, `auth`, `fanout-burst`, `noisy`, `cluster`); empty means all but
+    /// `auth`, `fanout-burst` and `noisy` (`cluster` only when `postgres` is given).
     pub only: Vec<String>,
 }
 
@@ -115,24 +131,28 @@ impl BenchOptions {
     fn wants(&self, scenario: &str) -> bool {
         self.only.iter().any(|o| o == scenario)
             || (self.only.is_empty()
-                && scenario != AUTH
+                && !ON_REQUEST.contains(&scenario)
                 && (scenario != CLUSTER || self.postgres.is_some()))
     }
 
     /// Whether any scenario of the shared single server is to run (all but `cluster`,
-    /// `auth` and `ask`, which start servers of their own).
+    /// `ask` and those on request, which start servers of their own).
     fn wants_single_server(&self) -> bool {
         self.only.is_empty()
             || self
                 .only
                 .iter()
-                .any(|o| o != CLUSTER && o != AUTH && o != "ask")
+                .any(|o| o != CLUSTER && o != "ask" && !ON_REQUEST.contains(&o.as_str()))
     }
 }
 
 const CLUSTER: &str = "cluster";
 /// Access control's cost: only on request (`--only auth`), as it starts servers of its own.
 const AUTH: &str = "auth";
+const FANOUT_BURST: &str = "fanout-burst";
+const NOISY: &str = "noisy";
+/// Scenarios that start servers of their own and run only when named in `--only`.
+const ON_REQUEST: [&str; 3] = [AUTH, FANOUT_BURST, NOISY];
 
 /// Figures of one target.
 #[derive(Debug, Default, Clone)]
@@ -393,6 +413,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     }
     if options.wants(AUTH) && options.server.is_none() {
         let table = auth::auth(&options).await?;
+        crate::cli::out(&format!("{table}\n"))?;
+    }
+    if options.wants(FANOUT_BURST) && options.server.is_none() {
+        let table = burst::fanout_burst(&options).await?;
+        crate::cli::out(&format!("{table}\n"))?;
+    }
+    if options.wants(NOISY) && options.server.is_none() {
+        let table = noisy::noisy(&options).await?;
         crate::cli::out(&format!("{table}\n"))?;
     }
     if options.wants(CLUSTER) {
