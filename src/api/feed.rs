@@ -66,9 +66,18 @@ impl EventFeed {
         self.last_sent
     }
 
-    /// A live event that is already waiting, without waiting (to batch socket writes).
+    /// The next event if it is at hand without waiting — a replayed one already read from
+    /// the store, or a live one already published — to batch socket writes (a replay too is
+    /// written a burst per flush, not an event per flush).
     pub fn try_next(&mut self) -> Option<FeedItem> {
-        if self.replaying || !self.replay.is_empty() {
+        while let Some(event) = self.replay.pop_front() {
+            if event.seq > self.last_sent {
+                self.last_sent = event.seq;
+                return Some(FeedItem::Event(Arc::new(event)));
+            }
+        }
+        if self.replaying {
+            // The next page needs a store read: `next` does it.
             return None;
         }
         loop {

@@ -232,34 +232,15 @@ impl Connection {
                         }
                     }
                     item = feed.next() => match item {
-                        Ok(FeedItem::Event(mut event)) => {
-                            // Write every event already waiting, then flush once: one
-                            // syscall for a burst instead of one per event.
-                            let mut burst = 0;
-                            let ended = loop {
-                                let frame = event_frame(&event.envelope);
-                                if feed_frame(&mut socket, Message::Text(frame.into())).await.is_err() {
-                                    break Some(Ending::Drop);
-                                }
-                                if event.kind == EventType::SessionDeleted {
-                                    break Some(Ending::Close(1000, "session deleted".into()));
-                                }
-                                burst += 1;
-                                match (burst < MAX_BURST).then(|| feed.try_next()).flatten() {
-                                    Some(FeedItem::Event(next)) => event = next,
-                                    Some(FeedItem::Lagged { last_sent }) => {
-                                        break Some(Ending::Close(1013, format!("after={last_sent}")));
-                                    }
-                                    Some(FeedItem::Closed) | None => break None,
-                                }
-                            };
-                            if flush(&mut socket).await.is_err() {
-                                break 'connection Ending::Drop;
-                            }
-                            if let Some(ending) = ended {
-                                break 'connection ending;
-                            }
-                        }
+                        Ok(FeedItem::Event(event)) => match write_burst(&mut socket, &mut feed, event).await {
+                            Err(()) => break 'connection Ending::Drop,
+                            Ok(Burst::Ended(ending)) => break 'connection ending,
+                            // More may be waiting: let every other task (another
+                            // connection, another tenant's request) run before the next
+                            // burst, so one busy stream cannot hold a worker thread.
+                            Ok(Burst::Full) => tokio::task::yield_now().await,
+                            Ok(Burst::Drained) => {}
+                        },
                         Ok(FeedItem::Lagged { last_sent }) => {
                             break 'connection Ending::Close(1013, format!("after={last_sent}"));
                         }
@@ -308,9 +289,9 @@ impl Connection {
 }
 
 /// A socket operation bounded by [`SEND_TIMEOUT`]; any failure or timeout is `Err`.
-async fn within_send_timeout<E>(operation: impl Future<Output = Result<(), E>>) -> Result<(), ()> {
+async fn within_send_timeout<T, E>(operation: impl Future<Output = Result<T, E>>) -> Result<T, ()> {
     match tokio::time::timeout(SEND_TIMEOUT, operation).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(value)) => Ok(value),
         _ => Err(()),
     }
 }
@@ -319,13 +300,49 @@ async fn send<S: Sink<Message> + Unpin>(sink: &mut S, message: Message) -> Resul
     within_send_timeout(sink.send(message)).await
 }
 
-/// Queues a frame without flushing (the caller flushes after a burst).
-async fn feed_frame<S: Sink<Message> + Unpin>(sink: &mut S, message: Message) -> Result<(), ()> {
-    within_send_timeout(sink.feed(message)).await
+/// How a burst of events ended.
+enum Burst {
+    /// Every event at hand was written.
+    Drained,
+    /// [`MAX_BURST`] events were written; more may be at hand.
+    Full,
+    /// The connection ends after this burst (a lag, the session's deletion).
+    Ended(Ending),
 }
 
-async fn flush<S: Sink<Message> + Unpin>(sink: &mut S) -> Result<(), ()> {
-    within_send_timeout(sink.flush()).await
+/// Writes `first` and the events at hand behind it (up to [`MAX_BURST`]), then flushes once:
+/// one syscall for a burst instead of one per event. The whole burst is bounded by
+/// [`SEND_TIMEOUT`] — one timer per burst, not one per frame.
+async fn write_burst<S: Sink<Message> + Unpin>(
+    sink: &mut S,
+    feed: &mut EventFeed,
+    first: std::sync::Arc<crate::model::Event>,
+) -> Result<Burst, ()> {
+    within_send_timeout(async {
+        let mut event = first;
+        let mut written = 0;
+        let burst = loop {
+            sink.feed(Message::Text(event_frame(&event.envelope).into()))
+                .await?;
+            if event.kind == EventType::SessionDeleted {
+                break Burst::Ended(Ending::Close(1000, "session deleted".into()));
+            }
+            written += 1;
+            if written == MAX_BURST {
+                break Burst::Full;
+            }
+            match feed.try_next() {
+                Some(FeedItem::Event(next)) => event = next,
+                Some(FeedItem::Lagged { last_sent }) => {
+                    break Burst::Ended(Ending::Close(1013, format!("after={last_sent}")));
+                }
+                Some(FeedItem::Closed) | None => break Burst::Drained,
+            }
+        };
+        sink.flush().await?;
+        Ok::<_, S::Error>(burst)
+    })
+    .await
 }
 
 /// `{"kind":"event", ...envelope}` without re-serialising the envelope.
