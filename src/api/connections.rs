@@ -106,17 +106,21 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         let mut state = self.connections.state();
         state.total = state.total.saturating_sub(1);
-        if let Some(count) = state.per_session.get_mut(&self.session) {
-            *count -= 1;
-            if *count == 0 {
-                state.per_session.remove(&self.session);
-            }
-        }
-        if let Some(count) = state.per_tenant.get_mut(self.session.tenant()) {
-            *count -= 1;
-            if *count == 0 {
-                state.per_tenant.remove(self.session.tenant());
-            }
+        uncount(&mut state.per_session, &self.session);
+        uncount(&mut state.per_tenant, self.session.tenant());
+    }
+}
+
+/// Takes one off `key`'s count, dropping the entry at zero (I6: only counted keys stay).
+fn uncount<K, Q>(counts: &mut HashMap<K, usize>, key: &Q)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    if let Some(count) = counts.get_mut(key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(key);
         }
     }
 }

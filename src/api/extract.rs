@@ -197,8 +197,20 @@ fn content_length(headers: &HeaderMap) -> Option<usize> {
 /// an array, field by field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     numbers_kept(bytes)?;
-    // Checked as a Value first, so malformed JSON and a non-object get their own messages;
-    // then read straight from the text (a detour through the Value would round some numbers).
+    // Read straight from the text (a detour through a Value would round some numbers), once:
+    // only a body that is not an object, or fails, is parsed again to say which it is.
+    let object = bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    let parsed = if object {
+        serde_json::from_slice(bytes).ok()
+    } else {
+        None
+    };
+    if let Some(parsed) = parsed {
+        return Ok(parsed);
+    }
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid_request(format!("malformed JSON: {e}")))?;
     if !value.is_object() {
