@@ -6,7 +6,7 @@
 mod common;
 
 use common::TIMEOUT;
-use common::child::{baton, finish, run, serve};
+use common::child::{baton, run, serve, terminate};
 
 use serde_json::{Value, json};
 
@@ -151,13 +151,7 @@ async fn keys_tokens_and_secrets_never_reach_the_logs_or_metrics() {
         .expect("metrics");
     assert_eq!(metrics.status(), 200);
     let metrics = metrics.text().await.expect("text");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("signal");
-    let (code, _, log) = finish(child);
-    assert_eq!(code, 0, "{log}");
+    let log = terminate(child);
     assert!(
         log.contains("request refused by the access gate") && log.contains("request authenticated"),
         "the log tells about every request: {log}"

@@ -430,39 +430,49 @@ async fn a_tenant_at_its_session_limit_creates_no_more() {
     server.stop().await;
 }
 
+/// Posts a first message to each `(client, messages URL, Authorization)` at once; the
+/// statuses, in order.
+async fn race_new_sessions(
+    targets: impl Iterator<Item = (reqwest::Client, String, Option<String>)>,
+) -> Vec<u16> {
+    let racers: Vec<_> = targets
+        .map(|(http, url, authorization)| {
+            tokio::spawn(async move {
+                let mut request = http.post(url).json(&json!({"content": "hi"}));
+                if let Some(authorization) = authorization {
+                    request = request.header("authorization", authorization);
+                }
+                request.send().await.expect("answer").status().as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for racer in racers {
+        statuses.push(racer.await.expect("racer"));
+    }
+    statuses
+}
+
+/// Exactly `limit` of the racing creations were accepted; every other one was `429`.
+fn assert_exactly_created(statuses: Vec<u16>, limit: usize) {
+    let created = statuses.iter().filter(|s| **s == 202).count();
+    assert_eq!(created, limit, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 202 || *s == 429),
+        "{statuses:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_creations_never_pass_the_session_limit() {
     let mut config = bounded();
     config.max_sessions_per_tenant = Some(5);
     let server = TestServer::start_with_config(config).await;
-    let mut racers = Vec::new();
-    for i in 0..20 {
-        let http = server.http.clone();
+    let targets = (0..20).map(|i| {
         let url = format!("{}/v1/sessions/r{i}/messages", server.url);
-        racers.push(tokio::spawn(async move {
-            http.post(url)
-                .header("authorization", bearer(ACME_KEY))
-                .json(&json!({"content": "hi"}))
-                .send()
-                .await
-                .expect("answer")
-                .status()
-                .as_u16()
-        }));
-    }
-    let mut statuses = Vec::new();
-    for racer in racers {
-        statuses.push(racer.await.expect("racer"));
-    }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 202).count(),
-        5,
-        "{statuses:?}"
-    );
-    assert!(
-        statuses.iter().all(|s| *s == 202 || *s == 429),
-        "{statuses:?}"
-    );
+        (server.http.clone(), url, Some(bearer(ACME_KEY)))
+    });
+    assert_exactly_created(race_new_sessions(targets).await, 5);
     let list = as_caller(
         &server,
         ACME_KEY,
@@ -784,34 +794,12 @@ async fn racing_creations_on_two_nodes_never_pass_the_session_limit() {
     let config = format!("max_sessions_per_tenant = 5\n{}", common::BASE_CONFIG);
     let cluster = common::cluster::Cluster::start(&admin, 2, &config).await;
     let apis = cluster.apis();
-    let mut racers = Vec::new();
-    for i in 0..24 {
+    let targets = (0..24).map(|i| {
         let api = &apis[i % 2];
-        let http = api.http.clone();
         let url = format!("{}/v1/sessions/r{i}/messages", api.base);
-        racers.push(tokio::spawn(async move {
-            http.post(url)
-                .json(&json!({"content": "hi"}))
-                .send()
-                .await
-                .expect("answer")
-                .status()
-                .as_u16()
-        }));
-    }
-    let mut statuses = Vec::new();
-    for racer in racers {
-        statuses.push(racer.await.expect("racer"));
-    }
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 202).count(),
-        5,
-        "{statuses:?}"
-    );
-    assert!(
-        statuses.iter().all(|s| *s == 202 || *s == 429),
-        "{statuses:?}"
-    );
+        (api.http.clone(), url, None)
+    });
+    assert_exactly_created(race_new_sessions(targets).await, 5);
     let rows = cluster
         .pg
         .rows("SELECT count(*) FROM sessions", &[])

@@ -7,20 +7,9 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 
 use common::TIMEOUT;
-use common::child::{Baton, finish, serve};
+use common::child::{serve, terminate};
 use common::stream::Ws;
 use serde_json::{Value, json};
-
-fn stop(child: Baton) -> String {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("signal");
-    let (code, _, log) = finish(child);
-    assert_eq!(code, 0, "{log}");
-    log
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
@@ -84,7 +73,7 @@ token_secret_env = ["TOKEN_SECRET_FOR_TEST"]
         "its own table is added"
     );
     assert!(seen.get("PATH").is_some());
-    stop(child);
+    terminate(child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +98,7 @@ async fn the_sqlite_files_are_the_owners_only_whatever_the_umask() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{name} is {:o}", mode & 0o777);
     }
-    stop(child);
+    terminate(child);
 }
 
 /// Strings that only users send: none may appear in the log.
@@ -184,7 +173,7 @@ async fn user_data_stays_out_of_the_log(database: Option<String>) {
         .expect("events");
     assert_eq!(sse.status(), 200);
     drop(sse);
-    let log = stop(child);
+    let log = terminate(child);
     assert!(
         log.contains("TRACE") || log.contains("DEBUG"),
         "the server logged at trace: {}",

@@ -2,56 +2,21 @@
 //! configuration that cannot work refuses to start with a precise message, and logs written
 //! to a pipe carry no colour codes.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+use common::TIMEOUT;
+use common::child::{Baton, baton, finish};
 
-/// A `baton serve` child, killed when dropped.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(args: &[&str], log: Option<&str>) -> Serve {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
-    command
-        .arg("serve")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+fn serve(args: &[&str], log: Option<&str>) -> Baton {
+    let mut command = baton();
+    command.arg("serve").args(args);
     match log {
         Some(filter) => command.env("BATON_LOG", filter),
         None => command.env_remove("BATON_LOG"),
     };
-    Serve(command.spawn().expect("start baton serve"))
-}
-
-/// Waits for the child to exit; its status, stdout and stderr.
-fn finish(mut child: Serve) -> (i32, String, String) {
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "baton serve did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut out) = child.0.stdout.take() {
-        let _ = out.read_to_string(&mut stdout);
-    }
-    if let Some(mut err) = child.0.stderr.take() {
-        let _ = err.read_to_string(&mut stderr);
-    }
-    (status.code().unwrap_or(-1), stdout, stderr)
+    Baton(command.spawn().expect("start baton serve"))
 }
 
 fn write_config(dir: &tempfile::TempDir, text: &str) -> String {

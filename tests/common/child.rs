@@ -95,3 +95,16 @@ pub fn serve_on(
     });
     (child, url)
 }
+
+/// Stops a `baton serve` child with SIGTERM, as an operator would; it must exit cleanly.
+/// Its log (stderr).
+pub fn terminate(child: Baton) -> String {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal");
+    let (code, _, log) = finish(child);
+    assert_eq!(code, 0, "{log}");
+    log
+}
