@@ -79,11 +79,6 @@ pub async fn ws(
     }
     let settings = state.ws;
     let engine = state.engine.clone();
-    let access = Access {
-        can_write: principal.can_write(),
-        expires: principal.expires_at(),
-    };
-    let caller = principal;
     Ok(upgrade
         .max_message_size(settings.max_frame_bytes)
         .max_frame_size(settings.max_frame_bytes)
@@ -97,8 +92,7 @@ pub async fn ws(
                 engine,
                 session,
                 settings,
-                access,
-                caller,
+                caller: principal,
                 _guard: guard,
             }
             .run(socket, hello, feed)
@@ -111,19 +105,11 @@ struct Connection {
     engine: Engine,
     session: SessionId,
     settings: WsSettings,
-    access: Access,
-    /// Its operations draw from the bucket of the caller's key too.
+    /// What its credentials allow (a `read` token: only `ping`), until when (a token's
+    /// expiry closes the connection with `4001`); its operations draw from the bucket of the
+    /// caller's key.
     caller: Principal,
     _guard: ConnectionGuard,
-}
-
-/// What the connection's credentials allow, for as long as they last.
-#[derive(Clone, Copy)]
-struct Access {
-    /// A `read` token: every op but `ping` is `forbidden`.
-    can_write: bool,
-    /// A token's expiry: the connection is closed with `4001` then.
-    expires: Option<std::time::SystemTime>,
 }
 
 /// The close (RFC 6455 §7.4.1) owed to a peer whose frame could not be read: `1009` for a
@@ -152,14 +138,14 @@ impl Connection {
     /// pings, and reads the client's frames, running their operations one at a time (while
     /// one runs, the next frame waits in the socket; events keep flowing meanwhile).
     async fn run(self, mut socket: WebSocket, hello: Session, mut feed: EventFeed) {
+        let expires = self.caller.expires_at();
         let mut reader = OpReader {
             ops: Ops {
                 engine: self.engine.clone(),
                 session: self.session.clone(),
             },
             bucket: Bucket::new(self.settings.ops_per_second),
-            caller: self.caller.clone(),
-            can_write: self.access.can_write,
+            caller: self.caller,
         };
         let mut op: Option<Pin<Box<dyn Future<Output = String> + Send>>> = None;
         let mut heard = Instant::now();
@@ -168,7 +154,7 @@ impl Connection {
         let mut ping = tokio::time::interval(self.settings.ping_interval);
         ping.tick().await;
         let expiry = async {
-            match self.access.expires {
+            match expires {
                 Some(at) => tokio::time::sleep_until(deadline(at)).await,
                 None => std::future::pending().await,
             }
@@ -399,9 +385,9 @@ struct OpReader {
     ops: Ops,
     /// The connection's own rate.
     bucket: Bucket,
-    /// The key's rate (the minting key's, for a token), shared with its HTTP requests.
+    /// The key's rate (the minting key's, for a token), shared with its HTTP requests, and
+    /// the scope.
     caller: Principal,
-    can_write: bool,
 }
 
 /// What an operation needs, owned, so the operation in flight borrows nothing of the
@@ -532,7 +518,7 @@ impl OpReader {
             op.as_str(),
             "message" | "cancel" | "clear" | "context" | "answer"
         );
-        if known && !self.can_write {
+        if known && !self.caller.can_write() {
             return Err(error_reply(
                 reference,
                 &ApiError::forbidden("this session token only reads (scope read): only ping"),
