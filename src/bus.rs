@@ -22,13 +22,7 @@ pub struct Bus {
     /// One-shot waiters for an interaction's final state (`?wait=`): far cheaper than a
     /// broadcast subscription per request.
     finals: Mutex<Finals>,
-    /// Told where a new subscriber's stream starts (set by a store that orders events
-    /// arriving from other nodes).
-    anchor_hook: std::sync::OnceLock<AnchorHook>,
 }
-
-/// See [`Bus::anchor`].
-pub type AnchorHook = Box<dyn Fn(&SessionId, i64) + Send + Sync>;
 
 /// Final-state waiters by interaction, and how many wait in each session.
 #[derive(Debug, Default)]
@@ -75,7 +69,6 @@ impl Bus {
             buffer: buffer.max(1),
             published: AtomicU64::new(0),
             finals: Mutex::new(Finals::default()),
-            anchor_hook: std::sync::OnceLock::new(),
         }
     }
 
@@ -151,20 +144,6 @@ impl Bus {
     /// Registered final-state waiters.
     pub fn final_watch_count(&self) -> usize {
         self.finals().by_id.values().map(|w| w.senders.len()).sum()
-    }
-
-    /// Installs the hook [`Bus::anchor`] calls (once; later calls are ignored).
-    pub fn set_anchor_hook(&self, hook: AnchorHook) {
-        let _ = self.anchor_hook.set(hook);
-    }
-
-    /// A subscriber of `session` has read, after subscribing, that the session's last seq is
-    /// `last_seq`: it needs every event after it live. (With several nodes, the store starts
-    /// ordering that session's events from there.)
-    pub fn anchor(&self, session: &SessionId, last_seq: i64) {
-        if let Some(hook) = self.anchor_hook.get() {
-            hook(session, last_seq);
-        }
     }
 
     /// Whether `session` has live subscribers here.

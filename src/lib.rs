@@ -30,4 +30,6 @@ pub mod engine;
 pub mod logs;
 pub mod model;
 pub mod server;
+#[macro_use]
+pub mod session;
 pub mod store;

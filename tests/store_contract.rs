@@ -125,7 +125,7 @@ async fn accept_applies_each_policy(kind: Kind) {
         .await
         .expect("accepted");
     assert_eq!(first.interaction.status, Status::Running);
-    assert!(first.started.is_some());
+    assert!(first.started().is_some());
     match f
         .store
         .accept_message(message("s", "two", Policy::Reject))
@@ -141,7 +141,7 @@ async fn accept_applies_each_policy(kind: Kind) {
             .await
             .expect("queued");
         assert_eq!(q.interaction.status, Status::Queued);
-        assert!(q.started.is_none());
+        assert!(q.started().is_none());
     }
     assert!(matches!(
         f.store
@@ -154,8 +154,8 @@ async fn accept_applies_each_policy(kind: Kind) {
         .accept_message(message("s", "now", Policy::Interrupt))
         .await
         .expect("interrupt");
-    assert_eq!(new.cancelled.len(), 4);
-    assert_eq!(new.cancelled[0], first.interaction.id);
+    assert_eq!(new.cancelled().len(), 4);
+    assert_eq!(new.cancelled()[0], first.interaction.id);
     assert_eq!(new.interaction.status, Status::Running);
     let session = f.store.get_session(sid("s")).await.expect("session");
     assert_eq!(session.queued, 0);
@@ -222,9 +222,9 @@ async fn task_writes_are_fenced_once_the_interaction_is_not_running(kind: Kind) 
         .cancel(sid("s"), CancelTarget::Running, CancelReason::Cancel, true)
         .await
         .expect("cancel");
-    assert_eq!(cancelled.cancelled, vec![id.clone()]);
+    assert_eq!(cancelled.value, vec![id.clone()]);
     assert_eq!(
-        cancelled.started.map(|t| t.interaction.id),
+        cancelled.started().map(|t| t.interaction.id.clone()),
         Some(b.interaction.id.clone())
     );
     assert!(matches!(
@@ -277,7 +277,7 @@ async fn finish_records_the_end_and_starts_the_next(kind: Kind) {
         .await
         .expect("finish");
     assert_eq!(
-        next.map(|t| t.interaction.id),
+        next.started().map(|t| t.interaction.id.clone()),
         Some(b.interaction.id.clone())
     );
     let none = f
@@ -293,14 +293,14 @@ async fn finish_records_the_end_and_starts_the_next(kind: Kind) {
         )
         .await
         .expect("finish b");
-    assert!(none.is_none());
+    assert!(none.started().is_none());
     let (session, history) = f.store.task_inputs(sid("s"), 10).await.expect("history");
     assert_eq!(session.id.name(), "s");
     assert_eq!(history.len(), 1, "failed interactions are not history");
     assert_eq!(history[0].response, "A");
     let b = f
         .store
-        .get_interaction(sid("s"), b.interaction.id)
+        .get_interaction(sid("s"), b.interaction.id.clone())
         .await
         .expect("b");
     assert_eq!(b.status, Status::Failed);
@@ -312,8 +312,8 @@ async fn clear_is_one_atomic_step(kind: Kind) {
     f.store
         .update_context(
             sid("s"),
-            json!({"k": 1}).as_object().cloned().unwrap_or_default(),
-            false,
+            json!({"k": 1}).as_object().cloned(),
+            None,
             "default".into(),
         )
         .await
@@ -333,7 +333,7 @@ async fn clear_is_one_atomic_step(kind: Kind) {
     // after another node's notification); consumers drop seqs they already have.
     let known = f.store.get_session(sid("s")).await.expect("s").last_seq;
     // The position a subscriber read after subscribing: everything later arrives live.
-    f.bus.anchor(&sid("s"), known);
+    f.store.anchor(&sid("s"), known);
     let cleared = f
         .store
         .clear(sid("s"), "default".into())
@@ -390,7 +390,7 @@ async fn idempotency_keys_replay_or_mismatch(kind: Kind) {
     assert!(!first.replayed);
     let again = f.store.accept_message(m.clone()).await.expect("replay");
     assert!(again.replayed);
-    assert!(again.started.is_none());
+    assert!(again.started().is_none());
     assert_eq!(again.interaction.id, first.interaction.id);
     let mut different = m.clone();
     different.content = "other".into();
@@ -432,8 +432,8 @@ async fn recovery_fails_running_and_starts_queued(kind: Kind) {
     }
     let (reopened, _bus) = connect(&f.location).await;
     let started = reopened.recover().await.expect("recover");
-    assert_eq!(started.len(), 1);
-    assert_eq!(started[0].interaction.id, b.interaction.id);
+    assert_eq!(started.start.len(), 1);
+    assert_eq!(started.start[0].interaction.id, b.interaction.id);
     let a_now = reopened
         .get_interaction(sid("s"), a.interaction.id.clone())
         .await
@@ -462,7 +462,8 @@ async fn a_deleted_session_never_reuses_a_seq(kind: Kind) {
         .store
         .put_session(sid("s"), None, None, "default".into())
         .await
-        .expect("recreate");
+        .expect("recreate")
+        .into_value();
     assert!(created);
     assert!(
         session.last_seq > before + 1,
@@ -597,7 +598,7 @@ async fn retention_compacts_final_deltas_then_old_events(kind: Kind) {
     );
     let completed = f
         .store
-        .get_interaction(sid("s"), done.interaction.id)
+        .get_interaction(sid("s"), done.interaction.id.clone())
         .await
         .expect("a");
     assert_eq!(
@@ -616,6 +617,47 @@ async fn retention_compacts_final_deltas_then_old_events(kind: Kind) {
     let events = f.store.events_after(sid("s"), 0, 10).await.expect("events");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].seq, last + 1);
+}
+
+/// A `waiting` interaction is not final: retention keeps its deltas (its stream replay and
+/// transcript need them), however old they are.
+async fn retention_keeps_the_deltas_of_waiting_interactions(kind: Kind) {
+    let f = open(kind).await;
+    let asking = f
+        .store
+        .accept_message(message("w", "a", Policy::Reject))
+        .await
+        .expect("a");
+    let id = asking.interaction.id.clone();
+    f.store
+        .append_outputs(
+            id.clone(),
+            vec![TaskOutput::Delta("x".into()), TaskOutput::Delta("y".into())],
+        )
+        .await
+        .expect("deltas");
+    f.store
+        .ask(
+            id.clone(),
+            vec![TaskOutput::Delta("z".into())],
+            serde_json::json!({"question": "ok?"}),
+            std::time::Duration::from_secs(3600),
+        )
+        .await
+        .expect("ask");
+    let future = baton::model::Millis(baton::model::Millis::now().0 + 60_000);
+    let deleted = f
+        .store
+        .compact(future, baton::model::Millis(0))
+        .await
+        .expect("compact");
+    assert_eq!(deleted, 0, "nothing of a waiting interaction is final");
+    let deltas = kinds(&f.store, "w")
+        .await
+        .into_iter()
+        .filter(|k| *k == EventType::TaskDelta)
+        .count();
+    assert_eq!(deltas, 3, "the waiting interaction keeps every delta");
 }
 
 /// Every contract test, once per backend. The PostgreSQL ones run when
@@ -660,7 +702,7 @@ async fn random_operations_leave_a_whole_log(kind: Kind) {
                     3 | 4 => match running {
                         Some(id) => {
                             let words = (0..next(4)).map(|i| TaskOutput::Delta(format!("{i} ")));
-                            store.append_outputs(id, words.collect()).await
+                            store.append_outputs(id, words.collect()).await.map(drop)
                         }
                         None => Ok(()),
                     },
@@ -807,6 +849,7 @@ on_every_backend!(
     a_deleted_session_never_reuses_a_seq,
     events_after_pages_in_order,
     retention_compacts_final_deltas_then_old_events,
+    retention_keeps_the_deltas_of_waiting_interactions,
     random_operations_leave_a_whole_log,
 );
 
@@ -840,7 +883,7 @@ async fn sqlite_gives_freed_pages_back() {
             .expect("deltas");
         f.store
             .finish(
-                accepted.interaction.id,
+                accepted.interaction.id.clone(),
                 Vec::new(),
                 TaskEnd::Completed { response: None },
                 true,

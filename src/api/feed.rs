@@ -58,7 +58,7 @@ impl EventFeed {
     pub fn start_after(&mut self, after: i64, replay: bool, last_seq: i64) {
         self.last_sent = after;
         self.replaying = replay;
-        self.engine.bus().anchor(&self.session, last_seq);
+        self.engine.anchor(&self.session, last_seq);
     }
 
     /// The seq of the last event handed out.

@@ -17,11 +17,12 @@ use super::auth::{
 };
 use super::error::ApiError;
 use super::extract::{JsonBody, OptionalJsonBody, QueryParams};
-use crate::engine::{MessageOutcome, MessageRequest};
+use crate::engine::{MessageOutcome, MessageRequest, Sent};
 use crate::model::{
     Interaction, InteractionId, JsonObject, Policy, Session, validate_idempotency_key,
     validate_session_name,
 };
+use crate::session;
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
@@ -357,7 +358,7 @@ pub async fn post_message(
 ) -> ApiResult {
     validate_content(&body.content)?;
     // `wait` and the idempotency key are ignored for `/clear`, so not validated either.
-    let is_clear = body.content.trim() == "/clear";
+    let is_clear = session::is_clear(&body.content);
     let wait = if is_clear { None } else { wait_param(&query)? };
     let key = if is_clear {
         None
@@ -384,9 +385,12 @@ pub async fn post_message(
         }
         MessageOutcome::Accepted(accepted) => accepted,
     };
-    let accepted = *accepted;
+    let Sent {
+        accepted,
+        final_watch,
+    } = *accepted;
     let mut interaction = accepted.interaction;
-    if let (Some(wait), Some(watch)) = (wait, accepted.final_watch) {
+    if let (Some(wait), Some(watch)) = (wait, final_watch) {
         interaction = state.engine.wait_final(watch, interaction, wait).await?;
     }
     let status = if accepted.replayed || (wait.is_some() && interaction.status.is_final()) {
@@ -500,7 +504,10 @@ pub async fn put_context(
     JsonBody(value): JsonBody<Value>,
 ) -> ApiResult {
     let context = object_body(value, "the context")?;
-    let context = state.engine.update_context(session, context, false).await?;
+    let context = state
+        .engine
+        .update_context(session, Some(context), None)
+        .await?;
     Ok(Json(context).into_response())
 }
 
@@ -510,7 +517,10 @@ pub async fn patch_context(
     JsonBody(value): JsonBody<Value>,
 ) -> ApiResult {
     let patch = object_body(value, "a merge patch of the context")?;
-    let context = state.engine.update_context(session, patch, true).await?;
+    let context = state
+        .engine
+        .update_context(session, None, Some(patch))
+        .await?;
     Ok(Json(context).into_response())
 }
 

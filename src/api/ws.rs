@@ -26,9 +26,9 @@ use super::http::validate_content;
 use super::sse::{deadline, start_position};
 use crate::engine::{Engine, MessageOutcome, MessageRequest};
 use crate::model::{
-    EventType, InteractionId, JsonObject, Policy, Session, SessionId, merge_patch,
-    validate_idempotency_key,
+    EventType, InteractionId, JsonObject, Policy, Session, SessionId, validate_idempotency_key,
 };
+use crate::session;
 
 /// Initial read buffer of a connection: client frames are small operations (a larger one is
 /// read in several chunks).
@@ -554,7 +554,7 @@ impl Ops {
     async fn message(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
         let op: MessageOp = parse(fields)?;
         validate_content(&op.content)?;
-        let is_clear = op.content.trim() == "/clear";
+        let is_clear = session::is_clear(&op.content);
         let key = match op.idempotency_key {
             Some(key) if !is_clear => {
                 validate_idempotency_key(&key).map_err(|e| ApiError::invalid_request(e.0))?;
@@ -577,7 +577,7 @@ impl Ops {
             MessageOutcome::Cleared(cleared) => {
                 json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled})
             }
-            MessageOutcome::Accepted(accepted) => json!(accepted.interaction),
+            MessageOutcome::Accepted(sent) => json!(sent.accepted.interaction),
         })
     }
 
@@ -616,25 +616,10 @@ impl Ops {
         let context = match (op.set, op.patch) {
             // Neither: the context as it is (a read, still a write token's op).
             (None, None) => self.engine.get_context(self.session.clone()).await?,
-            (Some(set), None) => {
+            // Both: the patch applies to the new value, in one write.
+            (set, patch) => {
                 self.engine
-                    .update_context(self.session.clone(), set, false)
-                    .await?
-            }
-            (None, Some(patch)) => {
-                self.engine
-                    .update_context(self.session.clone(), patch, true)
-                    .await?
-            }
-            (Some(set), Some(patch)) => {
-                // Both: the patch applies to the new value, in one write.
-                let mut value = Value::Object(set);
-                merge_patch(&mut value, &Value::Object(patch));
-                let Value::Object(context) = value else {
-                    return Err(ApiError::internal());
-                };
-                self.engine
-                    .update_context(self.session.clone(), context, false)
+                    .update_context(self.session.clone(), set, patch)
                     .await?
             }
         };

@@ -5,8 +5,9 @@
 mod registry;
 mod runner;
 
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,9 +21,8 @@ use crate::bus::{Bus, FinalWatch};
 use crate::model::{
     CancelReason, Interaction, InteractionId, JsonObject, Policy, Session, SessionId, Tenant,
 };
-use crate::store::{
-    Accepted, CancelTarget, Cleared, NewMessage, Page, StartedTask, Store, StoreError,
-};
+use crate::session::{Accepted, CancelTarget, Cleared, Effects, NewMessage, StartedTask, is_clear};
+use crate::store::{Committed, Page, Store, StoreError};
 
 /// Longest shutdown waits for agents to stop what their cancelled tasks left running.
 const AGENT_DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -70,11 +70,20 @@ pub struct MessageRequest {
     pub wait: bool,
 }
 
+/// A message accepted (or replayed) as an interaction.
+#[derive(Debug)]
+pub struct Sent {
+    pub accepted: Accepted,
+    /// The final-state watch the caller asked for (`wait`), registered before any later
+    /// commit could finish the interaction.
+    pub final_watch: Option<FinalWatch>,
+}
+
 /// What sending a message did.
 #[derive(Debug)]
 pub enum MessageOutcome {
     /// Accepted (or replayed) as an interaction.
-    Accepted(Box<Accepted>),
+    Accepted(Box<Sent>),
     /// The content was `/clear`: the session was cleared instead.
     Cleared(Cleared),
 }
@@ -101,9 +110,10 @@ struct Inner {
     tasks: Arc<TaskRegistry>,
     /// Owns every task runner, so shutdown can wait for them.
     runners: TaskTracker,
+    /// Owns the periodic duties ([`Engine::start_background_duties`]), awaited at shutdown.
+    duties: TaskTracker,
     settings: EngineSettings,
-    shutting_down: AtomicBool,
-    /// Fires when shutdown begins: waiters return early.
+    /// Fires when shutdown begins: new writes are refused, waiters and duties return.
     stopping: CancellationToken,
     counters: Counters,
 }
@@ -122,8 +132,8 @@ impl Engine {
                 agents,
                 tasks: Arc::new(TaskRegistry::default()),
                 runners: TaskTracker::new(),
+                duties: TaskTracker::new(),
                 settings,
-                shutting_down: AtomicBool::new(false),
                 stopping: CancellationToken::new(),
                 counters: Counters::default(),
             }),
@@ -164,133 +174,89 @@ impl Engine {
 
     /// Finishes what a crash left running and starts the queued work that waits.
     pub async fn recover(&self) -> Result<usize, EngineError> {
-        let started = self.inner.store.recover().await?;
-        let count = started.len();
-        for task in started {
-            self.inner.launch(task);
-        }
+        let effects = self.inner.store.recover().await?;
+        let count = effects.start.len();
+        self.inner.execute(effects);
         Ok(count)
     }
 
-    /// The store's background duties, until shutdown begins: retention (every store), and
-    /// with a store shared by several nodes, the heartbeat of this node's lease, taking over
-    /// the work of lost nodes, and stopping local tasks that other nodes cancelled.
+    /// The store's background duties, until shutdown begins: retention (every store),
+    /// ending waits past their deadline, and with a store shared by several nodes, the
+    /// heartbeat of this node's lease, taking over the work of lost nodes, and stopping local
+    /// tasks that other nodes cancelled. Each runs on the engine's duty tracker, which
+    /// shutdown awaits.
     pub fn start_background_duties(&self) {
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(COMPACTION_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = inner.stopping.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let now = crate::model::Millis::now().0;
-                let ago = |d: Duration| {
-                    crate::model::Millis(now - i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-                };
-                let settings = &inner.settings;
-                match inner
-                    .store
-                    .compact(ago(settings.compact_deltas_after), ago(settings.retention))
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(deleted) => tracing::debug!(deleted, "retention: events deleted"),
-                    Err(e) => tracing::warn!(error = %e, "retention"),
-                }
+        let inner = &self.inner;
+        inner.every(COMPACTION_INTERVAL, |inner| async move {
+            let now = crate::model::Millis::now().0;
+            let ago = |d: Duration| {
+                crate::model::Millis(now - i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            };
+            let settings = &inner.settings;
+            match inner
+                .store
+                .compact(ago(settings.compact_deltas_after), ago(settings.retention))
+                .await
+            {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(deleted, "retention: events deleted"),
+                Err(e) => tracing::warn!(error = %e, "retention"),
             }
         });
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(WAIT_CHECK_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = inner.stopping.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                inner.expire_waits().await;
-            }
+        inner.every(WAIT_CHECK_INTERVAL, |inner| async move {
+            inner.expire_waits().await
         });
-        let Some(lease) = self.inner.store.lease() else {
+        let Some(lease) = inner.store.lease() else {
             return;
         };
-        if let Some(mut cancels) = self.inner.store.take_remote_cancels() {
-            let inner = Arc::clone(&self.inner);
-            tokio::spawn(async move {
+        if let Some(mut cancels) = inner.store.take_remote_cancels() {
+            let owned = Arc::clone(inner);
+            inner.duties.spawn(async move {
                 loop {
                     tokio::select! {
-                        _ = inner.stopping.cancelled() => return,
+                        _ = owned.stopping.cancelled() => return,
                         id = cancels.recv() => match id {
-                            Some(id) => inner.tasks.cancel(&[id]),
+                            Some(id) => owned.tasks.cancel(&[id]),
                             None => return,
                         },
                     }
                 }
             });
         }
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(lease / 4);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = inner.stopping.cancelled() => return,
-                    _ = tick.tick() => {}
+        inner.every(lease / 4, |inner| async move {
+            match inner.store.heartbeat().await {
+                Ok(true) => {
+                    // Our lease lapsed (a pause, a partition): other nodes finished our
+                    // tasks; their runners here only meet fenced writes. Stop them.
+                    let lost: Vec<_> = inner
+                        .tasks
+                        .running()
+                        .into_iter()
+                        .map(|(id, _)| id)
+                        .collect();
+                    inner.tasks.cancel(&lost);
                 }
-                match inner.store.heartbeat().await {
-                    Ok(true) => {
-                        // Our lease lapsed (a pause, a partition): other nodes finished our
-                        // tasks; their runners here only meet fenced writes. Stop them.
-                        let lost: Vec<_> = inner
-                            .tasks
-                            .running()
-                            .into_iter()
-                            .map(|(id, _)| id)
-                            .collect();
-                        inner.tasks.cancel(&lost);
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "heartbeat"),
-                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "heartbeat"),
             }
         });
         // Taking over may wait on a lost node's row locks: never in the heartbeat's way.
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(lease / 4);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = inner.stopping.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                if inner.shutting_down.load(Ordering::Relaxed) {
-                    return;
-                }
-                match inner.store.take_over().await {
-                    Ok(started) => {
-                        for task in started {
-                            inner.launch(task);
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "taking over the work of lost nodes"),
-                }
+        inner.every(lease / 4, |inner| async move {
+            match inner.store.take_over().await {
+                Ok(effects) => inner.execute(effects),
+                Err(e) => tracing::warn!(error = %e, "taking over the work of lost nodes"),
             }
         });
     }
 
     /// Whether storage answers.
     pub async fn ready(&self) -> Result<(), EngineError> {
-        if self.inner.shutting_down.load(Ordering::Relaxed) {
-            return Err(EngineError::ShuttingDown);
-        }
+        self.refuse_when_stopping()?;
         Ok(self.inner.store.check().await?)
     }
 
     fn refuse_when_stopping(&self) -> Result<(), EngineError> {
-        if self.inner.shutting_down.load(Ordering::Relaxed) {
+        if self.inner.stopping.is_cancelled() {
             Err(EngineError::ShuttingDown)
         } else {
             Ok(())
@@ -325,11 +291,8 @@ impl Engine {
             None => self.check_default_agent(&id).await?,
         }
         let default = self.inner.settings.default_agent.clone();
-        Ok(self
-            .inner
-            .store
-            .put_session(id, agent, context, default)
-            .await?)
+        let put = self.inner.store.put_session(id, agent, context, default);
+        Ok(self.inner.done(put.await?))
     }
 
     pub async fn get_session(&self, id: SessionId) -> Result<Session, EngineError> {
@@ -348,8 +311,8 @@ impl Engine {
 
     pub async fn delete_session(&self, id: SessionId) -> Result<(), EngineError> {
         self.refuse_when_stopping()?;
-        let cancelled = self.inner.store.delete_session(id).await?;
-        self.inner.tasks.cancel(&cancelled);
+        let deleted = self.inner.store.delete_session(id).await?;
+        self.inner.done(deleted);
         Ok(())
     }
 
@@ -359,11 +322,11 @@ impl Engine {
         request: MessageRequest,
     ) -> Result<MessageOutcome, EngineError> {
         self.refuse_when_stopping()?;
-        if request.content.trim() == "/clear" {
+        if is_clear(&request.content) {
             return Ok(MessageOutcome::Cleared(self.clear(request.session).await?));
         }
         self.check_default_agent(&request.session).await?;
-        let accepted = self
+        let committed = self
             .inner
             .store
             .accept_message(NewMessage {
@@ -377,17 +340,18 @@ impl Engine {
                 watch_final: request.wait,
             })
             .await?;
-        if !accepted.replayed {
+        if !committed.replayed {
             self.inner
                 .counters
                 .messages_accepted
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.inner.tasks.cancel(&accepted.cancelled);
-        if let Some(task) = accepted.started.clone() {
-            self.inner.launch(task);
-        }
-        Ok(MessageOutcome::Accepted(Box::new(accepted)))
+        let final_watch = committed.final_watch;
+        self.inner.execute(committed.effects);
+        Ok(MessageOutcome::Accepted(Box::new(Sent {
+            accepted: committed.value,
+            final_watch,
+        })))
     }
 
     /// Waits up to `within` for the interaction to become final (through the watch the
@@ -444,17 +408,12 @@ impl Engine {
             Some(id) => CancelTarget::Named(id),
             None => CancelTarget::Running,
         };
-        let start_next = !self.inner.shutting_down.load(Ordering::Relaxed);
-        let outcome = self
+        let start_next = self.inner.starts_next();
+        let cancel = self
             .inner
             .store
-            .cancel(session, target, CancelReason::Cancel, start_next)
-            .await?;
-        self.inner.tasks.cancel(&outcome.cancelled);
-        if let Some(task) = outcome.started {
-            self.inner.launch(task);
-        }
-        Ok(outcome.cancelled)
+            .cancel(session, target, CancelReason::Cancel, start_next);
+        Ok(self.inner.done(cancel.await?))
     }
 
     /// Clears the session atomically (I2).
@@ -463,8 +422,7 @@ impl Engine {
         self.check_default_agent(&session).await?;
         let default = self.inner.settings.default_agent.clone();
         let cleared = self.inner.store.clear(session, default).await?;
-        self.inner.tasks.cancel(&cleared.cancelled);
-        Ok(cleared)
+        Ok(self.inner.done(cleared))
     }
 
     /// Stored events of the session with `seq > after`, in order, at most `limit`.
@@ -485,17 +443,23 @@ impl Engine {
     pub async fn update_context(
         &self,
         session: SessionId,
-        value: JsonObject,
-        patch: bool,
+        set: Option<JsonObject>,
+        patch: Option<JsonObject>,
     ) -> Result<JsonObject, EngineError> {
         self.refuse_when_stopping()?;
         self.check_default_agent(&session).await?;
         let default = self.inner.settings.default_agent.clone();
-        Ok(self
+        let update = self
             .inner
             .store
-            .update_context(session, value, patch, default)
-            .await?)
+            .update_context(session, set, patch, default);
+        Ok(self.inner.done(update.await?))
+    }
+
+    /// A subscriber of `session` has read that its last seq is `last_seq` (after
+    /// subscribing): it needs every event after it live.
+    pub fn anchor(&self, session: &SessionId, last_seq: i64) {
+        self.inner.store.anchor(session, last_seq);
     }
 
     pub async fn list_interactions(
@@ -529,29 +493,23 @@ impl Engine {
         answer: serde_json::Value,
     ) -> Result<Interaction, EngineError> {
         self.refuse_when_stopping()?;
-        let started = self
-            .inner
-            .store
-            .answer(session, id, request_id, answer)
-            .await?;
-        let interaction = started.interaction.clone();
-        self.inner.launch(started);
-        Ok(interaction)
+        let answered = self.inner.store.answer(session, id, request_id, answer);
+        Ok(self.inner.done(answered.await?))
     }
 
-    /// Begins shutdown: new writes are refused and waiters return.
+    /// Begins shutdown: new writes are refused, waiters and duties return.
     pub fn begin_shutdown(&self) {
-        self.inner.shutting_down.store(true, Ordering::SeqCst);
         self.inner.stopping.cancel();
     }
 
     /// Cancels every task running here (`shutdown`; their queued successors stay queued for
-    /// the next start) and waits up to `grace` for the runners to end.
+    /// the next start), waits up to `grace` for the runners and the duties to end.
     pub async fn shutdown(&self, grace: Duration) {
         self.begin_shutdown();
         let deadline = Instant::now() + grace;
-        // A task finishing right now may still start its successor: loop until none is left.
-        while !self.inner.tasks.is_empty() && Instant::now() < deadline {
+        let mut count = self.inner.tasks.watch_count();
+        // A task finishing right now may still start its successor: until none is left.
+        while !self.inner.tasks.is_empty() {
             for (id, session) in self.inner.tasks.running() {
                 let target = CancelTarget::Named(id.clone());
                 match self
@@ -565,14 +523,19 @@ impl Engine {
                 }
                 self.inner.tasks.cancel(&[id]);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::select! {
+                changed = count.changed() => if changed.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
         }
         self.inner.runners.close();
-        if tokio::time::timeout_at(deadline, self.inner.runners.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("task runners still busy at the end of the shutdown grace period");
+        self.inner.duties.close();
+        let drained = async {
+            self.inner.runners.wait().await;
+            self.inner.duties.wait().await;
+        };
+        if tokio::time::timeout_at(deadline, drained).await.is_err() {
+            tracing::warn!("task runners or duties still busy at the end of the shutdown grace");
         }
         // Agents may still be stopping processes of the tasks just cancelled; each stop is
         // bounded by its agent's kill grace period.
@@ -600,21 +563,62 @@ impl Inner {
             }
         };
         for (session, id) in expired {
-            let start_next = !self.shutting_down.load(Ordering::Relaxed);
+            let start_next = self.starts_next();
             match self
                 .store
                 .expire_wait(session, id.clone(), start_next)
                 .await
             {
-                Ok(outcome) => {
-                    if let Some(next) = outcome.started {
-                        self.launch(next);
-                    }
-                }
+                Ok(done) => self.done(done),
                 Err(StoreError::SessionNotFound) => {}
                 Err(e) => tracing::warn!(interaction = %id, error = %e, "ending an expired wait"),
             }
         }
+    }
+
+    /// Whether an ending task's successor starts: not once shutdown began (it stays queued
+    /// for the next start).
+    fn starts_next(&self) -> bool {
+        !self.stopping.is_cancelled()
+    }
+
+    /// Executes what a committed plan asks for, and answers its outcome.
+    fn done<T>(self: &Arc<Self>, committed: Committed<T>) -> T {
+        self.execute(committed.effects);
+        committed.value
+    }
+
+    /// The one place a plan's effects happen: stop what it cancelled, start what it started.
+    fn execute(self: &Arc<Self>, effects: Effects) {
+        self.tasks.cancel(&effects.stop);
+        for task in effects.start {
+            self.launch(task);
+        }
+    }
+
+    /// Every `period` (the first at once), `duty` runs, until shutdown begins; owned by the
+    /// duty tracker.
+    fn every<F, Fut>(self: &Arc<Self>, period: Duration, duty: F)
+    where
+        F: Fn(Arc<Inner>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let inner = Arc::clone(self);
+        self.duties.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = inner.stopping.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                // Shutdown does not wait for a duty's step to end: it stops at the next await.
+                tokio::select! {
+                    _ = inner.stopping.cancelled() => return,
+                    _ = duty(Arc::clone(&inner)) => {}
+                }
+            }
+        });
     }
 
     /// Runs the task of an interaction that a committed transaction made `running`.

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{InteractionId, SessionId};
@@ -18,14 +19,31 @@ struct Registered {
     run: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TaskRegistry {
     // A std mutex: held for a map operation, never across an await.
     tasks: Mutex<HashMap<InteractionId, Registered>>,
     runs: AtomicU64,
+    /// How many tasks are registered, for whoever waits for that to change (shutdown).
+    count: watch::Sender<usize>,
+}
+
+impl Default for TaskRegistry {
+    fn default() -> Self {
+        Self {
+            tasks: Mutex::default(),
+            runs: AtomicU64::default(),
+            count: watch::Sender::new(0),
+        }
+    }
 }
 
 impl TaskRegistry {
+    /// Follows the number of registered tasks.
+    pub fn watch_count(&self) -> watch::Receiver<usize> {
+        self.count.subscribe()
+    }
+
     fn tasks(&self) -> MutexGuard<'_, HashMap<InteractionId, Registered>> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -43,10 +61,13 @@ impl TaskRegistry {
             token: token.clone(),
             run,
         };
-        if let Some(earlier) = self.tasks().insert(id.clone(), registered) {
+        let mut tasks = self.tasks();
+        if let Some(earlier) = tasks.insert(id.clone(), registered) {
             // The run that asked is over: make sure it stops.
             earlier.token.cancel();
         }
+        self.count.send_replace(tasks.len());
+        drop(tasks);
         let entry = TaskEntry {
             registry: Arc::clone(self),
             id,
@@ -96,6 +117,7 @@ impl Drop for TaskEntry {
         // Only this run's entry: a later run of the same interaction keeps its own.
         if tasks.get(&self.id).is_some_and(|task| task.run == self.run) {
             tasks.remove(&self.id);
+            self.registry.count.send_replace(tasks.len());
         }
     }
 }

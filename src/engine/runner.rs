@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Inner, TaskEntry};
 use crate::agent::{AgentRequest, AgentResult};
 use crate::model::{CancelReason, ErrorInfo, JsonObject};
-use crate::store::{CancelTarget, StartedTask, StoreError, TaskEnd, TaskOutput};
+use crate::session::{CancelTarget, StartedTask, StoreError, TaskEnd, TaskOutput};
 
 /// Outputs an agent may produce ahead of the store before it has to wait.
 const OUTPUT_BUFFER: usize = 256;
@@ -59,17 +59,15 @@ pub(super) async fn run_task(
     let (outputs, end) = match stop {
         Stop::Cancelled | Stop::Fenced => return,
         Stop::TimedOut => {
-            let start_next = !inner.shutting_down.load(Ordering::Relaxed);
+            let start_next = inner.starts_next();
             let target = CancelTarget::Named(id.clone());
             match inner
                 .store
                 .cancel(session, target, CancelReason::Timeout, start_next)
                 .await
             {
-                Ok(outcome) => {
-                    if let Some(next) = outcome.started {
-                        inner.launch(next);
-                    }
+                Ok(cancelled) => {
+                    inner.done(cancelled);
                 }
                 Err(e) => tracing::error!(interaction = %id, error = %e, "recording a timeout"),
             }
@@ -83,7 +81,11 @@ pub(super) async fn run_task(
                     .ask(id.clone(), outputs.clone(), data.clone(), timeout)
                     .await
                 {
-                    Ok(_) | Err(StoreError::Fenced) => return,
+                    Ok(waiting) => {
+                        inner.done(waiting);
+                        return;
+                    }
+                    Err(StoreError::Fenced) => return,
                     Err(e @ StoreError::ContextTooLarge { at: Some(at), .. }) => {
                         outputs.truncate(at);
                         break 'ask (outputs, context_too_large(&e));
@@ -100,21 +102,19 @@ pub(super) async fn run_task(
     };
     let (mut outputs, mut end) = (outputs, end);
     for attempt in 1..=FINISH_ATTEMPTS {
-        let start_next = !inner.shutting_down.load(Ordering::Relaxed);
+        let start_next = inner.starts_next();
         match inner
             .store
             .finish(id.clone(), outputs.clone(), end.clone(), start_next)
             .await
         {
-            Ok(next) => {
+            Ok(finished) => {
                 match &end {
                     TaskEnd::Completed { .. } => &inner.counters.interactions_completed,
                     TaskEnd::Failed(_) => &inner.counters.interactions_failed,
                 }
                 .fetch_add(1, Ordering::Relaxed);
-                if let Some(next) = next {
-                    inner.launch(next);
-                }
+                inner.done(finished);
                 return;
             }
             Err(StoreError::Fenced) => return,
@@ -210,7 +210,7 @@ async fn drive_agent(inner: &Arc<Inner>, task: StartedTask, cancel: &Cancellatio
                     .any(|o| matches!(o, TaskOutput::ContextPatch(_)))
                     .then(|| outputs.clone());
                 match inner.store.append_outputs(id.clone(), outputs).await {
-                    Ok(()) => {}
+                    Ok(appended) => inner.done(appended),
                     Err(StoreError::Fenced) => return Stop::Fenced,
                     Err(e @ StoreError::ContextTooLarge { at: Some(at), .. }) => {
                         let mut before = kept.unwrap_or_default();

@@ -5,8 +5,8 @@
 //!
 //! [`Store`] is the one API; the backend behind it is chosen by the database URL.
 
+mod backend;
 mod postgres;
-mod rules;
 mod shared;
 mod sqlite;
 
@@ -14,175 +14,24 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::bus::{Bus, FinalWatch};
+use crate::bus::Bus;
 use crate::config::{DatabaseLocation, Synchronous};
 use crate::model::{
-    CancelReason, ErrorInfo, Event, Interaction, InteractionId, JsonObject, Policy, Session,
-    SessionId, Tenant,
+    CancelReason, Event, Interaction, InteractionId, JsonObject, Session, SessionId, Tenant,
 };
+use crate::session::op;
+pub use crate::session::{
+    Accepted, CancelTarget, Cleared, DEFAULT_MAX_CONTEXT_BYTES, Effects, IDEMPOTENCY_TTL_MS,
+    Limits, NewMessage, StartedTask, StoreError, StoreResult, TaskEnd, TaskOutput,
+};
+pub use backend::Committed;
 pub use postgres::PgOptions;
-use rules::{Operation, Outcome};
-
-/// Errors of store operations. Each refusal leaves the stored state unchanged.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("session not found")]
-    SessionNotFound,
-    #[error("interaction not found")]
-    InteractionNotFound,
-    #[error("session is busy")]
-    Busy { running: InteractionId },
-    #[error("queue is full ({limit} queued)")]
-    QueueFull { limit: u32 },
-    #[error("idempotency key was used with a different content or metadata")]
-    IdempotencyMismatch,
-    /// An answer to an interaction that is not `waiting` for that request.
-    #[error("the interaction is not waiting for this request")]
-    NotWaiting,
-    /// A context write (or an agent's patch, the `at`th of its outputs) would make the
-    /// context serialize to `size` bytes, past `limit`; nothing was changed.
-    #[error("the context would be {size} bytes, past the limit of {limit} (max_context_bytes)")]
-    ContextTooLarge {
-        limit: usize,
-        size: usize,
-        at: Option<usize>,
-    },
-    /// Creating the session would give its tenant more than `limit` sessions.
-    #[error("the tenant has {limit} sessions, its limit (max_sessions_per_tenant)")]
-    TenantLimit { limit: u64 },
-    /// The task's interaction is no longer `running` (cancelled, cleared, deleted, finished):
-    /// its write is refused.
-    #[error("interaction is no longer running")]
-    Fenced,
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
-    #[error("storage error: {0}")]
-    Internal(String),
-}
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError::Internal(e.to_string())
-    }
-}
-
-impl From<serde_json::Error> for StoreError {
-    fn from(e: serde_json::Error) -> Self {
-        StoreError::Internal(format!("json: {e}"))
-    }
-}
-
-pub type StoreResult<T> = Result<T, StoreError>;
-
-/// A message to accept under a policy.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    pub session: SessionId,
-    pub content: String,
-    pub metadata: JsonObject,
-    pub policy: Policy,
-    pub idempotency_key: Option<String>,
-    /// Bound on `queued` interactions for `enqueue`.
-    pub queue_limit: u32,
-    /// Agent of the session if this message creates it.
-    pub default_agent: String,
-    /// Register a [`FinalWatch`] for the interaction (for `?wait=`).
-    pub watch_final: bool,
-}
-
-/// An interaction that became `running` in a committed transaction: the node that committed
-/// it runs its task.
-#[derive(Debug, Clone)]
-pub struct StartedTask {
-    pub interaction: Interaction,
-    /// The session's agent at the moment it started.
-    pub agent: String,
-}
-
-/// What accepting a message did.
-#[derive(Debug)]
-pub struct Accepted {
-    pub interaction: Interaction,
-    /// The idempotency key matched an earlier message: nothing new was stored or started.
-    pub replayed: bool,
-    pub started: Option<StartedTask>,
-    /// Interactions cancelled by `interrupt`.
-    pub cancelled: Vec<InteractionId>,
-    /// Registered before any later commit could finish the interaction, when asked for.
-    pub final_watch: Option<FinalWatch>,
-}
-
-/// What a cancel did.
-#[derive(Debug, Clone, Default)]
-pub struct Cancelled {
-    pub cancelled: Vec<InteractionId>,
-    pub started: Option<StartedTask>,
-}
-
-/// What a clear did.
-#[derive(Debug, Clone)]
-pub struct Cleared {
-    pub epoch: i64,
-    pub cancelled: Vec<InteractionId>,
-}
-
-/// One output of a running task, written fenced by its interaction id.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TaskOutput {
-    Delta(String),
-    Progress(Value),
-    /// An RFC 7396 merge patch for the session's context.
-    ContextPatch(JsonObject),
-    /// The agent asks the client (`data`) and stops: the interaction becomes `waiting`. The
-    /// runner takes it out of the outputs ([`Store::ask`]); it is never written as one.
-    Ask(Value),
-}
-
-/// How a task ended on its own (cancellation goes through [`Store::cancel`]).
-#[derive(Debug, Clone, PartialEq)]
-pub enum TaskEnd {
-    /// `response`: the final text, or `None` to keep the concatenated deltas.
-    Completed {
-        response: Option<String>,
-    },
-    Failed(ErrorInfo),
-}
-
-/// Which interaction a cancel targets.
-#[derive(Debug, Clone)]
-pub enum CancelTarget {
-    /// The session's running interaction, if any.
-    Running,
-    /// A named interaction of the session (running or queued).
-    Named(InteractionId),
-}
 
 /// A page of results with the cursor of the next one.
 #[derive(Debug, Clone)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next: Option<String>,
-}
-
-/// Bounds the session rules enforce, the same on every backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest context, serialized, after any write or patch.
-    pub max_context_bytes: usize,
-    /// Most sessions one tenant may hold; `None`: unlimited.
-    pub max_sessions_per_tenant: Option<u64>,
-}
-
-/// `max_context_bytes` by default: 256 KiB.
-pub const DEFAULT_MAX_CONTEXT_BYTES: usize = 256 * 1024;
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_context_bytes: DEFAULT_MAX_CONTEXT_BYTES,
-            max_sessions_per_tenant: None,
-        }
-    }
 }
 
 /// Options of the SQLite backend.
@@ -215,9 +64,6 @@ pub struct StoreStats {
     pub checkpoints: std::sync::atomic::AtomicU64,
 }
 
-/// How long an idempotency key is remembered, in milliseconds.
-pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
-
 /// The store: the single arbiter of every session's state. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -239,20 +85,13 @@ macro_rules! dispatch {
     };
 }
 
-/// Registers the [`FinalWatch`] an accepted message asked for; called in the transaction,
-/// before its commit publishes, so no final event of the interaction can be missed.
-fn register_final_watch(bus: &Arc<Bus>, outcome: &mut Outcome) {
-    if let Outcome::Accepted(accepted) = outcome {
-        let i = &accepted.interaction;
-        if !i.status.is_final() {
-            accepted.final_watch = Some(bus.watch_final(&i.session, &i.id));
-        }
-    }
-}
-
 impl Store {
     /// Runs one operation of the session rules: one transaction on the backend.
-    async fn run(&self, session: Option<SessionId>, op: Operation) -> StoreResult<Outcome> {
+    async fn run<O: op::Op>(
+        &self,
+        session: Option<SessionId>,
+        op: O,
+    ) -> StoreResult<Committed<O::Outcome>> {
         dispatch!(self.run(session, op))
     }
 
@@ -333,10 +172,10 @@ impl Store {
         }
     }
 
-    /// Takes over the work of nodes whose lease expired; returns the tasks started here.
-    pub async fn take_over(&self) -> StoreResult<Vec<StartedTask>> {
+    /// Takes over the work of nodes whose lease expired; returns the tasks to start here.
+    pub async fn take_over(&self) -> StoreResult<Effects> {
         match &*self.backend {
-            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Sqlite(_) => Ok(Effects::default()),
             Backend::Postgres(b) => b.take_over().await,
         }
     }
@@ -370,20 +209,19 @@ impl Store {
         agent: Option<String>,
         context: Option<JsonObject>,
         default_agent: String,
-    ) -> StoreResult<(Session, bool)> {
-        let op = Operation::PutSession {
+    ) -> StoreResult<Committed<(Session, bool)>> {
+        let op = op::PutSession {
             agent,
             context,
             default_agent,
         };
-        self.run(Some(id), op).await?.into_session()
+        self.run(Some(id), op).await
     }
 
     pub async fn get_session(&self, id: SessionId) -> StoreResult<Session> {
         dispatch!(self.get_session(id))
     }
 
-    /// Sessions ordered by id, after the cursor `after`.
     /// `tenant`'s sessions, by name, after the name `after`.
     pub async fn list_sessions(
         &self,
@@ -395,18 +233,17 @@ impl Store {
     }
 
     /// Cancels its interactions (`delete`), emits `session.deleted` and removes everything.
-    pub async fn delete_session(&self, id: SessionId) -> StoreResult<Vec<InteractionId>> {
-        self.run(Some(id), Operation::DeleteSession)
-            .await?
-            .into_deleted()
+    pub async fn delete_session(
+        &self,
+        id: SessionId,
+    ) -> StoreResult<Committed<Vec<InteractionId>>> {
+        self.run(Some(id), op::DeleteSession).await
     }
 
     /// Accepts a message under its policy (idempotency first, then the busy check).
-    pub async fn accept_message(&self, message: NewMessage) -> StoreResult<Accepted> {
+    pub async fn accept_message(&self, message: NewMessage) -> StoreResult<Committed<Accepted>> {
         let session = message.session.clone();
-        self.run(Some(session), Operation::Accept(message))
-            .await?
-            .into_accepted()
+        self.run(Some(session), op::Accept(message)).await
     }
 
     /// Appends a running task's outputs; refused with [`StoreError::Fenced`] unless `id` is
@@ -415,10 +252,8 @@ impl Store {
         &self,
         id: InteractionId,
         outputs: Vec<TaskOutput>,
-    ) -> StoreResult<()> {
-        self.run(None, Operation::Append { id, outputs })
-            .await?
-            .into_appended()
+    ) -> StoreResult<Committed<()>> {
+        self.run(None, op::Append { id, outputs }).await
     }
 
     /// Appends the task's last `outputs`, makes the running interaction final and, when
@@ -429,14 +264,14 @@ impl Store {
         outputs: Vec<TaskOutput>,
         end: TaskEnd,
         start_next: bool,
-    ) -> StoreResult<Option<StartedTask>> {
-        let op = Operation::Finish {
+    ) -> StoreResult<Committed<()>> {
+        let op = op::Finish {
             id,
             outputs,
             end,
             start_next,
         };
-        self.run(None, op).await?.into_started()
+        self.run(None, op).await
     }
 
     /// A running task's agent asks: `outputs` before the ask are written, then the
@@ -448,21 +283,17 @@ impl Store {
         outputs: Vec<TaskOutput>,
         data: Value,
         timeout: std::time::Duration,
-    ) -> StoreResult<Interaction> {
+    ) -> StoreResult<Committed<Interaction>> {
         let request_id = uuid::Uuid::now_v7().simple().to_string();
         let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX / 4);
-        self.run(
-            None,
-            Operation::Ask {
-                id,
-                outputs,
-                data,
-                request_id,
-                timeout_ms,
-            },
-        )
-        .await?
-        .into_waiting()
+        let op = op::Ask {
+            id,
+            outputs,
+            data,
+            request_id,
+            timeout_ms,
+        };
+        self.run(None, op).await
     }
 
     /// The client's answer to the pending request `request_id` of `id`: the interaction is
@@ -474,17 +305,13 @@ impl Store {
         id: InteractionId,
         request_id: String,
         answer: Value,
-    ) -> StoreResult<StartedTask> {
-        self.run(
-            Some(session),
-            Operation::Answer {
-                id,
-                request_id,
-                answer,
-            },
-        )
-        .await?
-        .into_resumed()
+    ) -> StoreResult<Committed<Interaction>> {
+        let op = op::Answer {
+            id,
+            request_id,
+            answer,
+        };
+        self.run(Some(session), op).await
     }
 
     /// Cancels `id` with reason `timeout` if it is still `waiting` past its deadline.
@@ -493,10 +320,9 @@ impl Store {
         session: SessionId,
         id: InteractionId,
         start_next: bool,
-    ) -> StoreResult<Cancelled> {
-        self.run(Some(session), Operation::ExpireWait { id, start_next })
-            .await?
-            .into_cancelled()
+    ) -> StoreResult<Committed<()>> {
+        self.run(Some(session), op::ExpireWait { id, start_next })
+            .await
     }
 
     /// `waiting` interactions whose deadline passed, at most `limit`.
@@ -506,48 +332,51 @@ impl Store {
     }
 
     /// Cancels the target; when it was the running one and `start_next`, starts the next
-    /// queued one.
+    /// queued one. Returns the interactions cancelled.
     pub async fn cancel(
         &self,
         session: SessionId,
         target: CancelTarget,
         reason: CancelReason,
         start_next: bool,
-    ) -> StoreResult<Cancelled> {
-        let op = Operation::Cancel {
+    ) -> StoreResult<Committed<Vec<InteractionId>>> {
+        let op = op::Cancel {
             target,
             reason,
             start_next,
         };
-        self.run(Some(session), op).await?.into_cancelled()
+        self.run(Some(session), op).await
     }
 
     /// Cancels every running and queued interaction (`clear`), removes interactions and
     /// context, bumps the epoch and emits `session.cleared`. Creates the session if absent.
-    pub async fn clear(&self, session: SessionId, default_agent: String) -> StoreResult<Cleared> {
-        self.run(Some(session), Operation::Clear { default_agent })
-            .await?
-            .into_cleared()
+    pub async fn clear(
+        &self,
+        session: SessionId,
+        default_agent: String,
+    ) -> StoreResult<Committed<Cleared>> {
+        self.run(Some(session), op::Clear { default_agent }).await
     }
 
     pub async fn get_context(&self, session: SessionId) -> StoreResult<JsonObject> {
         dispatch!(self.get_context(session))
     }
 
-    /// Replaces (`patch == false`) or merge-patches the context; creates the session if absent.
+    /// Replaces the context with `set` (if given), then merge-patches it (RFC 7396) with
+    /// `patch` (if given), in one write; creates the session if absent.
     pub async fn update_context(
         &self,
         session: SessionId,
-        value: JsonObject,
-        patch: bool,
+        set: Option<JsonObject>,
+        patch: Option<JsonObject>,
         default_agent: String,
-    ) -> StoreResult<JsonObject> {
-        let op = Operation::UpdateContext {
-            value,
+    ) -> StoreResult<Committed<JsonObject>> {
+        let op = op::UpdateContext {
+            set,
             patch,
             default_agent,
         };
-        self.run(Some(session), op).await?.into_context()
+        self.run(Some(session), op).await
     }
 
     /// Interactions of the current epoch, newest first, before the cursor `before`.
@@ -588,9 +417,19 @@ impl Store {
         dispatch!(self.events_after(session, after, limit))
     }
 
+    /// A subscriber of `session` has read that its last seq is `last_seq`: it needs every
+    /// event after it live (with several nodes, the store orders that session's events
+    /// from there on).
+    pub fn anchor(&self, session: &SessionId, last_seq: i64) {
+        if let Backend::Postgres(b) = &*self.backend {
+            b.anchor(session, last_seq);
+        }
+    }
+
     /// After a crash: interactions left `running` become `failed` (`interrupted`), then each
-    /// session with queued work and nothing running starts its oldest. Returns those started.
-    pub async fn recover(&self) -> StoreResult<Vec<StartedTask>> {
+    /// session with queued work and nothing running starts its oldest. Returns the tasks
+    /// to start.
+    pub async fn recover(&self) -> StoreResult<Effects> {
         dispatch!(self.recover())
     }
 

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use super::{DB_NOW_MS, PgStore, PgTx, TX_ATTEMPTS, TxError, retryable};
 use crate::model::{ErrorInfo, InteractionId, SessionId};
-use crate::store::rules::Operation;
-use crate::store::{StartedTask, StoreError, StoreResult};
+use crate::session::{Effects, op};
+use crate::store::{StoreError, StoreResult};
 
 impl PgStore {
     /// Renews this node's lease; `true` when the lease had been lost (another node took over
@@ -52,14 +52,15 @@ impl PgStore {
     /// Finishes the running interactions of nodes whose lease expired (`failed`,
     /// `interrupted`), removes those nodes, and starts queued work of sessions where nothing
     /// runs. Returns the tasks started here.
-    pub(in crate::store) async fn take_over(&self) -> StoreResult<Vec<StartedTask>> {
+    pub(in crate::store) async fn take_over(&self) -> StoreResult<Effects> {
         let client = self.pool.get().await?;
         let stale: Vec<(String, String)> = client
             .query(
                 &format!(
                     "SELECT i.id, i.session FROM interactions i \
-                     WHERE i.status = 'running' AND NOT EXISTS \
-                     (SELECT 1 FROM nodes n WHERE n.id = i.node AND n.lease_until >= {DB_NOW_MS})"
+                     WHERE i.status IN {running} AND NOT EXISTS \
+                     (SELECT 1 FROM nodes n WHERE n.id = i.node AND n.lease_until >= {DB_NOW_MS})",
+                    running = status_sql!(running),
                 ),
                 &[],
             )
@@ -69,9 +70,14 @@ impl PgStore {
             .collect::<Result<_, tokio_postgres::Error>>()?;
         let orphans: Vec<String> = client
             .query(
-                "SELECT DISTINCT q.session FROM interactions q WHERE q.status = 'queued' \
-                 AND NOT EXISTS (SELECT 1 FROM interactions r \
-                 WHERE r.session = q.session AND r.status IN ('running', 'waiting'))",
+                concat!(
+                    "SELECT DISTINCT q.session FROM interactions q WHERE q.status IN ",
+                    status_sql!(queued),
+                    " AND NOT EXISTS (SELECT 1 FROM interactions r \
+                     WHERE r.session = q.session AND r.status IN ",
+                    status_sql!(active),
+                    ")"
+                ),
                 &[],
             )
             .await?
@@ -79,7 +85,7 @@ impl PgStore {
             .map(|r| r.try_get(0))
             .collect::<Result<_, _>>()?;
         drop(client);
-        let mut started = Vec::new();
+        let mut effects = Effects::default();
         for (id, session) in stale {
             let id = InteractionId::from_stored(id);
             let Ok(session) = SessionId::from_key(&session) else {
@@ -93,9 +99,11 @@ impl PgStore {
                 let dead =
                     w.tx.query_opt(
                         &format!(
-                            "SELECT 1 FROM interactions i WHERE i.id = $1 AND i.status = 'running' \
+                            "SELECT 1 FROM interactions i WHERE i.id = $1 \
+                             AND i.status IN {running} \
                              AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = i.node \
-                             AND n.lease_until >= {DB_NOW_MS})"
+                             AND n.lease_until >= {DB_NOW_MS})",
+                            running = status_sql!(running),
                         ),
                         &[&id.as_str()],
                     )
@@ -108,15 +116,15 @@ impl PgStore {
                     code: "interrupted".into(),
                     message: "the node running this interaction stopped or lost its lease".into(),
                 };
-                let op = Operation::Interrupt {
+                let op = op::Interrupt {
                     id: id.clone(),
                     error,
                 };
-                Ok(w.run(Some(&session), op).await?.into_started()?)
+                Ok(Some(w.run(Some(&session), op).await?.effects))
             })?;
-            if let Some(next) = taken {
+            if let Some(taken) = taken {
                 tracing::warn!(interaction = %id, "took over the work of a lost node");
-                started.push(next);
+                effects.extend(taken);
             }
         }
         for session in orphans {
@@ -124,11 +132,9 @@ impl PgStore {
                 continue;
             };
             let next = transaction!(self, |w| {
-                Ok(w.run(Some(&session), Operation::StartQueued)
-                    .await?
-                    .into_started()?)
+                Ok(w.run(Some(&session), op::StartQueued).await?.effects)
             })?;
-            started.extend(next);
+            effects.extend(next);
         }
         self.pool
             .get()
@@ -136,11 +142,12 @@ impl PgStore {
             .execute(
                 &format!(
                     "DELETE FROM nodes n WHERE n.lease_until < {DB_NOW_MS} AND NOT EXISTS \
-                     (SELECT 1 FROM interactions i WHERE i.node = n.id AND i.status = 'running')"
+                     (SELECT 1 FROM interactions i WHERE i.node = n.id AND i.status IN {running})",
+                    running = status_sql!(running),
                 ),
                 &[],
             )
             .await?;
-        Ok(started)
+        Ok(effects)
     }
 }

@@ -21,7 +21,7 @@
 //! sessions' queued work starts there. The interrupted tasks' late writes are fenced like any
 //! other write for an interaction that is no longer running.
 //!
-//! Every write is one operation of the session rules ([`super::rules`]): the transaction locks
+//! Every write is one operation of the session rules ([`crate::session`]): the transaction locks
 //! the session's row and loads its snapshot, the rules decide, the plan is applied ([`tx`]).
 
 use std::collections::HashMap;
@@ -33,13 +33,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 
-use super::rules::{Operation, Outcome};
+use super::backend::Committed;
 use super::shared::page;
-use super::{Limits, Page, StartedTask, StoreError, StoreResult, StoreStats, register_final_watch};
+use super::{Limits, Page, StoreError, StoreResult, StoreStats};
 use crate::bus::Bus;
 use crate::model::{
     Event, IdGenerator, Interaction, InteractionId, JsonObject, Millis, Session, SessionId, Tenant,
 };
+use crate::session::{Effects, Op};
 use delivery::{Note, Sequencer, run_filler, run_listener, run_notifier, run_watchdog};
 use rows::{
     SESSION_SELECT, read_event, read_interaction, read_session, require_session,
@@ -255,12 +256,6 @@ impl PgStore {
         let (notes, notes_rx) = mpsc::unbounded_channel();
         let (cancel_tx, cancel_rx) = mpsc::unbounded_channel();
         let sequencer = Arc::new(Sequencer::new(bus.clone(), fill_tx));
-        let anchoring = Arc::downgrade(&sequencer);
-        bus.set_anchor_hook(Box::new(move |session, last_seq| {
-            if let Some(sequencer) = anchoring.upgrade() {
-                sequencer.anchor(session, last_seq);
-            }
-        }));
         let filler = tokio::spawn(run_filler(pool.clone(), sequencer.clone(), fill_rx));
         let notifier = tokio::spawn(run_notifier(pool.clone(), notes_rx));
         let watchdog = tokio::spawn(run_watchdog(pool.clone(), sequencer.clone()));
@@ -285,6 +280,12 @@ impl PgStore {
                 watchdog.abort_handle(),
             ],
         })
+    }
+
+    /// A local subscriber of `session` has read that its last seq is `last_seq`: this
+    /// node orders that session's events from there on.
+    pub(super) fn anchor(&self, session: &SessionId, last_seq: i64) {
+        self.sequencer.anchor(session, last_seq);
     }
 
     pub(super) fn lease(&self) -> Duration {
@@ -351,20 +352,12 @@ impl PgStore {
     }
 
     /// Runs one operation of the session rules as a transaction.
-    pub(super) async fn run(
+    pub(super) async fn run<O: Op>(
         &self,
         session: Option<SessionId>,
-        op: Operation,
-    ) -> StoreResult<Outcome> {
-        let watch = op.watches_final();
-        transaction!(self, |w| {
-            let mut outcome = w.run(session.as_ref(), op.clone()).await?;
-            if watch {
-                // Before the commit publishes.
-                register_final_watch(&self.bus, &mut outcome);
-            }
-            Ok(outcome)
-        })
+        op: O,
+    ) -> StoreResult<Committed<O::Outcome>> {
+        transaction!(self, |w| { w.run(session.as_ref(), op.clone()).await })
     }
 
     pub(super) async fn get_session(&self, id: SessionId) -> StoreResult<Session> {
@@ -417,11 +410,11 @@ impl PgStore {
     ) -> StoreResult<Vec<(SessionId, InteractionId)>> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached(
-                "SELECT session, id FROM interactions \
-                 WHERE status = 'waiting' AND input_deadline <= $1 \
-                 ORDER BY input_deadline LIMIT $2",
-            )
+            .prepare_cached(concat!(
+                "SELECT session, id FROM interactions WHERE status IN ",
+                status_sql!(waiting),
+                " AND input_deadline <= $1 ORDER BY input_deadline LIMIT $2"
+            ))
             .await?;
         let rows = client.query(&stmt, &[&now.0, &i64::from(limit)]).await?;
         rows.iter()
@@ -497,8 +490,9 @@ impl PgStore {
             .prepare_cached(concat!(
                 "SELECT ",
                 interaction_columns!(),
-                " FROM interactions WHERE session = $1 AND status = 'completed' \
-                 ORDER BY id DESC LIMIT $2"
+                " FROM interactions WHERE session = $1 AND status IN ",
+                status_sql!(completed),
+                " ORDER BY id DESC LIMIT $2"
             ))
             .await?;
         let rows = tx
@@ -544,12 +538,14 @@ impl PgStore {
     ) -> StoreResult<u64> {
         let client = self.pool.get().await?;
         let deltas = client
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "DELETE FROM events WHERE ctid IN (SELECT e.ctid FROM events e \
-                 WHERE e.type = 'task.delta' AND e.at < $1 AND NOT EXISTS \
-                 (SELECT 1 FROM interactions i WHERE i.id = e.interaction_id \
-                  AND i.status IN ('queued', 'running')) LIMIT $2)",
-            )
+                     WHERE e.type = 'task.delta' AND e.at < $1 AND NOT EXISTS \
+                     (SELECT 1 FROM interactions i WHERE i.id = e.interaction_id \
+                     AND i.status IN ",
+                status_sql!(open),
+                ") LIMIT $2)"
+            ))
             .await?;
         let old = client
             .prepare_cached(
@@ -575,7 +571,7 @@ impl PgStore {
     /// At start-up: the work of lost nodes (a previous run of this one included, once its
     /// lease expired) is taken over by the periodic maintenance; queued work waiting with
     /// nothing running starts now.
-    pub(super) async fn recover(&self) -> StoreResult<Vec<StartedTask>> {
+    pub(super) async fn recover(&self) -> StoreResult<Effects> {
         self.take_over().await
     }
 

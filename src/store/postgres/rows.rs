@@ -12,13 +12,16 @@ use crate::model::{
 use crate::store::{StoreError, StoreResult};
 
 /// One session with its running interaction and queue length, in a single statement.
-pub(super) const SESSION_SELECT: &str = "SELECT s.id, s.agent, s.context, s.epoch, s.last_seq, s.created_at, \
-     (SELECT count(*) FROM interactions q WHERE q.session = s.id AND q.status = 'queued'), \
-     r.id, r.session, r.content, r.metadata, r.status, r.response, r.error_code, \
+pub(super) const SESSION_SELECT: &str = concat!(
+    "SELECT s.id, s.agent, s.context, s.epoch, s.last_seq, s.created_at, \
+     (SELECT count(*) FROM interactions q WHERE q.session = s.id AND q.status IN ",
+    status_sql!(queued),
+    "), r.id, r.session, r.content, r.metadata, r.status, r.response, r.error_code, \
      r.error_message, r.cancel_reason, r.created_at, r.started_at, r.finished_at, \
      r.request, r.answers, r.input_deadline \
-     FROM sessions s LEFT JOIN interactions r ON r.session = s.id \
-     AND r.status IN ('running', 'waiting')";
+     FROM sessions s LEFT JOIN interactions r ON r.session = s.id AND r.status IN ",
+    status_sql!(active)
+);
 
 pub(super) async fn require_session(
     client: &impl GenericClient,

@@ -6,9 +6,12 @@ use tokio_postgres::types::ToSql;
 
 use super::rows::read_interaction;
 use super::{PgStore, TxError, TxResult};
+use crate::bus::Bus;
 use crate::model::{Event, InteractionId, Millis, SessionId, Status};
+use crate::session::op::Needs;
+use crate::session::{Effects, Op, Plan, SessionRow, Snapshot, Write};
 use crate::store::StoreError;
-use crate::store::rules::{self, Operation, Outcome, Plan, SessionRow, Snapshot, Write};
+use crate::store::backend::{self, Backend, Committed};
 
 /// The write side of one transaction.
 pub(super) struct PgTx<'t, 'c, 's> {
@@ -37,38 +40,12 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
     }
 
     /// Runs `op` on `session` (or, for a task's operation, on its interaction's session).
-    pub(super) async fn run(
+    pub(super) async fn run<O: Op>(
         &mut self,
         session: Option<&SessionId>,
-        op: Operation,
-    ) -> TxResult<Outcome> {
-        let session = match (session, op.task()) {
-            (Some(session), _) => session.clone(),
-            (None, Some(task)) => match self.store.task_session(task) {
-                Some(session) => session,
-                None => match self.session_of(task).await? {
-                    Some(session) => session,
-                    None => return Ok(op.when_gone()?),
-                },
-            },
-            (None, None) => {
-                return Err(StoreError::Internal("operation without session".into()).into());
-            }
-        };
-        let snapshot = self.load(&session, &op).await?;
-        let task = op.task().cloned();
-        let plan = match rules::decide(snapshot, op) {
-            Ok(plan) => plan,
-            Err(StoreError::Fenced) => {
-                // Ended (maybe by another node): its writes stop here.
-                if let Some(task) = task {
-                    self.store.task_ended(&task);
-                }
-                return Err(StoreError::Fenced.into());
-            }
-            Err(refusal) => return Err(refusal.into()),
-        };
-        self.apply(plan).await
+        op: O,
+    ) -> TxResult<Committed<O::Outcome>> {
+        backend::run(self, session, op).await
     }
 
     /// Locks the session's row for this transaction; `false` if there is none.
@@ -80,7 +57,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
         Ok(self.tx.query_opt(&stmt, &[&id.key()]).await?.is_some())
     }
 
-    async fn session_of(&mut self, id: &InteractionId) -> TxResult<Option<SessionId>> {
+    async fn stored_session_of(&mut self, id: &InteractionId) -> TxResult<Option<SessionId>> {
         let stmt = self
             .tx
             .prepare_cached("SELECT session FROM interactions WHERE id = $1")
@@ -95,7 +72,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
     }
 
     /// Locks the session's row and reads what the rules look at.
-    async fn load(&mut self, id: &SessionId, op: &Operation) -> TxResult<Snapshot> {
+    async fn load_locked(&mut self, id: &SessionId, needs: Needs<'_>) -> TxResult<Snapshot> {
         let mut snapshot = Snapshot::absent(id.clone(), self.now);
         snapshot.limits = self.store.limits;
         let sid = id.key();
@@ -115,7 +92,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                 created_at: Millis(row.try_get(4)?),
             });
         } else {
-            if op.creates() {
+            if needs.creates {
                 let stmt = self
                     .tx
                     .prepare_cached("SELECT last_seq FROM retired_sessions WHERE id = $1")
@@ -124,7 +101,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                     snapshot.retired_seq = row.try_get(0)?;
                 }
             }
-            if snapshot.counts_tenant(op) {
+            if snapshot.counts_tenant(&needs) {
                 // Creations of one tenant queue behind this lock until commit, so the count
                 // (read once it is held) sees each one before it: the bound is exact across
                 // nodes.
@@ -144,7 +121,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                     .try_get(0)?;
                 snapshot.tenant_sessions = Some(count.max(0) as u64);
             }
-            if op.inserts() {
+            if needs.inserts {
                 snapshot.fresh_id = Some(self.fresh_id(None)?.0);
             }
             return Ok(snapshot);
@@ -156,8 +133,9 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
             .prepare_cached(concat!(
                 "SELECT ",
                 interaction_columns!(),
-                " FROM interactions WHERE session = $1 \
-                 AND status IN ('running', 'waiting', 'queued') ORDER BY id"
+                " FROM interactions WHERE session = $1 AND status IN ",
+                status_sql!(open),
+                " ORDER BY id"
             ))
             .await?;
         let keyed = self
@@ -183,8 +161,8 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                  ORDER BY id DESC LIMIT 1",
             )
             .await?;
-        let key = op.idempotency_key();
-        let named_id = op.named().map(InteractionId::as_str);
+        let key = needs.key;
+        let named_id = needs.named.map(InteractionId::as_str);
         let tx = self.tx;
         let active_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&sid];
         let (active, keyed, named, newest) = tokio::try_join!(
@@ -202,7 +180,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
                 }
             },
             async {
-                match op.inserts() {
+                match needs.inserts {
                     true => tx.query_opt(&newest, &[&sid]).await,
                     false => Ok(None),
                 }
@@ -218,7 +196,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
         }
         snapshot.keyed = keyed.map(|row| read_interaction(&row, 0)).transpose()?;
         snapshot.named = named.map(|row| read_interaction(&row, 0)).transpose()?;
-        if op.inserts() {
+        if needs.inserts {
             let newest = match newest {
                 Some(row) => Some((
                     InteractionId::from_stored(row.try_get(0)?),
@@ -253,7 +231,7 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
 
     /// Applies the plan: every statement is sent at once (pipelined; PostgreSQL runs them in
     /// order), the events included.
-    async fn apply(&mut self, plan: Plan) -> TxResult<Outcome> {
+    async fn apply_plan<T>(&mut self, plan: Plan<T>) -> TxResult<(T, Effects)> {
         let sid = || Box::new(plan.session.key().to_string()) as Param;
         let now = plan.now.0;
         let me = self.store.node().to_string();
@@ -464,8 +442,36 @@ impl<'t, 'c, 's> PgTx<'t, 'c, 's> {
             }
         }
         self.events.extend(plan.events);
-        self.stopped.extend(plan.stopped);
-        Ok(plan.outcome)
+        self.stopped.extend(plan.effects.stop.iter().cloned());
+        Ok((plan.outcome, plan.effects))
+    }
+}
+
+impl Backend for PgTx<'_, '_, '_> {
+    type Error = TxError;
+
+    fn bus(&self) -> &std::sync::Arc<Bus> {
+        &self.store.bus
+    }
+
+    async fn session_of(&mut self, task: &InteractionId) -> TxResult<Option<SessionId>> {
+        match self.store.task_session(task) {
+            Some(session) => Ok(Some(session)),
+            None => self.stored_session_of(task).await,
+        }
+    }
+
+    async fn load(&mut self, session: &SessionId, needs: Needs<'_>) -> TxResult<Snapshot> {
+        self.load_locked(session, needs).await
+    }
+
+    async fn apply<T>(&mut self, plan: Plan<T>) -> TxResult<(T, Effects)> {
+        self.apply_plan(plan).await
+    }
+
+    fn fenced(&mut self, task: &InteractionId) {
+        // Ended (maybe by another node): its writes stop here.
+        self.store.task_ended(task);
     }
 }
 

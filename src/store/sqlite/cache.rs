@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use crate::model::{InteractionId, SessionId};
-use crate::store::rules::SessionState;
+use crate::session::SessionState;
 
 /// Sessions remembered at most; past it, an arbitrary one is forgotten.
 const SESSIONS: usize = 4096;

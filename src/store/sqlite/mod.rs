@@ -5,7 +5,7 @@
 //! in parallel on a small pool of read-only connections (WAL lets them see every committed
 //! write, never a partial one).
 //!
-//! Every write is one operation of the session rules ([`super::rules`]): the job loads the
+//! Every write is one operation of the session rules ([`crate::session`]): the job loads the
 //! session's snapshot, the rules decide, the job applies the plan ([`tx`]).
 
 /// The columns [`read::read_interaction`] reads, as a literal for `concat!`.
@@ -31,16 +31,15 @@ use std::sync::mpsc;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::rules::{Operation, Outcome};
+use super::backend::Committed;
 use super::shared::page;
-use super::{
-    Page, SqliteOptions, StartedTask, StoreError, StoreResult, StoreStats, register_final_watch,
-};
+use super::{Page, SqliteOptions, StoreError, StoreResult, StoreStats};
 use crate::bus::Bus;
 use crate::model::{
     ErrorInfo, Event, EventType, Interaction, InteractionId, JsonObject, Millis, Session,
     SessionId, Tenant,
 };
+use crate::session::{Effects, Op, op};
 use read::{
     ReadPool, SESSION_LIST, conversion_error, read_interaction, read_session, require_session,
     select_interaction, select_session,
@@ -53,7 +52,6 @@ pub(super) struct SqliteStore {
     // Unbounded, yet bounded in practice: every job has a caller awaiting its answer.
     jobs: mpsc::Sender<Job>,
     readers: Arc<ReadPool>,
-    bus: Arc<Bus>,
     stats: Arc<StoreStats>,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: mpsc::Sender<()>,
@@ -107,7 +105,7 @@ impl SqliteStore {
         let (jobs, rx) = mpsc::channel();
         let writer = Writer {
             conn,
-            bus: bus.clone(),
+            bus,
             stats: stats.clone(),
             checkpoint_requested,
             limits: options.limits,
@@ -119,7 +117,6 @@ impl SqliteStore {
         Ok(Self {
             jobs,
             readers: Arc::new(readers),
-            bus,
             stats,
             _checkpointer: checkpointer,
             delta_cursor: AtomicI64::new(0),
@@ -160,65 +157,52 @@ impl SqliteStore {
     }
 
     /// Runs one operation of the session rules as a write job.
-    pub(super) async fn run(
+    pub(super) async fn run<O: Op>(
         &self,
         session: Option<SessionId>,
-        op: Operation,
-    ) -> StoreResult<Outcome> {
-        let bus = self.bus.clone();
-        self.write(move |tx| {
-            let watch = op.watches_final();
-            let mut outcome = tx.run(session.as_ref(), op)?;
-            if watch {
-                // On the writer, before this batch is published.
-                register_final_watch(&bus, &mut outcome);
-            }
-            Ok(outcome)
-        })
-        .await
+        op: O,
+    ) -> StoreResult<Committed<O::Outcome>> {
+        self.write(move |tx| tx.run(session.as_ref(), op)).await
     }
 
     /// After a crash: interactions left `running` fail (`interrupted`), then each session
     /// with queued work and nothing running starts its oldest.
-    pub(super) async fn recover(&self) -> StoreResult<Vec<StartedTask>> {
+    pub(super) async fn recover(&self) -> StoreResult<Effects> {
         self.write(|tx| {
             let running: Vec<(String, String)> = tx
                 .conn
-                .prepare_cached(
-                    "SELECT id, session FROM interactions WHERE status = 'running' ORDER BY id",
-                )?
+                .prepare_cached(concat!(
+                    "SELECT id, session FROM interactions WHERE status IN ",
+                    status_sql!(running),
+                    " ORDER BY id"
+                ))?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
-            let mut started = Vec::new();
+            let mut effects = Effects::default();
             for (id, session) in running {
-                let op = Operation::Interrupt {
+                let op = op::Interrupt {
                     id: InteractionId::from_stored(id),
                     error: ErrorInfo {
                         code: "interrupted".into(),
                         message: "the server stopped while this interaction was running".into(),
                     },
                 };
-                started.extend(
-                    tx.run(Some(&stored_session(&session)?), op)?
-                        .into_started()?,
-                );
+                effects.extend(tx.run(Some(&stored_session(&session)?), op)?.effects);
             }
             let waiting: Vec<String> = tx
                 .conn
-                .prepare_cached(
-                    "SELECT DISTINCT session FROM interactions WHERE status = 'queued' \
-                     ORDER BY session",
-                )?
+                .prepare_cached(concat!(
+                    "SELECT DISTINCT session FROM interactions WHERE status IN ",
+                    status_sql!(queued),
+                    " ORDER BY session"
+                ))?
                 .query_map([], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             for session in waiting {
-                let op = Operation::StartQueued;
-                started.extend(
-                    tx.run(Some(&stored_session(&session)?), op)?
-                        .into_started()?,
-                );
+                let op = op::StartQueued;
+                effects.extend(tx.run(Some(&stored_session(&session)?), op)?.effects);
             }
-            Ok(started)
+            Ok(effects)
         })
         .await
     }
@@ -231,11 +215,11 @@ impl SqliteStore {
     ) -> StoreResult<Vec<(SessionId, InteractionId)>> {
         self.read(move |conn| {
             let rows: Vec<(String, String)> = conn
-                .prepare_cached(
-                    "SELECT session, id FROM interactions \
-                     WHERE status = 'waiting' AND input_deadline <= ?1 \
-                     ORDER BY input_deadline LIMIT ?2",
-                )?
+                .prepare_cached(concat!(
+                    "SELECT session, id FROM interactions WHERE status IN ",
+                    status_sql!(waiting),
+                    " AND input_deadline <= ?1 ORDER BY input_deadline LIMIT ?2"
+                ))?
                 .query_map(params![now.0, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             rows.into_iter()
@@ -338,8 +322,9 @@ impl SqliteStore {
             let sql = concat!(
                 "SELECT ",
                 interaction_columns!(),
-                " FROM interactions \
-                 WHERE session = ?1 AND status = 'completed' ORDER BY id DESC LIMIT ?2"
+                " FROM interactions WHERE session = ?1 AND status IN ",
+                status_sql!(completed),
+                " ORDER BY id DESC LIMIT ?2"
             );
             let mut stmt = conn.prepare_cached(sql)?;
             let rows = stmt.query_map(params![session.key(), i64::from(limit)], |r| {
@@ -470,3 +455,9 @@ impl StoredRow {
 
 #[cfg(test)]
 mod tests;
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Internal(e.to_string())
+    }
+}

@@ -23,10 +23,12 @@ static SESSION_SELECT: LazyLock<String> = LazyLock::new(|| {
         .join(", ");
     format!(
         "SELECT s.id, s.agent, s.context, s.epoch, s.last_seq, s.created_at, \
-         (SELECT count(*) FROM interactions q WHERE q.session = s.id AND q.status = 'queued'), \
+         (SELECT count(*) FROM interactions q WHERE q.session = s.id AND q.status IN {queued}), \
          {running_columns} \
          FROM sessions s LEFT JOIN interactions r ON r.session = s.id \
-         AND r.status IN ('running', 'waiting')"
+         AND r.status IN {active}",
+        queued = status_sql!(queued),
+        active = status_sql!(active),
     )
 });
 

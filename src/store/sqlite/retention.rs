@@ -102,9 +102,10 @@ fn compact_deltas(
         })?
         .collect::<Result<_, _>>()?;
     walk.done = rows.len() < usize::try_from(batch).unwrap_or(usize::MAX);
-    let mut active = conn.prepare_cached(
-        "SELECT 1 FROM interactions WHERE id = ?1 AND status IN ('queued', 'running')",
-    )?;
+    let mut active = conn.prepare_cached(concat!(
+        "SELECT 1 FROM interactions WHERE id = ?1 AND status IN ",
+        status_sql!(open)
+    ))?;
     let mut delete = conn.prepare_cached(
         "DELETE FROM events WHERE id = ?1 RETURNING coalesce(last_seq, seq) - seq + 1",
     )?;

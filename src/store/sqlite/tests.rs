@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::SqliteStore;
 use crate::bus::Bus;
 use crate::model::{JsonObject, Policy, SessionId};
-use crate::store::rules::Operation;
+use crate::session::op;
 use crate::store::{NewMessage, SqliteOptions, StoreError};
 
 fn message(session: &SessionId) -> NewMessage {
@@ -37,7 +37,7 @@ async fn a_job_failing_after_its_writes_undoes_them_and_the_remembered_state() {
     store
         .run(
             Some(s.clone()),
-            Operation::Clear {
+            op::Clear {
                 default_agent: "default".into(),
             },
         )
@@ -46,7 +46,7 @@ async fn a_job_failing_after_its_writes_undoes_them_and_the_remembered_state() {
     let session = s.clone();
     let failed = store
         .write(move |tx| {
-            tx.run(Some(&session), Operation::Accept(message(&session)))?;
+            tx.run(Some(&session), op::Accept(message(&session)))?;
             Err::<(), _>(StoreError::Internal("failing after the write".into()))
         })
         .await;
@@ -58,12 +58,10 @@ async fn a_job_failing_after_its_writes_undoes_them_and_the_remembered_state() {
     assert!(after.running.is_none(), "the accept was undone");
     // Were the undone accept still remembered, this would be refused as busy.
     let accepted = store
-        .run(Some(s.clone()), Operation::Accept(message(&s)))
+        .run(Some(s.clone()), op::Accept(message(&s)))
         .await
-        .unwrap()
-        .into_accepted()
         .unwrap();
-    assert!(accepted.started.is_some());
+    assert_eq!(accepted.effects.start.len(), 1, "it started");
     let events = store.events_after(s, 0, 100).await.unwrap();
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(
@@ -78,12 +76,10 @@ async fn a_refusal_leaves_the_batch_alone() {
     let (_dir, store) = open();
     let s = SessionId::new(&crate::model::Tenant::default_tenant(), "s").unwrap();
     store
-        .run(Some(s.clone()), Operation::Accept(message(&s)))
+        .run(Some(s.clone()), op::Accept(message(&s)))
         .await
         .unwrap();
-    let busy = store
-        .run(Some(s.clone()), Operation::Accept(message(&s)))
-        .await;
+    let busy = store.run(Some(s.clone()), op::Accept(message(&s))).await;
     assert!(matches!(busy, Err(StoreError::Busy { .. })));
     let session = store.get_session(s).await.unwrap();
     assert!(session.running.is_some());

@@ -5,9 +5,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::cache::SessionCache;
 use super::read::{read_interaction, select_interaction};
+use crate::bus::Bus;
 use crate::model::{Event, EventType, IdGenerator, InteractionId, Millis, SessionId};
-use crate::store::rules::{self, Operation, Outcome, Plan, SessionRow, Snapshot, Write};
-use crate::store::{Limits, StoreError, StoreResult};
+use crate::session::op::Needs;
+use crate::session::{Effects, Limits, Op, Plan, SessionRow, Snapshot, Write};
+use crate::store::backend::{self, Backend, Committed};
+use crate::store::{StoreError, StoreResult};
 
 /// The write side of one job: the connection inside the batch's transaction, the id
 /// generator and the events the job caused.
@@ -21,6 +24,53 @@ pub(super) struct Tx<'c> {
     pub(super) wrote: bool,
     /// The bounds of the session rules.
     pub(super) limits: Limits,
+    pub(super) bus: &'c std::sync::Arc<Bus>,
+}
+
+// Nothing here waits: each future is ready when first polled ([`backend::ready`]).
+impl Backend for Tx<'_> {
+    type Error = StoreError;
+
+    fn bus(&self) -> &std::sync::Arc<Bus> {
+        self.bus
+    }
+
+    async fn session_of(&mut self, task: &InteractionId) -> StoreResult<Option<SessionId>> {
+        match self.cache.session_running(task) {
+            Some(session) => Ok(Some(session.clone())),
+            None => self.stored_session_of(task),
+        }
+    }
+
+    async fn load(&mut self, session: &SessionId, needs: Needs<'_>) -> StoreResult<Snapshot> {
+        let mut snapshot = match self.cache.get(session) {
+            Some(state) => Snapshot::of(session.clone(), self.now, state.clone()),
+            None => self.load_row(session, &needs)?,
+        };
+        snapshot.limits = self.limits;
+        if snapshot.counts_tenant(&needs) {
+            // The single writer serialises every creation: the count is exact.
+            let count: i64 = self
+                .conn
+                .prepare_cached("SELECT count(*) FROM sessions WHERE tenant = ?1")?
+                .query_row([session.tenant()], |r| r.get(0))?;
+            snapshot.tenant_sessions = Some(count.max(0) as u64);
+        }
+        self.load_named(&mut snapshot, &needs)?;
+        if needs.inserts {
+            snapshot.fresh_id = Some(self.ids.next_id());
+        }
+        Ok(snapshot)
+    }
+
+    async fn apply<T>(&mut self, mut plan: Plan<T>) -> StoreResult<(T, Effects)> {
+        let after = plan.after.take();
+        self.wrote = true;
+        self.write_plan(&plan)?;
+        self.cache.put(&plan.session, after);
+        self.events.extend(plan.events);
+        Ok((plan.outcome, plan.effects))
+    }
 }
 
 impl Tx<'_> {
@@ -31,48 +81,15 @@ impl Tx<'_> {
     }
 
     /// Runs `op` on `session` (or, for a task's operation, on its interaction's session).
-    pub(super) fn run(
+    pub(super) fn run<O: Op>(
         &mut self,
         session: Option<&SessionId>,
-        op: Operation,
-    ) -> StoreResult<Outcome> {
-        let session = match (session, op.task()) {
-            (Some(session), _) => session.clone(),
-            (None, Some(task)) => match self.cache.session_running(task) {
-                Some(session) => session.clone(),
-                None => match self.session_of(task)? {
-                    Some(session) => session,
-                    None => return op.when_gone(),
-                },
-            },
-            (None, None) => return Err(StoreError::Internal("operation without session".into())),
-        };
-        let mut snapshot = match self.cache.get(&session) {
-            Some(state) => Snapshot::of(session.clone(), self.now, state.clone()),
-            None => self.load(&session, &op)?,
-        };
-        snapshot.limits = self.limits;
-        if snapshot.counts_tenant(&op) {
-            // The single writer serialises every creation: the count is exact.
-            let count: i64 = self
-                .conn
-                .prepare_cached("SELECT count(*) FROM sessions WHERE tenant = ?1")?
-                .query_row([session.tenant()], |r| r.get(0))?;
-            snapshot.tenant_sessions = Some(count.max(0) as u64);
-        }
-        self.load_named(&mut snapshot, &op)?;
-        if op.inserts() {
-            snapshot.fresh_id = Some(self.ids.next_id());
-        }
-        let mut plan = rules::decide(snapshot, op)?;
-        let after = plan.after.take();
-        self.wrote = true;
-        let outcome = self.apply(plan)?;
-        self.cache.put(&session, after);
-        Ok(outcome)
+        op: O,
+    ) -> StoreResult<Committed<O::Outcome>> {
+        backend::ready(backend::run(self, session, op))
     }
 
-    fn session_of(&self, id: &InteractionId) -> StoreResult<Option<SessionId>> {
+    fn stored_session_of(&self, id: &InteractionId) -> StoreResult<Option<SessionId>> {
         let session: Option<String> = self
             .conn
             .prepare_cached("SELECT session FROM interactions WHERE id = ?1")?
@@ -83,7 +100,7 @@ impl Tx<'_> {
             .transpose()
     }
 
-    fn load(&self, id: &SessionId, op: &Operation) -> StoreResult<Snapshot> {
+    fn load_row(&self, id: &SessionId, needs: &Needs<'_>) -> StoreResult<Snapshot> {
         let mut snapshot = Snapshot::absent(id.clone(), self.now);
         let sid = id.key();
         snapshot.session = self
@@ -102,7 +119,7 @@ impl Tx<'_> {
             })
             .optional()?;
         if snapshot.session.is_none() {
-            if op.creates() {
+            if needs.creates {
                 snapshot.retired_seq = self
                     .conn
                     .prepare_cached("SELECT last_seq FROM retired_sessions WHERE id = ?1")?
@@ -117,7 +134,8 @@ impl Tx<'_> {
             .prepare_cached(concat!(
                 "SELECT ",
                 interaction_columns!(),
-                " FROM interactions WHERE session = ?1 AND status IN ('running', 'waiting')"
+                " FROM interactions WHERE session = ?1 AND status IN ",
+                status_sql!(active)
             ))?
             .query_row([sid], |r| read_interaction(r, 0))
             .optional()?;
@@ -126,7 +144,9 @@ impl Tx<'_> {
             .prepare_cached(concat!(
                 "SELECT ",
                 interaction_columns!(),
-                " FROM interactions WHERE session = ?1 AND status = 'queued' ORDER BY id"
+                " FROM interactions WHERE session = ?1 AND status IN ",
+                status_sql!(queued),
+                " ORDER BY id"
             ))?
             .query_map([sid], |r| read_interaction(r, 0))?
             .collect::<Result<_, _>>()?;
@@ -135,12 +155,12 @@ impl Tx<'_> {
 
     /// What the operation names besides the session: the holder of its idempotency key, a
     /// cancel's target.
-    fn load_named(&self, snapshot: &mut Snapshot, op: &Operation) -> StoreResult<()> {
+    fn load_named(&self, snapshot: &mut Snapshot, needs: &Needs<'_>) -> StoreResult<()> {
         if snapshot.session.is_none() {
             return Ok(());
         }
         let sid = snapshot.id.key();
-        if let Some(key) = op.idempotency_key() {
+        if let Some(key) = needs.key {
             snapshot.keyed = self
                 .conn
                 .prepare_cached(concat!(
@@ -151,13 +171,13 @@ impl Tx<'_> {
                 .query_row(params![sid, key], |r| read_interaction(r, 0))
                 .optional()?;
         }
-        if let Some(named) = op.named() {
+        if let Some(named) = needs.named {
             snapshot.named = select_interaction(self.conn, named)?;
         }
         Ok(())
     }
 
-    fn apply(&mut self, plan: Plan) -> StoreResult<Outcome> {
+    fn write_plan<T>(&mut self, plan: &Plan<T>) -> StoreResult<()> {
         let sid = plan.session.key();
         let now = plan.now.0;
         for write in &plan.writes {
@@ -319,8 +339,7 @@ impl Tx<'_> {
                 params![sid, seq],
             )?;
         }
-        self.events.extend(plan.events);
-        Ok(plan.outcome)
+        Ok(())
     }
 
     fn execute(&self, sql: &str, params: impl rusqlite::Params) -> StoreResult<usize> {

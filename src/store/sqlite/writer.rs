@@ -99,6 +99,7 @@ impl Writer {
                     events: Vec::new(),
                     wrote: false,
                     limits,
+                    bus: &bus,
                 };
                 let outcome = catch_unwind(AssertUnwindSafe(|| job(&mut tx)));
                 let wrote = tx.wrote;

@@ -1,125 +1,43 @@
-//! The rules of a session, written once for both backends.
-//!
-//! A backend loads a [`Snapshot`] of one session inside its transaction (the session's row,
-//! its running interaction, its queue, and what the operation names: the interaction holding
-//! an idempotency key, a cancel's target), calls [`decide`], applies the returned [`Plan`]
-//! with its own SQL (the [`Write`]s in order, then the events, then the session's `last_seq`)
-//! and commits. A refusal is an `Err`: the backend writes nothing.
-//!
-//! Nothing here does I/O, awaits or reads a clock: `now` and a fresh interaction id come in
-//! with the snapshot, so the same inputs always give the same plan. The types are in [`plan`].
-
-mod plan;
+//! The rules: what each operation does to the session in a snapshot, or why it is refused.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{
-    Accepted, CancelTarget, Cancelled, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, StartedTask,
-    StoreError, StoreResult, TaskEnd, TaskOutput,
+use super::op::{
+    Accepted, CancelTarget, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Op, StartedTask, TaskEnd,
+    TaskOutput,
 };
+use super::plan::{Effects, Plan, SessionRow, SessionState, Snapshot, Write};
+use super::{StoreError, StoreResult};
 use crate::model::{
     CancelReason, ErrorInfo, Event, EventType, Exchange, Interaction, InteractionId, JsonObject,
     Millis, PendingRequest, Policy, Session, Status, merge_patch,
 };
-pub(super) use plan::{Operation, Outcome, Plan, SessionRow, SessionState, Snapshot, Write};
 
-/// The rules: what `operation` does to the session in `snapshot`, or why it is refused.
-pub(super) fn decide(snapshot: Snapshot, operation: Operation) -> StoreResult<Plan> {
+/// The rules: what `op` does to the session in `snapshot`, or why it is refused.
+pub(crate) fn decide<O: Op>(snapshot: Snapshot, op: O) -> StoreResult<Plan<O::Outcome>> {
     let mut d = Decider::new(snapshot);
-    let outcome = match operation {
-        Operation::PutSession {
-            agent,
-            context,
-            default_agent,
-        } => d.put_session(agent, context, default_agent)?,
-        Operation::DeleteSession => d.delete_session()?,
-        Operation::Accept(message) => d.accept(message)?,
-        Operation::Append { id, outputs } => {
-            d.running_task(&id)?;
-            let text = d.write_outputs(&id, outputs)?;
-            if !text.is_empty() {
-                if let Some(running) = &mut d.s.running {
-                    running.response.push_str(&text);
-                }
-                d.writes.push(Write::AppendResponse { id, text });
-            }
-            Outcome::Appended
-        }
-        Operation::Finish {
-            id,
-            outputs,
-            end,
-            start_next,
-        } => d.finish(id, outputs, end, start_next)?,
-        Operation::Cancel {
-            target,
-            reason,
-            start_next,
-        } => d.cancel(target, reason, start_next)?,
-        Operation::Clear { default_agent } => d.clear(default_agent)?,
-        Operation::UpdateContext {
-            value,
-            patch,
-            default_agent,
-        } => {
-            d.session_or_create(default_agent, JsonObject::new())?;
-            let context = if patch {
-                patched(d.row()?.context()?, value)?
-            } else {
-                value
-            };
-            d.set_context(&context, None)?;
-            Outcome::Context(context)
-        }
-        Operation::Interrupt { id, error } => {
-            if d.s.session.is_none() {
-                return d.done(Outcome::Started(None));
-            }
-            // A waiting interaction has no task to lose: it stays waiting.
-            if let Some(mut running) =
-                d.s.running
-                    .take_if(|r| r.id == id && r.status == Status::Running)
-            {
-                d.make_final(&mut running, Status::Failed, Some(error), None)?;
-                d.stopped.push(running.id);
-            }
-            let next = d.start_next()?;
-            Outcome::Started(next)
-        }
-        Operation::StartQueued => {
-            if d.s.session.is_none() {
-                return d.done(Outcome::Started(None));
-            }
-            Outcome::Started(d.start_next()?)
-        }
-        Operation::Ask {
-            id,
-            outputs,
-            data,
-            request_id,
-            timeout_ms,
-        } => d.ask(id, outputs, data, request_id, timeout_ms)?,
-        Operation::Answer {
-            id,
-            request_id,
-            answer,
-        } => d.answer(id, request_id, answer)?,
-        Operation::ExpireWait { id, start_next } => d.expire_wait(id, start_next)?,
-    };
-    d.done(outcome)
+    let outcome = op.decide(&mut d)?;
+    Ok(d.done(outcome))
 }
 
-/// Works on a snapshot, recording what changes.
-struct Decider {
+/// Whether a message's content is the `/clear` command: sending it clears the session
+/// instead of accepting a message (and its `wait` and idempotency key are ignored).
+pub fn is_clear(content: &str) -> bool {
+    content.trim() == "/clear"
+}
+
+/// Works on a snapshot, recording what changes (each [`Op`] calls its rule here).
+#[doc(hidden)]
+pub struct Decider {
     s: Snapshot,
     /// The stored `last_seq`, to know whether it must be saved.
     saved_seq: i64,
     writes: Vec<Write>,
     events: Vec<Event>,
-    stopped: Vec<InteractionId>,
+    effects: Effects,
 }
 
 impl Decider {
@@ -130,11 +48,11 @@ impl Decider {
             saved_seq,
             writes: Vec::new(),
             events: Vec::new(),
-            stopped: Vec::new(),
+            effects: Effects::default(),
         }
     }
 
-    fn done(mut self, outcome: Outcome) -> StoreResult<Plan> {
+    fn done<T>(mut self, outcome: T) -> Plan<T> {
         let last_seq = self.s.session.as_ref().map(|r| r.last_seq);
         let mut save_seq = last_seq.filter(|seq| *seq != self.saved_seq);
         if let Some(Write::CreateSession { last_seq, .. }) = self.writes.first_mut()
@@ -148,16 +66,16 @@ impl Decider {
             running: self.s.running,
             queued: self.s.queued,
         });
-        Ok(Plan {
+        Plan {
             session: self.s.id,
             now: self.s.now,
             writes: self.writes,
             events: self.events,
             save_seq,
-            stopped: self.stopped,
+            effects: self.effects,
             outcome,
             after,
-        })
+        }
     }
 
     fn row(&mut self) -> StoreResult<&mut SessionRow> {
@@ -279,12 +197,12 @@ impl Decider {
         })
     }
 
-    fn put_session(
+    pub(super) fn put_session(
         &mut self,
         agent: Option<String>,
         context: Option<JsonObject>,
         default_agent: String,
-    ) -> StoreResult<Outcome> {
+    ) -> StoreResult<(Session, bool)> {
         let created = self.session_or_create(
             agent.clone().unwrap_or(default_agent),
             context.clone().unwrap_or_default(),
@@ -298,13 +216,10 @@ impl Decider {
                 self.set_context(&context, None)?;
             }
         }
-        Ok(Outcome::Session {
-            session: self.view()?,
-            created,
-        })
+        Ok((self.view()?, created))
     }
 
-    fn delete_session(&mut self) -> StoreResult<Outcome> {
+    pub(super) fn delete_session(&mut self) -> StoreResult<Vec<InteractionId>> {
         self.row()?;
         let cancelled = self.cancel_all(CancelReason::Delete)?;
         self.emit(EventType::SessionDeleted, None, &Empty {}, None)?;
@@ -312,10 +227,10 @@ impl Decider {
         self.writes.push(Write::Delete { last_seq });
         // Gone: no seq to save, no state after.
         self.s.session = None;
-        Ok(Outcome::Deleted(cancelled))
+        Ok(cancelled)
     }
 
-    fn accept(&mut self, message: NewMessage) -> StoreResult<Outcome> {
+    pub(super) fn accept(&mut self, message: NewMessage) -> StoreResult<Accepted> {
         self.session_or_create(message.default_agent.clone(), JsonObject::new())?;
         let now = self.s.now;
         if let Some(key) = &message.idempotency_key
@@ -328,13 +243,13 @@ impl Decider {
             } else if earlier.content != message.content || earlier.metadata != message.metadata {
                 return Err(StoreError::IdempotencyMismatch);
             } else {
-                return Ok(Outcome::Accepted(Box::new(Accepted {
+                if message.watch_final && !earlier.status.is_final() {
+                    self.effects.watch_final = Some(earlier.id.clone());
+                }
+                return Ok(Accepted {
                     interaction: earlier,
                     replayed: true,
-                    started: None,
-                    cancelled: Vec::new(),
-                    final_watch: None,
-                })));
+                });
             }
         }
         let busy_with = self
@@ -343,7 +258,6 @@ impl Decider {
             .as_ref()
             .or(self.s.queued.first())
             .map(|i| i.id.clone());
-        let mut cancelled = Vec::new();
         if let Some(busy_with) = &busy_with {
             match message.policy {
                 Policy::Reject => {
@@ -357,7 +271,9 @@ impl Decider {
                     });
                 }
                 Policy::Enqueue => {}
-                Policy::Interrupt => cancelled = self.cancel_all(CancelReason::Interrupt)?,
+                Policy::Interrupt => {
+                    self.cancel_all(CancelReason::Interrupt)?;
+                }
             }
         }
         let start_now = busy_with.is_none() || message.policy == Policy::Interrupt;
@@ -389,25 +305,82 @@ impl Decider {
             epoch,
             idempotency_key: message.idempotency_key,
         });
-        let started = if start_now {
+        if start_now {
             self.emit_interaction(EventType::TaskStarted, &interaction)?;
             self.s.running = Some(interaction.clone());
-            Some(StartedTask {
+            self.effects.start.push(StartedTask {
                 interaction: interaction.clone(),
                 agent,
-            })
+            });
         } else {
             self.emit_interaction(EventType::InteractionQueued, &interaction)?;
             self.s.queued.push(interaction.clone());
-            None
-        };
-        Ok(Outcome::Accepted(Box::new(Accepted {
+        }
+        if message.watch_final {
+            self.effects.watch_final = Some(interaction.id.clone());
+        }
+        Ok(Accepted {
             interaction,
             replayed: false,
-            started,
-            cancelled,
-            final_watch: None,
-        })))
+        })
+    }
+
+    pub(super) fn append(
+        &mut self,
+        id: InteractionId,
+        outputs: Vec<TaskOutput>,
+    ) -> StoreResult<()> {
+        self.running_task(&id)?;
+        let text = self.write_outputs(&id, outputs)?;
+        if !text.is_empty() {
+            if let Some(running) = &mut self.s.running {
+                running.response.push_str(&text);
+            }
+            self.writes.push(Write::AppendResponse { id, text });
+        }
+        Ok(())
+    }
+
+    /// `set` replaces the context, then `patch` merges into it: one write, one event.
+    pub(super) fn update_context(
+        &mut self,
+        set: Option<JsonObject>,
+        patch: Option<JsonObject>,
+        default_agent: String,
+    ) -> StoreResult<JsonObject> {
+        self.session_or_create(default_agent, JsonObject::new())?;
+        let mut context = match set {
+            Some(set) => set,
+            None => self.row()?.context()?.clone(),
+        };
+        if let Some(patch) = patch {
+            context = patched(context, patch)?;
+        }
+        self.set_context(&context, None)?;
+        Ok(context)
+    }
+
+    pub(super) fn interrupt(&mut self, id: InteractionId, error: ErrorInfo) -> StoreResult<()> {
+        if self.s.session.is_none() {
+            return Ok(());
+        }
+        // A waiting interaction has no task to lose: it stays waiting.
+        if let Some(mut running) = self
+            .s
+            .running
+            .take_if(|r| r.id == id && r.status == Status::Running)
+        {
+            self.make_final(&mut running, Status::Failed, Some(error), None)?;
+            self.effects.stop.push(running.id);
+        }
+        self.start_next()
+    }
+
+    pub(super) fn start_queued(&mut self) -> StoreResult<()> {
+        if self.s.session.is_none() {
+            return Ok(());
+        }
+        self.start_next()
     }
 
     /// A task may write only while its interaction is the session's running one (not
@@ -421,14 +394,14 @@ impl Decider {
         }
     }
 
-    fn ask(
+    pub(super) fn ask(
         &mut self,
         id: InteractionId,
         outputs: Vec<TaskOutput>,
         data: Value,
         request_id: String,
         timeout_ms: i64,
-    ) -> StoreResult<Outcome> {
+    ) -> StoreResult<Interaction> {
         self.running_task(&id)?;
         let text = self.write_outputs(&id, outputs)?;
         let mut waiting = self.s.running.take().ok_or(StoreError::Fenced)?;
@@ -442,16 +415,16 @@ impl Decider {
         self.writes.push(Write::Wait(waiting.clone()));
         self.emit_interaction(EventType::TaskWaiting, &waiting)?;
         self.s.running = Some(waiting.clone());
-        Ok(Outcome::Waiting(Box::new(waiting)))
+        Ok(waiting)
     }
 
     /// One answer wins: the interaction must be this session's, `waiting`, for this request.
-    fn answer(
+    pub(super) fn answer(
         &mut self,
         id: InteractionId,
         request_id: String,
         answer: Value,
-    ) -> StoreResult<Outcome> {
+    ) -> StoreResult<Interaction> {
         self.row()?;
         self.s
             .named
@@ -476,16 +449,17 @@ impl Decider {
         self.emit_interaction(EventType::TaskResumed, &resumed)?;
         self.s.running = Some(resumed.clone());
         let agent = self.row()?.agent.clone();
-        Ok(Outcome::Resumed(Box::new(StartedTask {
-            interaction: resumed,
+        self.effects.start.push(StartedTask {
+            interaction: resumed.clone(),
             agent,
-        })))
+        });
+        Ok(resumed)
     }
 
     /// A wait past its deadline ends `cancelled` (`timeout`); an answered or ended one is left.
-    fn expire_wait(&mut self, id: InteractionId, start_next: bool) -> StoreResult<Outcome> {
+    pub(super) fn expire_wait(&mut self, id: InteractionId, start_next: bool) -> StoreResult<()> {
         if self.s.session.is_none() {
-            return Ok(Outcome::Cancelled(Cancelled::default()));
+            return Ok(());
         }
         let now = self.s.now;
         let expired = |r: &mut Interaction| {
@@ -494,7 +468,7 @@ impl Decider {
                 && r.input_deadline.is_some_and(|at| at.0 <= now.0)
         };
         let Some(mut expired) = self.s.running.take_if(expired) else {
-            return Ok(Outcome::Cancelled(Cancelled::default()));
+            return Ok(());
         };
         self.make_final(
             &mut expired,
@@ -502,12 +476,11 @@ impl Decider {
             None,
             Some(CancelReason::Timeout),
         )?;
-        self.stopped.push(expired.id.clone());
-        let started = if start_next { self.start_next()? } else { None };
-        Ok(Outcome::Cancelled(Cancelled {
-            cancelled: vec![expired.id],
-            started,
-        }))
+        self.effects.stop.push(expired.id);
+        if start_next {
+            self.start_next()?;
+        }
+        Ok(())
     }
 
     /// Records a running task's outputs, one event each, and applies its context patches.
@@ -536,7 +509,7 @@ impl Decider {
                     self.emit(EventType::TaskProgress, Some(id), &data, None)?;
                 }
                 TaskOutput::ContextPatch(patch) => {
-                    let context = patched(self.row()?.context()?, patch)?;
+                    let context = patched(self.row()?.context()?.clone(), patch)?;
                     self.set_context(&context, Some(at))?;
                 }
                 TaskOutput::Ask(_) => {
@@ -549,13 +522,13 @@ impl Decider {
         Ok(text)
     }
 
-    fn finish(
+    pub(super) fn finish(
         &mut self,
         id: InteractionId,
         outputs: Vec<TaskOutput>,
         end: TaskEnd,
         start_next: bool,
-    ) -> StoreResult<Outcome> {
+    ) -> StoreResult<()> {
         self.running_task(&id)?;
         let text = self.write_outputs(&id, outputs)?;
         let mut interaction = self.s.running.take().ok_or(StoreError::Fenced)?;
@@ -570,16 +543,18 @@ impl Decider {
             TaskEnd::Failed(error) => (Status::Failed, Some(error)),
         };
         self.make_final(&mut interaction, status, error, None)?;
-        let next = if start_next { self.start_next()? } else { None };
-        Ok(Outcome::Started(next))
+        if start_next {
+            self.start_next()?;
+        }
+        Ok(())
     }
 
-    fn cancel(
+    pub(super) fn cancel(
         &mut self,
         target: CancelTarget,
         reason: CancelReason,
         start_next: bool,
-    ) -> StoreResult<Outcome> {
+    ) -> StoreResult<Vec<InteractionId>> {
         self.row()?;
         let target = match target {
             CancelTarget::Running => self.s.running.as_ref().map(|r| r.id.clone()),
@@ -591,12 +566,12 @@ impl Decider {
             }
         };
         let Some(target) = target else {
-            return Ok(Outcome::Cancelled(Cancelled::default()));
+            return Ok(Vec::new());
         };
         // Shutdown stops what runs here; a waiting interaction runs nowhere and stays waiting.
         let waits = |r: &Interaction| r.id == target && r.status == Status::Waiting;
         if reason == CancelReason::Shutdown && self.s.running.as_ref().is_some_and(waits) {
-            return Ok(Outcome::Cancelled(Cancelled::default()));
+            return Ok(Vec::new());
         }
         let (mut victim, was_running) = match self.s.running.take_if(|r| r.id == target) {
             Some(running) => (running, true),
@@ -604,25 +579,20 @@ impl Decider {
                 let at = self.s.queued.iter().position(|q| q.id == target);
                 // Named but in neither: it is final in a way the snapshot missed. Nothing to do.
                 let Some(at) = at else {
-                    return Ok(Outcome::Cancelled(Cancelled::default()));
+                    return Ok(Vec::new());
                 };
                 (self.s.queued.remove(at), false)
             }
         };
         self.make_final(&mut victim, Status::Cancelled, None, Some(reason))?;
-        self.stopped.push(victim.id.clone());
-        let started = if was_running && start_next {
-            self.start_next()?
-        } else {
-            None
-        };
-        Ok(Outcome::Cancelled(Cancelled {
-            cancelled: vec![victim.id],
-            started,
-        }))
+        self.effects.stop.push(victim.id.clone());
+        if was_running && start_next {
+            self.start_next()?;
+        }
+        Ok(vec![victim.id])
     }
 
-    fn clear(&mut self, default_agent: String) -> StoreResult<Outcome> {
+    pub(super) fn clear(&mut self, default_agent: String) -> StoreResult<Cleared> {
         self.session_or_create(default_agent, JsonObject::new())?;
         let cancelled = self.cancel_all(CancelReason::Clear)?;
         let row = self.row()?;
@@ -638,7 +608,7 @@ impl Decider {
             &ClearedData { epoch },
             None,
         )?;
-        Ok(Outcome::Cleared(Cleared { epoch, cancelled }))
+        Ok(Cleared { epoch, cancelled })
     }
 
     /// Makes `interaction` final and emits its one final event. The caller has taken it out
@@ -663,9 +633,9 @@ impl Decider {
     }
 
     /// Starts the oldest queued interaction, unless one runs (I1).
-    fn start_next(&mut self) -> StoreResult<Option<StartedTask>> {
+    fn start_next(&mut self) -> StoreResult<()> {
         if self.s.running.is_some() || self.s.queued.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         let mut next = self.s.queued.remove(0);
         next.status = Status::Running;
@@ -674,10 +644,11 @@ impl Decider {
         self.emit_interaction(EventType::TaskStarted, &next)?;
         self.s.running = Some(next.clone());
         let agent = self.row()?.agent.clone();
-        Ok(Some(StartedTask {
+        self.effects.start.push(StartedTask {
             interaction: next,
             agent,
-        }))
+        });
+        Ok(())
     }
 
     /// Cancels the running interaction, then every queued one in FIFO order.
@@ -687,7 +658,7 @@ impl Decider {
         let mut cancelled = Vec::with_capacity(victims.len());
         for mut victim in victims {
             self.make_final(&mut victim, Status::Cancelled, None, Some(reason))?;
-            self.stopped.push(victim.id.clone());
+            self.effects.stop.push(victim.id.clone());
             cancelled.push(victim.id);
         }
         Ok(cancelled)
@@ -712,8 +683,8 @@ fn serialized_size(value: &JsonObject) -> usize {
     counter.0
 }
 
-fn patched(context: &JsonObject, patch: JsonObject) -> StoreResult<JsonObject> {
-    let mut value = Value::Object(context.clone());
+fn patched(context: JsonObject, patch: JsonObject) -> StoreResult<JsonObject> {
+    let mut value = Value::Object(context);
     merge_patch(&mut value, &Value::Object(patch));
     match value {
         Value::Object(map) => Ok(map),
@@ -759,6 +730,3 @@ struct ContextData<'a> {
 struct SessionData<'a> {
     session: &'a Session,
 }
-
-#[cfg(test)]
-mod tests;
