@@ -39,6 +39,20 @@ args = ["{APPROVAL}"]
     )
 }
 
+/// A `command` agent that echoes its message word by word, and before the fifth word waits
+/// until the file named by its argument exists.
+const GATED_AGENT: &str = r#"
+import json, os, sys, time
+words = json.load(sys.stdin)["interaction"]["content"].split(" ")
+for n, word in enumerate(words):
+    if n == 4:
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.02)
+    text = word if n == len(words) - 1 else word + " "
+    print(json.dumps({"type": "delta", "text": text}), flush=True)
+print(json.dumps({"type": "result"}), flush=True)
+"#;
+
 /// Where the screenshots go (`target/tmp/console`), for a reviewer to look at.
 fn output(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -265,7 +279,18 @@ async fn two_pages_on_one_session_stay_identical() {
 async fn a_restart_mid_response_reconnects_without_duplicates_or_gaps() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("baton.db");
-    let mut config = baton::config::Config::from_toml(&console_config()).expect("config");
+    // The reply stops after four words until the test opens the gate, so the restart always
+    // finds it running, however loaded the machine.
+    let gate = dir.path().join("gate");
+    let agent = dir.path().join("gated_agent.py");
+    std::fs::write(&agent, GATED_AGENT).expect("write the agent");
+    let mut config = baton::config::Config::from_toml(&format!(
+        "{}\n[agents.gated]\nkind = \"command\"\nprogram = \"python3\"\nargs = [{:?}, {:?}]\n",
+        console_config(),
+        agent.display().to_string(),
+        gate.display().to_string(),
+    ))
+    .expect("config");
     config.listen = "127.0.0.1:0".into();
     config.database = format!("sqlite://{}", db.display());
     let handle = baton::server::ServerHandle::start(config.clone())
@@ -274,7 +299,7 @@ async fn a_restart_mid_response_reconnects_without_duplicates_or_gaps() {
     let url = handle.url();
     let http = reqwest::Client::new();
     http.put(format!("{url}/v1/sessions/restart"))
-        .json(&json!({"agent": "slow"}))
+        .json(&json!({"agent": "gated"}))
         .send()
         .await
         .expect("put");
@@ -296,9 +321,9 @@ async fn a_restart_mid_response_reconnects_without_duplicates_or_gaps() {
     .await;
     browser
         .until(
-            "a few words shown",
+            "four words shown, the rest held at the gate",
             "const r = document.querySelector('[data-testid=response]');\
-             return r && r.textContent.split(' ').length > 3;",
+             return r && r.textContent === 'one two three four ';",
         )
         .await;
     // Restart on the same address.
@@ -317,6 +342,7 @@ async fn a_restart_mid_response_reconnects_without_duplicates_or_gaps() {
     let handle = baton::server::ServerHandle::start(config)
         .await
         .expect("restart");
+    std::fs::write(&gate, "open").expect("open the gate");
     browser
         .until(
             "live again",
@@ -497,6 +523,43 @@ async fn read_tokens_cannot_write_and_other_tenants_see_nothing() {
         .await;
     other.close().await;
     server.stop().await;
+}
+
+/// A browser test that fails must not leave a headless Chromium behind: dropping the driver
+/// (as a panic does) stops chromedriver and every browser it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn a_dropped_driver_leaves_no_browser_behind() {
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser.goto("about:blank").await;
+    let started = common::browser::descendants(driver.pid());
+    assert!(
+        !started.is_empty(),
+        "chromedriver started no browser process"
+    );
+    // Neither closed nor awaited: what unwinding from a failed assertion does.
+    drop(browser);
+    drop(driver);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let alive: Vec<u32> = started
+            .iter()
+            .copied()
+            .filter(|&pid| common::browser::is_running(pid))
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left running after the driver was dropped: {alive:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `baton.js` itself, in the browser: a stream resumes with `after=` and hands each event out

@@ -1,8 +1,9 @@
 //! A small WebDriver client for the console's browser tests: Debian's `chromedriver` started
 //! on a free port, headless `chromium` sessions, and the few commands the tests need (navigate,
 //! find by `data-testid`, click, type, read, run a script, screenshot). Every wait has a
-//! timeout; the driver and its browsers are stopped when dropped.
+//! timeout; the driver and its browsers are stopped when dropped, also when a test panics.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -10,7 +11,8 @@ use serde_json::{Value, json};
 
 use super::TIMEOUT;
 
-/// A running `chromedriver`.
+/// A running `chromedriver`, in a process group of its own that the browsers it starts
+/// inherit.
 pub struct Driver {
     child: Child,
     url: String,
@@ -18,17 +20,32 @@ pub struct Driver {
 }
 
 impl Drop for Driver {
+    /// Stops chromedriver and every browser it started: killing chromedriver alone leaves its
+    /// Chromium processes running (they are not its to stop once it is gone), so the whole
+    /// group goes. A synchronous kill, so it also runs while a failed test unwinds.
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 impl Driver {
+    /// The process id of `chromedriver`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn start() -> Driver {
         let port = super::mock_openai::unused_port().await;
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -298,4 +315,44 @@ impl Browser {
     pub async fn close(self) {
         let _ = self.http.delete(&self.base).send().await;
     }
+}
+
+/// The processes descending from `pid` now (read from `/proc`), `pid` itself excluded.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`: the command may hold spaces and parentheses.
+            let after = &stat[stat.rfind(')')? + 1..];
+            let parent = after.split_whitespace().nth(1)?.parse().ok()?;
+            Some((child, parent))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut at = 0;
+    while at < found.len() {
+        let parent = found[at];
+        found.extend(
+            parents
+                .iter()
+                .filter(|&&(_, p)| p == parent)
+                .map(|&(c, _)| c),
+        );
+        at += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
 }
