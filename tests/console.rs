@@ -124,12 +124,17 @@ async fn a_reply_grows_word_by_word_and_completes() {
         .await;
     // A second message with reject while it runs: the error shows inline, with its code.
     send(&browser, "too early", "reject").await;
-    browser
+    let shown = browser
         .until(
             "session_busy shown",
-            "return document.querySelector('[data-testid=error]').textContent.includes('session_busy');",
+            "const e = document.querySelector('[data-testid=error]').textContent;\
+             return e.includes('session_busy') && e;",
         )
         .await;
+    // The code once, with the server's message.
+    let shown = shown.as_str().expect("text");
+    assert_eq!(shown.matches("session_busy").count(), 1, "{shown}");
+    assert!(shown.contains("the session is busy"), "{shown}");
     // The response is seen growing: several distinct lengths before the end.
     let mut lengths = Vec::new();
     let deadline = tokio::time::Instant::now() + TIMEOUT;

@@ -26,8 +26,9 @@ function h(tag, attributes = {}, ...children) {
   return element;
 }
 
+// A BatonError's message already reads "code: message".
 function errorText(error) {
-  return error instanceof BatonError ? `${error.code}: ${error.message}` : String(error);
+  return error instanceof BatonError ? error.message : String(error);
 }
 
 async function start() {
