@@ -530,6 +530,64 @@ async fn read_tokens_cannot_write_and_other_tenants_see_nothing() {
     server.stop().await;
 }
 
+/// The new session's id input checks what the API accepts (1–128 of `[A-Za-z0-9._:-]`):
+/// its `pattern` compiles as Chromium compiles it (the `v` flag), so validation is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn the_new_session_id_is_validated_as_the_api_validates_it() {
+    let server = TestServer::start(&console_config()).await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser.goto(&format!("{}/console/", server.url)).await;
+    browser.find("[data-testid=new-session] input").await;
+    let long = "a".repeat(128);
+    let checked = browser
+        .script(
+            "const input = document.querySelector('[data-testid=new-session] input');\
+             let compiles;\
+             try { new RegExp(input.pattern, 'v'); compiles = true; } catch (e) { compiles = String(e); }\
+             const mismatch = (value) => { input.value = value; return input.validity.patternMismatch; };\
+             return { compiles, good: arguments[0].map(mismatch), bad: arguments[1].map(mismatch) };",
+            json!([
+                ["a", "A-z.0_9:x", "a-b", "-", ".", ":", &long],
+                ["bad id", "a/b", "a%3Ab", "é", "a\\b", "[x]", &format!("{long}a")]
+            ]),
+        )
+        .await;
+    assert_eq!(checked["compiles"], json!(true), "{checked}");
+    assert_eq!(
+        checked["good"],
+        json!(vec![false; 7]),
+        "accepted ids: {checked}"
+    );
+    assert_eq!(
+        checked["bad"],
+        json!(vec![true; 7]),
+        "refused ids: {checked}"
+    );
+    // A refused id is not submitted: nothing is created.
+    browser
+        .type_into("[data-testid=new-session] input", "bad id")
+        .await;
+    browser.click("[data-testid=new-session] button").await;
+    let listed = server.get("/v1/sessions").await;
+    assert_eq!(listed.body["sessions"], json!([]), "{}", listed.body);
+    assert_eq!(
+        browser
+            .script("return location.hash;", json!([]))
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("#/s/"),
+        false
+    );
+    browser.close().await;
+    server.stop().await;
+}
+
 /// A browser test that fails must not leave a headless Chromium behind: dropping the driver
 /// (as a panic does) stops chromedriver and every browser it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,9 @@ const STORE_KEY = "baton.credential";
 const app = document.getElementById("app");
 const TRANSCRIPT_PAGE = 200;
 const EVENT_LOG_MAX = 500;
+// The API's session ids: 1–128 of [A-Za-z0-9._:-]. Browsers compile `pattern` with the `v`
+// flag, where a `-` in a class must be escaped (unescaped, the pattern is invalid and ignored).
+const SESSION_ID_PATTERN = "[A-Za-z0-9._:\\-]{1,128}";
 
 let baton = new Baton({ credential: sessionStorage.getItem(STORE_KEY) });
 let authOn = false;
@@ -93,7 +96,8 @@ async function listView() {
   const list = h("div");
   const more = h("button", { hidden: true }, "More");
   const agents = h("select", { testid: "agent-select" });
-  const newId = h("input", { placeholder: "new session id", pattern: "[A-Za-z0-9._:-]{1,128}" });
+  const newId = h("input", { placeholder: "new session id", pattern: SESSION_ID_PATTERN, required: true,
+    title: "1–128 letters, digits and . _ : -" });
   const create = h("button", { type: "submit" }, "Create");
   let items = [];
   let next = null;
