@@ -72,3 +72,51 @@ async fn the_console_is_embedded_small_compressed_cached_and_open() {
     assert_eq!(missing.status(), 404);
     server.stop().await;
 }
+
+/// `/favicon.ico`, which browsers ask for on their own, is an icon (not a 404), with the
+/// console's security headers; the page names its icon under `/console/`, open with access
+/// control on as the other files are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_has_an_icon() {
+    let server = TestServer::start_default().await;
+    let icon = reqwest::get(format!("{}/favicon.ico", server.url))
+        .await
+        .expect("favicon");
+    assert_eq!(icon.status(), 200);
+    let h = icon.headers().clone();
+    assert_eq!(h["content-type"], "image/svg+xml");
+    assert!(
+        h["content-security-policy"]
+            .to_str()
+            .expect("ASCII")
+            .contains("default-src 'none'")
+    );
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    let body = icon.text().await.expect("body");
+    assert!(
+        body.starts_with("<svg") && body.trim_end().ends_with("</svg>"),
+        "{body}"
+    );
+    server.stop().await;
+
+    let server = TestServer::start_with_config(config()).await;
+    let page = reqwest::get(format!("{}/console/", server.url))
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("page");
+    assert!(
+        page.contains(r#"<link rel="icon" href="/console/favicon.svg" type="image/svg+xml">"#),
+        "{page}"
+    );
+    let linked = reqwest::get(format!("{}/console/favicon.svg", server.url))
+        .await
+        .expect("icon");
+    assert_eq!(linked.status(), 200);
+    assert_eq!(linked.headers()["content-type"], "image/svg+xml");
+    assert_eq!(linked.text().await.expect("body"), body);
+    server.stop().await;
+}

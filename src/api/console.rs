@@ -49,6 +49,11 @@ const FILES: &[(&str, &str, &[u8])] = &[
         "text/css; charset=utf-8",
         include_bytes!("../console/console.css"),
     ),
+    (
+        "favicon.svg",
+        "image/svg+xml",
+        include_bytes!("../console/favicon.svg"),
+    ),
 ];
 
 static ASSETS: LazyLock<Vec<Asset>> = LazyLock::new(|| {
@@ -114,6 +119,12 @@ fn secured(mut response: Response) -> Response {
 /// `GET /console/`.
 pub async fn index(headers: HeaderMap) -> Response {
     secured(serve("index.html", &headers))
+}
+
+/// `GET /favicon.ico`, which browsers ask for on their own: the console's icon (an SVG, which
+/// they take whatever the name says; the page itself links `/console/favicon.svg`).
+pub async fn favicon(headers: HeaderMap) -> Response {
+    secured(serve("favicon.svg", &headers))
 }
 
 /// `GET /console/{file}`.

@@ -148,6 +148,7 @@ fn console_table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> 
         ("GET", "/console", get(console::root)),
         ("GET", "/console/", get(console::index)),
         ("GET", "/console/{file}", get(console::file)),
+        ("GET", "/favicon.ico", get(console::favicon)),
     ]
 }
 
