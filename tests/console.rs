@@ -520,13 +520,92 @@ async fn read_tokens_cannot_write_and_other_tenants_see_nothing() {
         .await;
     other
         .until(
-            "no transcript of theirs",
-            "const t = document.querySelector('[data-testid=transcript]');\
-             return t && t.childElementCount === 0 &&\
-               document.querySelector('[data-testid=connection-state]').dataset.state === 'live';",
+            "no such session, for them",
+            "return !!document.querySelector('[data-testid=no-such-session]');",
         )
         .await;
+    let page = other
+        .script("return document.body.textContent;", json!([]))
+        .await;
+    assert!(!page.to_string().contains("secret words"), "{page}");
+    let theirs = server
+        .request(
+            reqwest::Method::GET,
+            "/v1/sessions/private",
+            None,
+            &[("authorization", &format!("Bearer {BETA_KEY}"))],
+        )
+        .await;
+    assert_eq!(theirs.status, 404, "nothing created for them");
     other.close().await;
+    server.stop().await;
+}
+
+/// A link to a session that does not exist (a typo) creates nothing: the page says so and
+/// offers to create it, with an agent; the session view then names its agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn a_missing_session_is_offered_not_created() {
+    let server = TestServer::start(&console_config()).await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    browser
+        .goto(&format!("{}/console/#/s/tpyo", server.url))
+        .await;
+    let notice = browser
+        .until(
+            "the notice",
+            "const e = document.querySelector('[data-testid=no-such-session]');\
+             return e && e.textContent;",
+        )
+        .await;
+    let notice = notice.as_str().expect("text");
+    assert!(
+        notice.to_lowercase().contains("no such session") && notice.contains("tpyo"),
+        "{notice}"
+    );
+    // Nothing was created, nor is a stream open that would create it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.get("/v1/sessions/tpyo").await.status, 404);
+    assert_eq!(
+        browser
+            .script(
+                "return !!document.querySelector('[data-testid=connection-state]');",
+                json!([])
+            )
+            .await,
+        json!(false)
+    );
+    // Created when asked, with the agent chosen.
+    browser
+        .script(
+            "document.querySelector('[data-testid=no-such-session] [data-testid=agent-select]').value = 'slow';",
+            json!([]),
+        )
+        .await;
+    browser.click("[data-testid=create-session]").await;
+    browser
+        .until(
+            "the session is live",
+            "const e = document.querySelector('[data-testid=connection-state]');\
+             return e && e.dataset.state === 'live';",
+        )
+        .await;
+    let created = server.get("/v1/sessions/tpyo").await;
+    assert_eq!(created.status, 200);
+    assert_eq!(created.body["agent"], "slow");
+    let agent = browser
+        .until(
+            "the agent named",
+            "const e = document.querySelector('[data-testid=session-agent]');\
+             return e && e.textContent;",
+        )
+        .await;
+    assert_eq!(agent, "slow");
+    browser.close().await;
     server.stop().await;
 }
 

@@ -78,13 +78,35 @@ function signIn(message) {
   app.replaceChildren(form);
 }
 
+let navigation = 0; // counts routings: a view whose request returns after the next one stays away
+
 function route() {
   current?.close();
   current = null;
+  navigation += 1;
   const hash = location.hash || "#/";
-  if (hash.startsWith("#/s/")) return sessionView(decodeURIComponent(hash.slice(4)));
+  if (hash.startsWith("#/s/")) {
+    let id;
+    try {
+      id = decodeURIComponent(hash.slice(4));
+    } catch {
+      id = hash.slice(4);
+    }
+    return openSession(id);
+  }
   if (hash === "#/ops") return opsView();
   return listView();
+}
+
+/// Fills a select with the agents of `GET /v1/agents`, the default one selected.
+async function fillAgents(select, error) {
+  try {
+    const { agents: configured } = await baton.agents();
+    select.replaceChildren(...configured.map((a) =>
+      h("option", { value: a.name, selected: a.default }, `${a.name} (${a.kind})`)));
+  } catch (e) {
+    error.textContent = errorText(e);
+  }
 }
 
 // --- Sessions ------------------------------------------------------------------------------
@@ -149,13 +171,7 @@ async function listView() {
   if (token) {
     form.querySelectorAll("input, select, button").forEach((e) => (e.disabled = true));
   }
-  try {
-    const { agents: configured } = await baton.agents();
-    agents.replaceChildren(...configured.map((a) =>
-      h("option", { value: a.name, selected: a.default }, `${a.name} (${a.kind})`)));
-  } catch (e) {
-    error.textContent = errorText(e);
-  }
+  await fillAgents(agents, error);
   if (token) {
     items = [{ id: token.session, agent: "", running: null, queued: 0 }];
     render();
@@ -166,7 +182,48 @@ async function listView() {
 
 // --- One session -----------------------------------------------------------------------------
 
-function sessionView(id) {
+// Opening a session's stream would create it: a session that does not exist (a typo in a
+// link) is offered, not created.
+async function openSession(id) {
+  const at = navigation;
+  app.replaceChildren(h("p", { class: "meta" }, "Loading…"));
+  let session;
+  try {
+    session = await baton.session(id);
+  } catch (e) {
+    if (at !== navigation) return;
+    if (e instanceof BatonError && e.status === 404) return missingSession(id);
+    app.replaceChildren(h("p", { testid: "error" }, errorText(e)));
+    return;
+  }
+  if (at === navigation) sessionView(id, session);
+}
+
+function missingSession(id) {
+  const token = readToken(baton.credential);
+  const error = h("p", { testid: "error" });
+  const agents = h("select", { testid: "agent-select", hidden: !!token });
+  // A token cannot choose an agent (PUT is a key's), but a write token's stream creates its
+  // session; a read token cannot create it at all.
+  const create = h("button", { testid: "create-session", disabled: token?.scope === "read" }, `Create “${id}”`);
+  create.onclick = async () => {
+    error.textContent = "";
+    try {
+      if (!token) await baton.createSession(id, agents.value || undefined);
+      sessionView(id, null);
+    } catch (e) {
+      error.textContent = errorText(e);
+    }
+  };
+  app.replaceChildren(h("section", { testid: "no-such-session" },
+    h("h2", {}, "No such session"),
+    h("p", {}, "There is no session ", h("code", {}, id), token ? "." : " for these credentials. Nothing was created."),
+    h("div", { class: "row" }, agents, create, h("a", { href: "#/" }, "Back to sessions")),
+    error));
+  if (!token) fillAgents(agents, error);
+}
+
+function sessionView(id, session) {
   const token = readToken(baton.credential);
   const readOnly = token?.scope === "read";
   const interactions = new Map(); // id → {data, element, response (Text)}
@@ -174,6 +231,7 @@ function sessionView(id) {
   let waitingFor = null;
   let shownFrom = 0;
 
+  const agentName = h("span", { testid: "session-agent", title: "agent" }, session?.agent ?? "");
   const state = h("span", { testid: "connection-state", "data-state": "reconnecting" }, "connecting");
   const error = h("p", { testid: "error" });
   const transcript = h("div", { testid: "transcript" });
@@ -193,7 +251,7 @@ function sessionView(id) {
   policy.disabled = readOnly;
 
   app.replaceChildren(
-    h("section", {}, h("div", { class: "row" }, h("h2", {}, `Session ${id}`), state)),
+    h("section", {}, h("div", { class: "row" }, h("h2", {}, `Session ${id}`), agentName, state)),
     h("div", { class: "grid" },
       h("div", {},
         h("section", {}, earlier, transcript),
@@ -211,6 +269,7 @@ function sessionView(id) {
     if (s === "closed" && stream.error) error.textContent = errorText(stream.error);
   };
   stream.onhello = (session) => {
+    agentName.textContent = session.agent;
     if (!contextText.matches(":focus")) contextText.value = JSON.stringify(session.context, null, 2);
   };
 
