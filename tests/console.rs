@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::access::{ACME_KEY, BETA_KEY, config as access_config, mint};
+use common::access::{ACME_KEY, ADMIN_KEY, BETA_KEY, config as access_config, mint};
 use common::browser::{Browser, Driver};
 use common::{TIMEOUT, TestServer};
 use serde_json::{Value, json};
@@ -538,6 +538,56 @@ async fn read_tokens_cannot_write_and_other_tenants_see_nothing() {
         .await;
     assert_eq!(theirs.status, 404, "nothing created for them");
     other.close().await;
+    server.stop().await;
+}
+
+/// The Operations link shows only to those who can see the operations (`/metrics`): an admin
+/// key, or anyone with access control off; never a tenant key or a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn operations_are_offered_to_admins_only() {
+    let server = TestServer::start_with_config(access_config()).await;
+    let token = mint(&server, "mine", "write", 600).await;
+    let driver = Driver::start().await;
+    let shown = "const e = document.querySelector('[data-testid=ops-link]');\
+                 return !!e && e.getClientRects().length > 0;";
+    for (credential, role, admin) in [
+        (ACME_KEY, "tenant key", false),
+        (token.as_str(), "token", false),
+        (ADMIN_KEY, "admin key", true),
+    ] {
+        let browser = driver.browser().await;
+        browser.goto(&format!("{}/console/", server.url)).await;
+        browser
+            .type_into("[data-testid=sign-in] input", credential)
+            .await;
+        browser.click("[data-testid=sign-in] button").await;
+        browser
+            .until(
+                "who is signed in",
+                &format!(
+                    "const e = document.querySelector('[data-testid=who]');\
+                     return e && e.textContent.includes('{role}');"
+                ),
+            )
+            .await;
+        assert_eq!(
+            browser.script(shown, json!([])).await,
+            json!(admin),
+            "{role}"
+        );
+        browser.close().await;
+    }
+    server.stop().await;
+    // Access control off: the operations are open.
+    let server = TestServer::start(&console_config()).await;
+    let browser = driver.browser().await;
+    browser.goto(&format!("{}/console/", server.url)).await;
+    browser.until("the link shown", shown).await;
+    browser.close().await;
     server.stop().await;
 }
 

@@ -53,13 +53,33 @@ async function start() {
   }
   authOn = authOn || !!baton.credential;
   const token = readToken(baton.credential);
-  document.getElementById("who").textContent = token
-    ? `token for ${token.session} (${token.scope})`
-    : baton.credential ? "signed in with a key" : "";
+  const who = document.getElementById("who");
+  const opsLink = document.getElementById("ops-link");
+  opsLink.hidden = true;
+  if (token) {
+    who.textContent = `token for ${token.session} (${token.scope})`;
+  } else {
+    who.textContent = baton.credential ? "signed in with a key" : "";
+    // Who the caller is, the server does not say; the operations (`/metrics`) answer an
+    // admin key, or anyone with access control off, and refuse a tenant key (403).
+    seesOperations().then((admin) => {
+      opsLink.hidden = !admin;
+      if (baton.credential) who.textContent = `signed in with ${admin ? "an admin key" : "a tenant key"}`;
+    });
+  }
   document.getElementById("sign-out").hidden = !baton.credential;
   if (token && !location.hash.startsWith("#/s/")) location.hash = `#/s/${encodeURIComponent(token.session)}`;
   window.onhashchange = route;
   route();
+}
+
+async function seesOperations() {
+  try {
+    const headers = baton.credential ? { authorization: `Bearer ${baton.credential}` } : {};
+    return (await fetch("/metrics", { method: "HEAD", headers })).ok;
+  } catch {
+    return false;
+  }
 }
 
 function signIn(message) {
