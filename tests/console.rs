@@ -53,6 +53,23 @@ for n, word in enumerate(words):
 print(json.dumps({"type": "result"}), flush=True)
 "#;
 
+/// A `command` agent that reports a tool it used (progress), then asks the client to run one
+/// (an OpenAI-style tool call), and once answered says so.
+const TOOL_AGENT: &str = r#"
+import json, sys
+request = json.load(sys.stdin)
+def emit(**output):
+    print(json.dumps(output), flush=True)
+if not request.get("answers"):
+    emit(type="progress", data={"tool": "search", "input": {"query": "weather in Paris"}})
+    emit(type="delta", text="Let me check. ")
+    emit(type="ask", data={"tool_calls": [{"id": "call_1", "name": "get_location",
+                                           "arguments": json.dumps({"precision": "city"})}]})
+else:
+    emit(type="delta", text="Sunny in " + str(request["answers"][-1]["answer"]["tool_outputs"][0]["output"]) + ".")
+    emit(type="result")
+"#;
+
 /// Where the screenshots go (`target/tmp/console`), for a reviewer to look at.
 fn output(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -430,9 +447,31 @@ async fn a_waiting_interaction_is_answered_from_the_page() {
             .contains("May I delete the backups?"),
         "{form}"
     );
+    let options = browser
+        .script(
+            "return [...document.querySelectorAll('[data-testid=answer-form] button')]\
+               .map(b => b.textContent);",
+            json!([]),
+        )
+        .await;
+    for option in ["yes", "no"] {
+        assert!(
+            options
+                .as_array()
+                .expect("buttons")
+                .iter()
+                .any(|b| b == option),
+            "an option button {option}: {options}"
+        );
+    }
+    assert!(
+        !form.as_str().expect("text").contains("{\""),
+        "the request as text, not JSON: {form}"
+    );
     browser
         .type_into("[data-testid=answer-form] input", "yes")
         .await;
+    // The first button is the submit button, as before the options were shown.
     browser.click("[data-testid=answer-form] button").await;
     let done = browser
         .until(
@@ -538,6 +577,220 @@ async fn read_tokens_cannot_write_and_other_tenants_see_nothing() {
         .await;
     assert_eq!(theirs.status, 404, "nothing created for them");
     other.close().await;
+    server.stop().await;
+}
+
+/// The transcript reads as a conversation: who said what (you / agent), the tools the agent
+/// used and the calls it asks for shown as names and values, never as raw JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn the_transcript_reads_as_a_conversation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = dir.path().join("tool_agent.py");
+    std::fs::write(&agent, TOOL_AGENT).expect("write the agent");
+    let server = TestServer::start(&format!(
+        "{}\n[agents.tools]\nkind = \"command\"\nprogram = \"python3\"\nargs = [{:?}]\n",
+        console_config(),
+        agent.display().to_string(),
+    ))
+    .await;
+    server
+        .put("/v1/sessions/tools", &json!({"agent": "tools"}))
+        .await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    open_session(&browser, &server, "tools").await;
+    send(&browser, "what is the weather here?", "reject").await;
+    browser.find("[data-testid=answer-form]").await;
+    let text = "return document.querySelector(arguments[0]).innerText;";
+    let waiting = browser
+        .until(
+            "the call shown",
+            "const i = document.querySelector('[data-testid=interaction]');\
+             return i && i.dataset.status === 'waiting' && i.innerText.includes('get_location') && i.innerText;",
+        )
+        .await;
+    let waiting = waiting.as_str().expect("text");
+    let lines: Vec<&str> = waiting.lines().map(str::trim).collect();
+    assert!(lines.contains(&"You"), "a label for the user: {waiting}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("Agent")),
+        "a label for the agent: {waiting}"
+    );
+    for shown in [
+        "what is the weather here?",
+        "search",
+        "weather in Paris",
+        "get_location",
+        "precision",
+        "city",
+    ] {
+        assert!(waiting.contains(shown), "{shown} in {waiting}");
+    }
+    let form = browser
+        .script(text, json!(["[data-testid=answer-form]"]))
+        .await;
+    let form = form.as_str().expect("text");
+    assert!(
+        form.contains("get_location") && form.contains("city"),
+        "{form}"
+    );
+    for raw in [&waiting, &form] {
+        assert!(
+            !raw.contains("{\"") && !raw.contains("\":"),
+            "raw JSON shown: {raw}"
+        );
+    }
+    browser.screenshot(&output("tool-call.png")).await;
+    browser
+        .type_into("[data-testid=answer-form] input", "Paris")
+        .await;
+    browser.click("[data-testid=answer-form] button").await;
+    let done = browser
+        .until(
+            "completed",
+            "const i = document.querySelector('[data-testid=interaction]');\
+             return i && i.dataset.status === 'completed' && i.innerText;",
+        )
+        .await;
+    let done = done.as_str().expect("text");
+    assert!(done.contains("Let me check. Sunny in Paris."), "{done}");
+    assert!(
+        done.contains("get_location") && done.contains("Paris"),
+        "the answered call stays shown: {done}"
+    );
+    assert!(!done.contains("{\""), "raw JSON shown: {done}");
+    browser.close().await;
+    server.stop().await;
+}
+
+/// Times read as times: local, relative when recent, with the exact RFC 3339 value in a
+/// `<time datetime>` and its `title`; no raw ISO string in the list or the transcript.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn times_are_shown_for_people_with_the_exact_time_kept() {
+    let server = TestServer::start(&console_config()).await;
+    let session = server.put("/v1/sessions/timed", &json!({})).await.body;
+    let done = server
+        .post(
+            "/v1/sessions/timed/messages?wait=10",
+            &json!({"content": "hello there"}),
+        )
+        .await
+        .body;
+    assert_eq!(done["status"], "completed");
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    let iso = "/\\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d/";
+    let read = "const root = document.querySelector(arguments[0]);\
+                if (!root) return null;\
+                return { text: root.innerText, times: [...root.querySelectorAll('time')]\
+                  .map(t => ({ datetime: t.dateTime, title: t.title, text: t.textContent })) };";
+    browser.goto(&format!("{}/console/", server.url)).await;
+    let item = browser
+        .until(
+            "the item",
+            "return [...document.querySelectorAll('[data-testid=session-item]')]\
+               .some(e => e.textContent.includes('timed'));",
+        )
+        .await;
+    assert_eq!(item, json!(true));
+    let list = browser
+        .script(read, json!(["[data-testid=session-list]"]))
+        .await;
+    let open = "[data-testid=interaction]";
+    open_session(&browser, &server, "timed").await;
+    browser
+        .until(
+            "completed",
+            "const i = document.querySelector('[data-testid=interaction]');\
+             return i && i.dataset.status === 'completed';",
+        )
+        .await;
+    let shown = browser.script(read, json!([open])).await;
+    for (what, shown, wanted) in [
+        ("session list", &list, &session["created_at"]),
+        ("interaction", &shown, &done["created_at"]),
+    ] {
+        let text = shown["text"].as_str().expect("text");
+        let raw = browser
+            .script(&format!("return {iso}.test(arguments[0]);"), json!([text]))
+            .await;
+        assert_eq!(raw, json!(false), "{what} shows a raw time: {text}");
+        let times = shown["times"].as_array().expect("times");
+        let time = times
+            .iter()
+            .find(|t| t["datetime"] == *wanted)
+            .unwrap_or_else(|| panic!("{what}: no <time datetime={wanted}> in {shown}"));
+        assert!(
+            time["title"]
+                .as_str()
+                .is_some_and(|t| t.contains(wanted.as_str().expect("iso"))),
+            "{what}: {time}"
+        );
+        assert!(
+            !time["text"].as_str().unwrap_or_default().is_empty(),
+            "{what}: {time}"
+        );
+    }
+    // A moment ago: relative.
+    let created = shown["times"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["datetime"] == done["created_at"]))
+        .expect("time")["text"]
+        .clone();
+    assert!(
+        created
+            .as_str()
+            .is_some_and(|t| t.contains("now") || t.contains("ago")),
+        "{created}"
+    );
+    browser.close().await;
+    server.stop().await;
+}
+
+/// At 400 px wide the session view's two columns stack, and nothing is wider than the
+/// window; at 1,280 px they stand side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(baton_has_chromium),
+    ignore = "needs chromium and chromedriver (Debian's chromium, chromium-driver)"
+)]
+async fn a_narrow_window_stacks_the_columns() {
+    let server = TestServer::start(&console_config()).await;
+    server
+        .post(
+            "/v1/sessions/narrow/messages?wait=10",
+            &json!({"content": "a message long enough to wrap over a few lines in a narrow window"}),
+        )
+        .await;
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    open_session(&browser, &server, "narrow").await;
+    let boxes = "const box = (t) => document.querySelector(`[data-testid=${t}]`).getBoundingClientRect();\
+                 const a = box('transcript'), b = box('context-editor');\
+                 return { width: window.innerWidth, overflow: document.documentElement.scrollWidth > window.innerWidth,\
+                          side: b.left >= a.right, stacked: b.top >= a.bottom && b.left < a.right, a: [a.left, a.right, a.top, a.bottom],\
+                          b: [b.left, b.right, b.top, b.bottom] };";
+    let wide = browser.script(boxes, json!([])).await;
+    assert_eq!(wide["side"], json!(true), "{wide}");
+    browser.set_window_size(400, 900).await;
+    let narrow = browser
+        .until(
+            "the window is 400 px wide",
+            &format!("const r = (() => {{ {boxes} }})(); return r.width === 400 && r;"),
+        )
+        .await;
+    assert_eq!(narrow["stacked"], json!(true), "{narrow}");
+    assert_eq!(narrow["overflow"], json!(false), "{narrow}");
+    browser.screenshot(&output("session-view-400px.png")).await;
+    browser.close().await;
     server.stop().await;
 }
 
@@ -704,14 +957,10 @@ async fn the_new_session_id_is_validated_as_the_api_validates_it() {
     browser.click("[data-testid=new-session] button").await;
     let listed = server.get("/v1/sessions").await;
     assert_eq!(listed.body["sessions"], json!([]), "{}", listed.body);
-    assert_eq!(
-        browser
-            .script("return location.hash;", json!([]))
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("#/s/"),
-        false
+    let hash = browser.script("return location.hash;", json!([])).await;
+    assert!(
+        !hash.as_str().unwrap_or_default().starts_with("#/s/"),
+        "a refused id opens nothing: {hash}"
     );
     browser.close().await;
     server.stop().await;

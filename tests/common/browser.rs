@@ -142,6 +142,16 @@ impl Browser {
             .await;
     }
 
+    /// Resizes the window (its outer size; headless, the page gets all of it).
+    pub async fn set_window_size(&self, width: u32, height: u32) {
+        self.command(
+            reqwest::Method::POST,
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await;
+    }
+
     /// Runs `script` (a function body; `arguments` holds `args`) and returns its value.
     pub async fn script(&self, script: &str, args: Value) -> Value {
         self.command(
