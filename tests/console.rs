@@ -1,8 +1,10 @@
 //! The web console in real headless Chromium (Debian's `chromium` and `chromium-driver`;
 //! `.ci/run` installs them), driven only through its `data-testid` hooks: a reply streaming
 //! word by word, two pages that stay identical, a restart mid-response, answering a waiting
-//! interaction, read tokens and tenants, and `baton.js`'s resume and ref matching. A
-//! screenshot of the session view goes to the test's output folder.
+//! interaction, read tokens and tenants, `baton.js`'s resume and ref matching, the id
+//! input's validation, a missing session offered rather than created, Operations for admins
+//! only, readable times, a readable transcript, a narrow window, and no browser left behind.
+//! Screenshots go to the test's output folder (`target/tmp/console`).
 
 mod common;
 
