@@ -234,13 +234,18 @@ impl Browser {
     }
 
     /// Polls `check` (a script returning a value) until it returns something truthy.
+    ///
+    /// A script that throws counts as "not yet": the page re-renders between polls, so an
+    /// element the check reads can be briefly absent. The last error is in the timeout's message.
     pub async fn until(&self, what: &str, check: &str) -> Value {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let guarded = format!("try {{ {check} }} catch (e) {{ return {{notYet: String(e)}}; }}");
         loop {
-            let value = self.script(check, json!([])).await;
+            let value = self.script(&guarded, json!([])).await;
             let truthy = !matches!(value, Value::Null | Value::Bool(false))
                 && value != json!("")
-                && value != json!(0);
+                && value != json!(0)
+                && value.get("notYet").is_none();
             if truthy {
                 return value;
             }
