@@ -14,6 +14,9 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use baton::client::{DEFAULT_SERVER, Remote};
+
+/// The load generator (`baton bench`): part of the command, not of the server's library.
+mod bench;
 use baton::config::{Config, Overrides};
 
 #[derive(Parser)]
@@ -359,7 +362,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             nodes,
             only,
         } => {
-            baton::bench::run(baton::bench::BenchOptions {
+            bench::run(bench::BenchOptions {
                 server,
                 peer_dir: peer,
                 peer_python,

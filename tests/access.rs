@@ -590,6 +590,12 @@ async fn websocket_ops_follow_the_tokens_scope() {
             } else {
                 assert_eq!(reply["ok"], false, "{name} {op}: {reply}");
                 assert_eq!(reply["error"]["code"], "forbidden", "{name} {op}: {reply}");
+                // Said in a user's words, not the protocol's ("only ping").
+                let message = reply["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains("can only read") && !message.contains("only ping"),
+                    "{name} {op}: {message}"
+                );
             }
         }
         ws.ping().await;

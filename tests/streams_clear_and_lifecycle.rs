@@ -551,3 +551,50 @@ async fn shutdown_closes_websockets_with_1001() {
         .expect("the SSE stream ends in time")
         .expect("reader");
 }
+
+/// RFC 6455 §5.5.1: a client's close is answered with a close frame echoing its code, idle or
+/// while events stream, so browsers and Node see a clean close (not `1006`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_with_its_code() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let server = TestServer::start_default().await;
+    for (code, streaming) in [(1000u16, false), (4000, false), (1000, true), (4000, true)] {
+        let session = format!("close-{code}-{streaming}");
+        server
+            .put(
+                &format!("/v1/sessions/{session}"),
+                &json!({"agent": "slow"}),
+            )
+            .await;
+        let mut ws = Ws::connect(&server, &session, "").await;
+        if streaming {
+            let (reply, _) = ws
+                .request(&json!({"op": "message", "ref": 1, "content": words("closing", 40)}))
+                .await;
+            assert_eq!(reply["ok"], true, "{reply}");
+            ws.events_until(|e| e["type"] == "task.delta").await;
+        }
+        futures_util::SinkExt::send(
+            &mut ws.socket,
+            tokio_tungstenite::tungstenite::Message::Close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: "bye".into(),
+            })),
+        )
+        .await
+        .expect("send close");
+        let answer = loop {
+            match ws.next_frame().await {
+                WsFrame::Json(frame) if frame["kind"] == "event" => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(&answer, WsFrame::Close(Some((echoed, _))) if *echoed == code),
+            "close {code} (streaming: {streaming}) answered with {answer:?}"
+        );
+    }
+    wait_metric(&server, "baton_connections", 0).await;
+    server.stop().await;
+}

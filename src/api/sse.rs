@@ -16,54 +16,12 @@ use super::auth::ReadSession;
 use super::connections::ConnectionGuard;
 use super::error::ApiError;
 use super::extract::QueryParams;
-use super::feed::{EventFeed, FeedItem};
+use super::feed::{EventFeed, FeedItem, IfMissing, StartAt, deadline};
 use super::listener::HttpSlot;
 use crate::model::EventType;
 
 /// Keep-alive comment interval (API.md: every 15 s).
 const KEEPALIVE: Duration = Duration::from_secs(15);
-
-/// Where a stream starts: `after=N` (or `Last-Event-ID: N`) replays `seq > N`; `replay=true`
-/// replays everything retained; neither means only new events.
-pub fn start_position(
-    query: &QueryParams,
-    last_event_id: Option<&str>,
-) -> Result<(Option<i64>, bool), ApiError> {
-    // A malformed header is refused even where `after` wins over it.
-    let last_event_id = match last_event_id {
-        Some(raw) => Some(parse_seq(raw.trim(), "Last-Event-ID")?),
-        None => None,
-    };
-    let after = match query.get("after")? {
-        Some(raw) => Some(parse_seq(raw, "after")?),
-        None => last_event_id,
-    };
-    let replay = match query.get("replay")? {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => {
-            return Err(ApiError::invalid_request("replay must be true or false"));
-        }
-    };
-    Ok((after, replay))
-}
-
-/// The monotonic instant of a wall-clock time (now, when it is past).
-pub fn deadline(at: std::time::SystemTime) -> tokio::time::Instant {
-    let left = at
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
-    tokio::time::Instant::now() + left
-}
-
-fn parse_seq(raw: &str, name: &str) -> Result<i64, ApiError> {
-    match raw.parse::<i64>() {
-        Ok(n) if n >= 0 => Ok(n),
-        _ => Err(ApiError::invalid_request(format!(
-            "{name} must be a non-negative integer (an event seq)"
-        ))),
-    }
-}
 
 struct StreamState {
     feed: EventFeed,
@@ -89,16 +47,9 @@ pub async fn events(
                 .map_err(|_| ApiError::invalid_request("Last-Event-ID must be ASCII"))
         })
         .transpose()?;
-    let (after, replay) = start_position(&query, last_event_id)?;
+    let start = StartAt::from_request(&query, last_event_id)?;
     let guard = state.connections.open(&session)?;
-    let mut feed = EventFeed::subscribe(&state.engine, &session);
-    // Reads are 404 on a missing session; read after subscribing so nothing slips between.
-    let current = state.engine.get_session(session).await?;
-    match (after, replay) {
-        (Some(after), _) => feed.start_after(after, true, current.last_seq),
-        (None, true) => feed.start_after(0, true, current.last_seq),
-        (None, false) => feed.start_after(current.last_seq, false, current.last_seq),
-    }
+    let (feed, _) = EventFeed::open(&state.engine, &session, start, IfMissing::NotFound).await?;
     let initial = StreamState {
         feed,
         stopping: state.engine.stopping(),

@@ -21,9 +21,8 @@ use super::auth::{Bucket, Principal, ReadSession};
 use super::connections::ConnectionGuard;
 use super::error::ApiError;
 use super::extract::QueryParams;
-use super::feed::{EventFeed, FeedItem};
+use super::feed::{EventFeed, FeedItem, IfMissing, StartAt, deadline};
 use super::http::validate_content;
-use super::sse::{deadline, start_position};
 use crate::engine::{Engine, MessageOutcome, MessageRequest};
 use crate::model::{
     EventType, InteractionId, JsonObject, Policy, Session, SessionId, validate_idempotency_key,
@@ -61,22 +60,13 @@ pub async fn ws(
     query: QueryParams,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let (after, replay) = start_position(&query, None)?;
+    let start = StartAt::from_request(&query, None)?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::invalid_request(format!("this endpoint needs a WebSocket upgrade: {e}"))
     })?;
     let guard = state.connections.open(&session)?;
-    let mut feed = EventFeed::subscribe(&state.engine, &session);
     // Opening the WebSocket creates the session; hello shows it as of now.
-    let (hello, _) = state
-        .engine
-        .put_session(session.clone(), None, None)
-        .await?;
-    match (after, replay) {
-        (Some(after), _) => feed.start_after(after, true, hello.last_seq),
-        (None, true) => feed.start_after(0, true, hello.last_seq),
-        (None, false) => feed.start_after(hello.last_seq, false, hello.last_seq),
-    }
+    let (feed, hello) = EventFeed::open(&state.engine, &session, start, IfMissing::Create).await?;
     let settings = state.ws;
     let engine = state.engine.clone();
     Ok(upgrade
@@ -129,6 +119,9 @@ fn close_for_read_error(error: &axum::BoxError) -> Option<(u16, String)> {
 /// Why the writer loop ended, and how to close.
 enum Ending {
     Close(u16, String),
+    /// The peer closed: answer with the close frame echoing its code (RFC 6455 §5.5.1), which
+    /// the WebSocket layer queued when it read the peer's, then end.
+    Answer,
     /// The peer is gone or stuck: drop the TCP connection without a close handshake.
     Drop,
 }
@@ -192,8 +185,8 @@ impl Connection {
                                 // The peer is gone.
                                 None => break 'connection Ending::Drop,
                             },
-                            // The client closed its side.
-                            None => break 'connection Ending::Close(1000, String::new()),
+                            // The stream ended without a close frame: the peer is gone.
+                            None => break 'connection Ending::Drop,
                         };
                         heard = Instant::now();
                         let reply = match message {
@@ -210,7 +203,7 @@ impl Connection {
                                     "binary frames are not supported; send JSON text",
                                 ),
                             ),
-                            Message::Close(_) => break 'connection Ending::Close(1000, String::new()),
+                            Message::Close(_) => break 'connection Ending::Answer,
                             Message::Ping(_) | Message::Pong(_) => continue,
                         };
                         if send(&mut socket, Message::Text(reply.into())).await.is_err() {
@@ -252,6 +245,10 @@ impl Connection {
         // An operation still in flight is dropped: its reply has nowhere to go (what it
         // committed stays committed).
         drop(op);
+        if let Ending::Answer = ending {
+            // Writing the queued answer ends the connection: the flush reports it as closed.
+            let _ = within_send_timeout(socket.flush()).await;
+        }
         if let Ending::Close(code, reason) = ending {
             let frame = CloseFrame {
                 code,
@@ -339,44 +336,42 @@ fn event_frame(envelope: &str) -> String {
     frame
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MessageOp {
-    content: String,
-    #[serde(default)]
-    policy: Option<Policy>,
-    #[serde(default)]
-    metadata: Option<JsonObject>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
+/// A client frame's operation (its `ref` aside), parsed once.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum Op {
+    Ping {},
+    Message {
+        content: String,
+        #[serde(default)]
+        policy: Option<Policy>,
+        #[serde(default)]
+        metadata: Option<JsonObject>,
+        #[serde(default)]
+        idempotency_key: Option<String>,
+    },
+    Cancel {
+        #[serde(default)]
+        interaction_id: Option<String>,
+    },
+    Clear {},
+    /// Neither: the context as it is; both: the patch applies to the new value, in one write.
+    Context {
+        #[serde(default)]
+        set: Option<JsonObject>,
+        #[serde(default)]
+        patch: Option<JsonObject>,
+    },
+    Answer {
+        interaction_id: String,
+        request_id: String,
+        answer: Value,
+    },
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CancelOp {
-    #[serde(default)]
-    interaction_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ContextOp {
-    #[serde(default)]
-    set: Option<JsonObject>,
-    #[serde(default)]
-    patch: Option<JsonObject>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmptyOp {}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AnswerOp {
-    interaction_id: String,
-    request_id: String,
-    answer: Value,
+impl Op {
+    /// The operations a connection may send, the writing ones after `ping`.
+    const NAMES: [&str; 6] = ["ping", "message", "cancel", "clear", "context", "answer"];
 }
 
 /// Checks client frames as they come (rate, shape, scope) and turns each into its reply or
@@ -419,11 +414,9 @@ fn ok_reply(reference: Value, data: Value) -> String {
     json!({"kind": "reply", "ref": reference, "ok": true, "data": data}).to_string()
 }
 
-fn parse<T: serde::de::DeserializeOwned>(
-    fields: serde_json::Map<String, Value>,
-) -> Result<T, ApiError> {
-    // Through the text, not `from_value`: that detour rounds some numbers (they are kept as
-    // written, API.md).
+/// Parses the operation through the text, not `from_value`: that detour rounds some
+/// numbers (they are kept as written, API.md).
+fn parse(fields: serde_json::Map<String, Value>) -> Result<Op, ApiError> {
     let text = serde_json::to_string(&fields).map_err(|_| ApiError::internal())?;
     serde_json::from_str(&text)
         .map_err(|e| ApiError::invalid_request(format!("invalid operation: {e}")))
@@ -434,10 +427,10 @@ impl OpReader {
     /// will give it.
     fn handle(&mut self, text: &str) -> Handled {
         match self.check(text) {
-            Ok((reference, op, fields)) => {
+            Ok((reference, op)) => {
                 let ops = self.ops.clone();
                 Handled::Later(Box::pin(async move {
-                    match ops.run(&op, fields).await {
+                    match ops.run(op).await {
                         Ok(data) => ok_reply(reference, data),
                         Err(e) => error_reply(reference, &e),
                     }
@@ -447,12 +440,9 @@ impl OpReader {
         }
     }
 
-    /// A frame's ref, op and fields, when it is an operation to run; `Err`: the reply to send
-    /// at once (a pong, or why the frame is refused).
-    fn check(
-        &mut self,
-        text: &str,
-    ) -> Result<(Value, String, serde_json::Map<String, Value>), String> {
+    /// A frame's ref and operation, when it is one to run; `Err`: the reply to send at once
+    /// (a pong, or why the frame is refused).
+    fn check(&mut self, text: &str) -> Result<(Value, Op), String> {
         // Every text frame counts, malformed ones included: against the connection's rate,
         // then against its key's.
         let limited = match self.bucket.take() {
@@ -499,8 +489,8 @@ impl OpReader {
                 ));
             }
         };
-        let op = match fields.remove("op") {
-            Some(Value::String(op)) => op,
+        let name = match fields.get("op") {
+            Some(Value::String(name)) => name.as_str(),
             _ => {
                 return Err(error_reply(
                     reference,
@@ -508,54 +498,74 @@ impl OpReader {
                 ));
             }
         };
-        if op == "ping" {
-            return Err(match parse::<EmptyOp>(fields) {
-                Ok(_) => json!({"kind": "pong", "ref": reference}).to_string(),
-                Err(e) => error_reply(reference, &e),
-            });
+        // The scope before the fields: a read token learns it cannot write, whatever it sent.
+        match Op::NAMES.iter().position(|known| *known == name) {
+            None => {
+                return Err(error_reply(
+                    reference,
+                    &ApiError::invalid_request(format!(
+                        "unknown op {name:?}; expected message, cancel, clear, context, answer \
+                         or ping"
+                    )),
+                ));
+            }
+            Some(writes) if writes > 0 && !self.caller.can_write() => {
+                return Err(error_reply(
+                    reference,
+                    &ApiError::forbidden(
+                        "this session token can only read (scope read): it can watch the \
+                         session and ping, not send, cancel, clear, answer or change the context",
+                    ),
+                ));
+            }
+            Some(_) => {}
         }
-        let known = matches!(
-            op.as_str(),
-            "message" | "cancel" | "clear" | "context" | "answer"
-        );
-        if known && !self.caller.can_write() {
-            return Err(error_reply(
-                reference,
-                &ApiError::forbidden("this session token only reads (scope read): only ping"),
-            ));
+        match parse(fields) {
+            Ok(Op::Ping {}) => Err(json!({"kind": "pong", "ref": reference}).to_string()),
+            Ok(op) => Ok((reference, op)),
+            Err(e) => Err(error_reply(reference, &e)),
         }
-        if !known {
-            return Err(error_reply(
-                reference,
-                &ApiError::invalid_request(format!(
-                    "unknown op {op:?}; expected message, cancel, clear, context, answer or ping"
-                )),
-            ));
-        }
-        Ok((reference, op, fields))
     }
 }
 
 impl Ops {
-    async fn run(
-        &self,
-        op: &str,
-        fields: serde_json::Map<String, Value>,
-    ) -> Result<Value, ApiError> {
+    async fn run(&self, op: Op) -> Result<Value, ApiError> {
         match op {
-            "message" => self.message(fields).await,
-            "cancel" => self.cancel(fields).await,
-            "clear" => self.clear(fields).await,
-            "context" => self.context(fields).await,
-            _ => self.answer(fields).await,
+            // Answered at once by `check`, never run.
+            Op::Ping {} => Ok(Value::Null),
+            Op::Message {
+                content,
+                policy,
+                metadata,
+                idempotency_key,
+            } => {
+                self.message(content, policy, metadata, idempotency_key)
+                    .await
+            }
+            Op::Cancel { interaction_id } => self.cancel(interaction_id).await,
+            Op::Clear {} => {
+                let cleared = self.engine.clear(self.session.clone()).await?;
+                Ok(json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled}))
+            }
+            Op::Context { set, patch } => self.context(set, patch).await,
+            Op::Answer {
+                interaction_id,
+                request_id,
+                answer,
+            } => self.answer(interaction_id, request_id, answer).await,
         }
     }
 
-    async fn message(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
-        let op: MessageOp = parse(fields)?;
-        validate_content(&op.content)?;
-        let is_clear = session::is_clear(&op.content);
-        let key = match op.idempotency_key {
+    async fn message(
+        &self,
+        content: String,
+        policy: Option<Policy>,
+        metadata: Option<JsonObject>,
+        idempotency_key: Option<String>,
+    ) -> Result<Value, ApiError> {
+        validate_content(&content)?;
+        let is_clear = session::is_clear(&content);
+        let key = match idempotency_key {
             Some(key) if !is_clear => {
                 validate_idempotency_key(&key).map_err(|e| ApiError::invalid_request(e.0))?;
                 Some(key)
@@ -566,9 +576,9 @@ impl Ops {
             .engine
             .send_message(MessageRequest {
                 session: self.session.clone(),
-                content: op.content,
-                policy: op.policy.unwrap_or_default(),
-                metadata: op.metadata.unwrap_or_default(),
+                content,
+                policy: policy.unwrap_or_default(),
+                metadata: metadata.unwrap_or_default(),
                 idempotency_key: key,
                 wait: false,
             })
@@ -581,9 +591,8 @@ impl Ops {
         })
     }
 
-    async fn cancel(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
-        let op: CancelOp = parse(fields)?;
-        let target = match op.interaction_id {
+    async fn cancel(&self, interaction_id: Option<String>) -> Result<Value, ApiError> {
+        let target = match interaction_id {
             Some(raw) => Some(
                 InteractionId::parse(&raw)
                     .map_err(|_| ApiError::not_found("interaction not found in this session"))?,
@@ -594,29 +603,28 @@ impl Ops {
         Ok(json!({ "cancelled": cancelled }))
     }
 
-    async fn clear(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
-        let _: EmptyOp = parse(fields)?;
-        let cleared = self.engine.clear(self.session.clone()).await?;
-        Ok(json!({"epoch": cleared.epoch, "cancelled": cleared.cancelled}))
-    }
-
-    async fn answer(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
-        let op: AnswerOp = parse(fields)?;
-        let id = InteractionId::parse(&op.interaction_id)
+    async fn answer(
+        &self,
+        interaction_id: String,
+        request_id: String,
+        answer: Value,
+    ) -> Result<Value, ApiError> {
+        let id = InteractionId::parse(&interaction_id)
             .map_err(|_| ApiError::not_found("interaction not found in this session"))?;
         let interaction = self
             .engine
-            .answer(self.session.clone(), id, op.request_id, op.answer)
+            .answer(self.session.clone(), id, request_id, answer)
             .await?;
         serde_json::to_value(interaction).map_err(|_| ApiError::internal())
     }
 
-    async fn context(&self, fields: serde_json::Map<String, Value>) -> Result<Value, ApiError> {
-        let op: ContextOp = parse(fields)?;
-        let context = match (op.set, op.patch) {
-            // Neither: the context as it is (a read, still a write token's op).
+    async fn context(
+        &self,
+        set: Option<JsonObject>,
+        patch: Option<JsonObject>,
+    ) -> Result<Value, ApiError> {
+        let context = match (set, patch) {
             (None, None) => self.engine.get_context(self.session.clone()).await?,
-            // Both: the patch applies to the new value, in one write.
             (set, patch) => {
                 self.engine
                     .update_context(self.session.clone(), set, patch)

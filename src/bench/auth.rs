@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use super::spawn::spawn_baton;
 use super::throughput::throughput;
 use super::{BENCH_CONFIG, BenchOptions, Window};
-use crate::api::auth::{Auth, Scope, key_sha256, new_key};
-use crate::config::{AuthConfig, AuthMode, KeyConfig, KeyRole};
-use crate::model::{SessionId, Tenant};
+use baton::api::auth::{Auth, Scope, key_sha256, new_key};
+use baton::config::{AuthConfig, AuthMode, KeyConfig, KeyRole};
+use baton::model::{SessionId, Tenant};
 
 /// Alternating rounds of each configuration.
 const ROUNDS: usize = 3;

@@ -74,7 +74,7 @@ use cluster::cluster;
 use fanout::fanout;
 use idle::{Idle, idle};
 use memory::{Memory, memory};
-use report::report;
+use report::Table;
 use spawn::{spawn_baton, spawn_peer, wait_healthy};
 use streams::{Streams, StreamsPlan, paced_agent_config, streams};
 use throughput::{Throughput, throughput};
@@ -401,7 +401,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             results.push(measure("seed-py peer", &peer.url, peer.pid(), &options, false).await?);
             drop(peer);
         }
-        crate::cli::out(&format!("{}\n", report(&results, Some("baton / peer"))))?;
+        baton::cli::out(&format!("{}\n", report(&results, Some("baton / peer"))))?;
     }
     if options.wants("ask") && options.server.is_none() && options.ask_rounds > 0 {
         eprintln!(
@@ -409,23 +409,37 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             options.ask_rounds
         );
         let table = ask::ask(options.ask_rounds).await?;
-        crate::cli::out(&format!("{table}\n"))?;
+        baton::cli::out(&format!("{table}\n"))?;
     }
     if options.wants(AUTH) && options.server.is_none() {
         let table = auth::auth(&options).await?;
-        crate::cli::out(&format!("{table}\n"))?;
+        baton::cli::out(&format!("{table}\n"))?;
     }
     if options.wants(FANOUT_BURST) && options.server.is_none() {
         let table = burst::fanout_burst(&options).await?;
-        crate::cli::out(&format!("{table}\n"))?;
+        baton::cli::out(&format!("{table}\n"))?;
     }
     if options.wants(NOISY) && options.server.is_none() {
         let table = noisy::noisy(&options).await?;
-        crate::cli::out(&format!("{table}\n"))?;
+        baton::cli::out(&format!("{table}\n"))?;
     }
     if options.wants(CLUSTER) {
         let results = cluster(&options).await?;
-        crate::cli::out(&format!("{}\n", report(&results, None)))?;
+        baton::cli::out(&format!("{}\n", report(&results, None)))?;
     }
     Ok(())
+}
+
+/// The figures as a Markdown table (see [`Table::new`]), each scenario's rows in this order.
+fn report(results: &[Figures], ratio_header: Option<&str>) -> String {
+    let mut table = Table::new(results, ratio_header);
+    throughput::rows(&mut table);
+    accept::rows(&mut table);
+    memory::rows(&mut table);
+    fanout::rows(&mut table);
+    idle::rows(&mut table);
+    cluster::rows(&mut table);
+    cancel::rows(&mut table);
+    streams::rows(&mut table);
+    table.finish()
 }

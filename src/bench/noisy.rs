@@ -14,7 +14,7 @@ use super::burst::{Audience, storm, storm_client, storm_content};
 use super::report::ms;
 use super::spawn::spawn_baton;
 use super::{BENCH_CONFIG, BenchOptions, Latencies, http_client};
-use crate::api::auth::new_key;
+use baton::api::auth::new_key;
 
 /// Tenant B's requests per second.
 const RATE: f64 = 20.0;

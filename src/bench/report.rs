@@ -1,10 +1,10 @@
 //! The report: a Markdown table with a column per target and, for two targets, a column of
 //! the first's ratio to the second. Each scenario module writes its own rows through
-//! [`Table::row`]; this module fixes their order.
+//! [`Table::row`]; the benchmark's root fixes their order. This module imports no scenario.
 
 use std::time::Duration;
 
-use super::{Figures, accept, cancel, cluster, fanout, idle, memory, streams, throughput};
+use super::Figures;
 
 /// A duration as milliseconds with two decimals.
 pub(super) fn ms(d: Duration) -> String {
@@ -61,35 +61,33 @@ impl Table<'_> {
     }
 }
 
-/// The figures as a Markdown table, one column per target; with exactly two targets and a
-/// `ratio` header, a column of the first's ratio to the second.
-pub(super) fn report(results: &[Figures], ratio_header: Option<&str>) -> String {
-    let mut out = String::new();
-    let header = results
-        .iter()
-        .map(|f| f.name.as_str())
-        .collect::<Vec<_>>()
-        .join(" | ");
-    let ratio_header = ratio_header.filter(|_| results.len() == 2);
-    let with_ratio = ratio_header.is_some();
-    out.push_str(&format!(
-        "| figure | {header} |{}\n|---|{}{}\n",
-        ratio_header.map_or(String::new(), |h| format!(" {h} |")),
-        "---|".repeat(results.len()),
-        if with_ratio { "---|" } else { "" }
-    ));
-    let mut table = Table {
-        results,
-        with_ratio,
-        out,
-    };
-    throughput::rows(&mut table);
-    accept::rows(&mut table);
-    memory::rows(&mut table);
-    fanout::rows(&mut table);
-    idle::rows(&mut table);
-    cluster::rows(&mut table);
-    cancel::rows(&mut table);
-    streams::rows(&mut table);
-    table.out
+impl<'a> Table<'a> {
+    /// The table's header, one column per target; with exactly two targets and a `ratio`
+    /// header, a column of the first's ratio to the second.
+    pub(super) fn new(results: &'a [Figures], ratio_header: Option<&str>) -> Self {
+        let mut out = String::new();
+        let header = results
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        let ratio_header = ratio_header.filter(|_| results.len() == 2);
+        let with_ratio = ratio_header.is_some();
+        out.push_str(&format!(
+            "| figure | {header} |{}\n|---|{}{}\n",
+            ratio_header.map_or(String::new(), |h| format!(" {h} |")),
+            "---|".repeat(results.len()),
+            if with_ratio { "---|" } else { "" }
+        ));
+        Self {
+            results,
+            with_ratio,
+            out,
+        }
+    }
+
+    /// The Markdown text.
+    pub(super) fn finish(self) -> String {
+        self.out
+    }
 }

@@ -10,11 +10,42 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// A server process started by the benchmark; killed when dropped.
+/// A fresh folder under the system's temporary directory, removed (with what is in it) when
+/// dropped.
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new() -> std::io::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        loop {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "baton-bench-{}-{n}-{nanos:08x}",
+                std::process::id()
+            ));
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(Self(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A server process started by the benchmark; killed when dropped (before its folder goes).
 pub(super) struct Spawned {
     child: Child,
     pub(super) url: String,
-    _dir: tempfile::TempDir,
+    _dir: ScratchDir,
 }
 
 impl Spawned {
@@ -25,11 +56,11 @@ impl Spawned {
 
 /// Starts `baton serve` with `config` on `database`, or on a fresh SQLite file when `None`.
 pub(super) async fn spawn_baton(config: &str, database: Option<&str>) -> anyhow::Result<Spawned> {
-    let dir = tempfile::tempdir()?;
-    let config_file = dir.path().join("bench.toml");
+    let dir = ScratchDir::new()?;
+    let config_file = dir.0.join("bench.toml");
     std::fs::write(&config_file, config)?;
     let database = database.map_or_else(
-        || format!("sqlite://{}", dir.path().join("bench.db").display()),
+        || format!("sqlite://{}", dir.0.join("bench.db").display()),
         str::to_string,
     );
     let exe = std::env::current_exe().context("locating the baton binary")?;
@@ -74,8 +105,8 @@ pub(super) async fn spawn_peer(
     python: &Path,
     config: &str,
 ) -> anyhow::Result<Spawned> {
-    let dir = tempfile::tempdir()?;
-    let config_file = dir.path().join("bench.toml");
+    let dir = ScratchDir::new()?;
+    let config_file = dir.0.join("bench.toml");
     std::fs::write(&config_file, config)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -87,7 +118,7 @@ pub(super) async fn spawn_peer(
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--data")
-        .arg(dir.path().join("data"))
+        .arg(dir.0.join("data"))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

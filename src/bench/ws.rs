@@ -67,12 +67,12 @@ pub(super) fn string_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 /// Milliseconds from an event frame's `at` (its creation, millisecond precision) to
 /// `receipt`; 0 where the clocks disagree.
-pub(super) fn delivery_ms(text: &str, receipt: crate::model::Millis) -> Option<u32> {
+pub(super) fn delivery_ms(text: &str, receipt: baton::model::Millis) -> Option<u32> {
     // `"at":"…"` sits right after the type in every envelope.
     let at = text
         .find("\"at\":\"")
         .and_then(|i| text.get(i + 6..i + 30))
-        .and_then(crate::model::Millis::parse_rfc3339)?;
+        .and_then(baton::model::Millis::parse_rfc3339)?;
     let ms = (receipt.0 - at.0).max(0);
     Some(u32::try_from(ms).unwrap_or(u32::MAX))
 }
@@ -129,7 +129,7 @@ pub(super) async fn receive_events(
                 break;
             }
         };
-        let at_receipt = crate::model::Millis::now();
+        let at_receipt = baton::model::Millis::now();
         let now = Instant::now();
         if text.starts_with("{\"kind\":\"hello\"") {
             seqs.hello(&text);
@@ -193,8 +193,8 @@ mod tests {
     #[test]
     fn delivery_ms_reads_the_at_of_the_envelope() {
         let frame = r#"{"kind":"event","seq":1,"session":"s","type":"task.delta","at":"2026-11-28T08:00:00.123Z","data":{}}"#;
-        let at = crate::model::Millis::parse_rfc3339("2026-11-28T08:00:00.123Z");
-        let receipt = crate::model::Millis(at.map_or(0, |m| m.0) + 7);
+        let at = baton::model::Millis::parse_rfc3339("2026-11-28T08:00:00.123Z");
+        let receipt = baton::model::Millis(at.map_or(0, |m| m.0) + 7);
         assert_eq!(delivery_ms(frame, receipt), Some(7));
     }
 }

@@ -116,7 +116,7 @@ async fn one_reply(
             Some(Err(e)) => bail!("the socket failed: {e}"),
             None => bail!("the socket closed"),
         };
-        let receipt = crate::model::Millis::now();
+        let receipt = baton::model::Millis::now();
         let now = Instant::now();
         if text.starts_with("{\"kind\":\"hello\"") {
             run.seqs.hello(&text);
