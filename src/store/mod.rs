@@ -6,6 +6,7 @@
 //! [`Store`] is the one API; the backend behind it is chosen by the database URL.
 
 mod backend;
+mod columns;
 mod postgres;
 mod shared;
 mod sqlite;

@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 
 use super::backend::Committed;
-use super::shared::page;
+use super::shared::{interaction_page, session_page, sessions_after};
 use super::{Limits, Page, StoreError, StoreResult, StoreStats};
 use crate::bus::Bus;
 use crate::model::{
@@ -373,7 +373,7 @@ impl PgStore {
         after: Option<String>,
         limit: u32,
     ) -> StoreResult<Page<Session>> {
-        let after = format!("{tenant}/{}", after.unwrap_or_default());
+        let after = sessions_after(&tenant, after);
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -387,7 +387,7 @@ impl PgStore {
             .iter()
             .map(read_session)
             .collect::<StoreResult<Vec<_>>>()?;
-        Ok(page(items, limit as usize, |s| s.id.name().to_string()))
+        Ok(session_page(items, limit))
     }
 
     pub(super) async fn get_context(&self, session: SessionId) -> StoreResult<JsonObject> {
@@ -449,7 +449,7 @@ impl PgStore {
             .iter()
             .map(|r| read_interaction(r, 0))
             .collect::<StoreResult<Vec<_>>>()?;
-        Ok(page(items, limit as usize, |i| i.id.to_string()))
+        Ok(interaction_page(items, limit))
     }
 
     pub(super) async fn get_interaction(

@@ -5,10 +5,8 @@ use std::sync::Arc;
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
-use crate::model::{
-    CancelReason, ErrorInfo, Event, EventType, Interaction, InteractionId, Millis, Session,
-    SessionId, Status,
-};
+use crate::model::{Event, EventType, Interaction, InteractionId, Session, SessionId};
+use crate::store::columns::{self, Columns, stored};
 use crate::store::{StoreError, StoreResult};
 
 /// One session with its running interaction and queue length, in a single statement.
@@ -66,8 +64,30 @@ pub(super) async fn select_interaction(
     }
 }
 
-pub(super) fn stored<T>(what: &str, r: Result<T, impl std::fmt::Display>) -> StoreResult<T> {
-    r.map_err(|e| StoreError::Internal(format!("stored {what}: {e}")))
+impl Columns for Row {
+    fn string(&self, at: usize) -> StoreResult<String> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn optional_string(&self, at: usize) -> StoreResult<Option<String>> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn optional_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        Ok(self.try_get(at)?)
+    }
+
+    fn with_text<T>(
+        &self,
+        at: usize,
+        f: impl FnOnce(Option<&str>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        f(self.try_get::<_, Option<&str>>(at)?)
+    }
 }
 
 pub(super) fn read_event(r: &Row) -> StoreResult<Event> {
@@ -87,59 +107,9 @@ pub(super) fn read_event(r: &Row) -> StoreResult<Event> {
 }
 
 pub(super) fn read_session(r: &Row) -> StoreResult<Session> {
-    let id: &str = r.try_get(0)?;
-    let context: &str = r.try_get(2)?;
-    let running_id: Option<&str> = r.try_get(7)?;
-    Ok(Session {
-        id: stored("session id", SessionId::from_key(id))?,
-        agent: r.try_get(1)?,
-        context: serde_json::from_str(context)?,
-        epoch: r.try_get(3)?,
-        last_seq: r.try_get(4)?,
-        created_at: Millis(r.try_get(5)?),
-        queued: r.try_get(6)?,
-        running: match running_id {
-            Some(_) => Some(read_interaction(r, 7)?),
-            None => None,
-        },
-    })
+    columns::session(r)
 }
 
 pub(super) fn read_interaction(r: &Row, at: usize) -> StoreResult<Interaction> {
-    let session: &str = r.try_get(at + 1)?;
-    let metadata: &str = r.try_get(at + 3)?;
-    let status: &str = r.try_get(at + 4)?;
-    let error_code: Option<String> = r.try_get(at + 6)?;
-    let reason: Option<&str> = r.try_get(at + 8)?;
-    Ok(Interaction {
-        id: InteractionId::from_stored(r.try_get(at)?),
-        session: stored("session id", SessionId::from_key(session))?,
-        content: r.try_get(at + 2)?,
-        metadata: serde_json::from_str(metadata)?,
-        status: stored("status", status.parse::<Status>())?,
-        response: r.try_get(at + 5)?,
-        error: match error_code {
-            Some(code) => Some(ErrorInfo {
-                code,
-                message: r.try_get::<_, Option<String>>(at + 7)?.unwrap_or_default(),
-            }),
-            None => None,
-        },
-        cancel_reason: match reason {
-            Some(reason) => Some(stored("cancel reason", reason.parse::<CancelReason>())?),
-            None => None,
-        },
-        created_at: Millis(r.try_get(at + 9)?),
-        started_at: r.try_get::<_, Option<i64>>(at + 10)?.map(Millis),
-        finished_at: r.try_get::<_, Option<i64>>(at + 11)?.map(Millis),
-        request: match r.try_get::<_, Option<&str>>(at + 12)? {
-            Some(text) => Some(serde_json::from_str(text)?),
-            None => None,
-        },
-        answers: match r.try_get::<_, Option<&str>>(at + 13)? {
-            Some(text) => serde_json::from_str(text)?,
-            None => Vec::new(),
-        },
-        input_deadline: r.try_get::<_, Option<i64>>(at + 14)?.map(Millis),
-    })
+    columns::interaction(r, at)
 }

@@ -32,7 +32,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::backend::Committed;
-use super::shared::page;
+use super::shared::{interaction_page, session_page, sessions_after};
 use super::{Page, SqliteOptions, StoreError, StoreResult, StoreStats};
 use crate::bus::Bus;
 use crate::model::{
@@ -41,7 +41,7 @@ use crate::model::{
 };
 use crate::session::{Effects, Op, op};
 use read::{
-    ReadPool, SESSION_LIST, conversion_error, read_interaction, read_session, require_session,
+    ReadPool, SESSION_LIST, decoded, read_interaction, read_session, require_session,
     select_interaction, select_session,
 };
 use schema::{configure, incremental_vacuum_mode, migrate};
@@ -245,13 +245,15 @@ impl SqliteStore {
         self.read(move |conn| {
             let sql = SESSION_LIST.as_str();
             let mut stmt = conn.prepare_cached(sql)?;
-            let after = format!("{tenant}/{}", after.unwrap_or_default());
             let rows = stmt.query_map(
-                params![tenant.as_str(), after, i64::from(limit) + 1],
+                params![
+                    tenant.as_str(),
+                    sessions_after(&tenant, after),
+                    i64::from(limit) + 1
+                ],
                 read_session,
             )?;
-            let items = rows.collect::<Result<Vec<_>, _>>()?;
-            Ok(page(items, limit as usize, |s| s.id.name().to_string()))
+            Ok(session_page(decoded(rows)?, limit))
         })
         .await
     }
@@ -288,8 +290,7 @@ impl SqliteStore {
                 .query_map(params![session.key(), before, i64::from(limit) + 1], |r| {
                     read_interaction(r, 0)
                 })?;
-            let items = rows.collect::<Result<Vec<_>, _>>()?;
-            Ok(page(items, limit as usize, |i| i.id.to_string()))
+            Ok(interaction_page(decoded(rows)?, limit))
         })
         .await
     }
@@ -330,7 +331,7 @@ impl SqliteStore {
             let rows = stmt.query_map(params![session.key(), i64::from(limit)], |r| {
                 read_interaction(r, 0)
             })?;
-            let mut items = rows.collect::<Result<Vec<_>, _>>()?;
+            let mut items = decoded(rows)?;
             items.reverse();
             Ok((found, items))
         })
@@ -397,6 +398,13 @@ struct StoredRow {
     interaction_id: Option<InteractionId>,
     envelope: String,
     last_seq: Option<i64>,
+}
+
+fn conversion_error(
+    column: usize,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
 }
 
 fn read_stored_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRow> {

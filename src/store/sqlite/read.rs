@@ -9,7 +9,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 use tokio::sync::Semaphore;
 
-use crate::model::{ErrorInfo, Interaction, InteractionId, JsonObject, Millis, Session, SessionId};
+use crate::model::{Interaction, InteractionId, Session, SessionId};
+use crate::store::columns::{self, Columns};
 use crate::store::{StoreError, StoreResult};
 
 const INTERACTION_COLUMNS: &str = interaction_columns!();
@@ -54,10 +55,10 @@ pub(super) fn require_session(conn: &Connection, id: &SessionId) -> StoreResult<
 
 pub(super) fn select_session(conn: &Connection, id: &SessionId) -> StoreResult<Option<Session>> {
     let sql = SESSION_ONE.as_str();
-    Ok(conn
-        .prepare_cached(sql)?
+    conn.prepare_cached(sql)?
         .query_row([id.key()], read_session)
-        .optional()?)
+        .optional()?
+        .transpose()
 }
 
 pub(super) fn select_interaction(
@@ -69,80 +70,57 @@ pub(super) fn select_interaction(
         interaction_columns!(),
         " FROM interactions WHERE id = ?1"
     );
-    Ok(conn
-        .prepare_cached(sql)?
+    conn.prepare_cached(sql)?
         .query_row([id.as_str()], |r| read_interaction(r, 0))
-        .optional()?)
+        .optional()?
+        .transpose()
 }
 
-pub(super) fn conversion_error(
-    column: usize,
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+impl Columns for Row<'_> {
+    fn string(&self, at: usize) -> StoreResult<String> {
+        Ok(self.get(at)?)
+    }
+
+    fn optional_string(&self, at: usize) -> StoreResult<Option<String>> {
+        Ok(self.get(at)?)
+    }
+
+    fn int(&self, at: usize) -> StoreResult<i64> {
+        Ok(self.get(at)?)
+    }
+
+    fn optional_int(&self, at: usize) -> StoreResult<Option<i64>> {
+        Ok(self.get(at)?)
+    }
+
+    fn with_text<T>(
+        &self,
+        at: usize,
+        f: impl FnOnce(Option<&str>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let value = self.get_ref(at)?;
+        let text = value.as_str_or_null().map_err(rusqlite::Error::from)?;
+        f(text)
+    }
 }
 
-pub(super) fn parse_json_object(column: usize, text: &str) -> rusqlite::Result<JsonObject> {
-    serde_json::from_str(text).map_err(|e| conversion_error(column, e))
+/// Decodes each row of `rows` (a `query_map` whose closure hands the row's decoding over).
+pub(super) fn decoded<T>(
+    rows: impl Iterator<Item = rusqlite::Result<StoreResult<T>>>,
+) -> StoreResult<Vec<T>> {
+    rows.map(|row| row?).collect()
 }
 
-pub(super) fn read_session(r: &Row<'_>) -> rusqlite::Result<Session> {
-    let id: String = r.get(0)?;
-    let running_id: Option<String> = r.get(7)?;
-    Ok(Session {
-        id: SessionId::from_key(&id).map_err(|e| conversion_error(0, e))?,
-        agent: r.get(1)?,
-        context: parse_json_object(2, &r.get::<_, String>(2)?)?,
-        epoch: r.get(3)?,
-        last_seq: r.get(4)?,
-        created_at: Millis(r.get(5)?),
-        queued: r.get(6)?,
-        running: match running_id {
-            Some(_) => Some(read_interaction(r, 7)?),
-            None => None,
-        },
-    })
+pub(super) fn read_session(r: &Row<'_>) -> rusqlite::Result<StoreResult<Session>> {
+    Ok(columns::session(r))
 }
 
 /// Reads the [`INTERACTION_COLUMNS`] starting at column `at`.
-pub(super) fn read_interaction(r: &Row<'_>, at: usize) -> rusqlite::Result<Interaction> {
-    let session: String = r.get(at + 1)?;
-    let status: String = r.get(at + 4)?;
-    let error_code: Option<String> = r.get(at + 6)?;
-    let reason: Option<String> = r.get(at + 8)?;
-    Ok(Interaction {
-        id: InteractionId::from_stored(r.get(at)?),
-        session: SessionId::from_key(&session).map_err(|e| conversion_error(at + 1, e))?,
-        content: r.get(at + 2)?,
-        metadata: parse_json_object(at + 3, &r.get::<_, String>(at + 3)?)?,
-        status: status.parse().map_err(|e| conversion_error(at + 4, e))?,
-        response: r.get(at + 5)?,
-        error: match error_code {
-            Some(code) => Some(ErrorInfo {
-                code,
-                message: r.get::<_, Option<String>>(at + 7)?.unwrap_or_default(),
-            }),
-            None => None,
-        },
-        cancel_reason: match reason {
-            Some(reason) => Some(reason.parse().map_err(|e| conversion_error(at + 8, e))?),
-            None => None,
-        },
-        created_at: Millis(r.get(at + 9)?),
-        started_at: r.get::<_, Option<i64>>(at + 10)?.map(Millis),
-        finished_at: r.get::<_, Option<i64>>(at + 11)?.map(Millis),
-        request: match r.get::<_, Option<String>>(at + 12)? {
-            Some(text) => {
-                Some(serde_json::from_str(&text).map_err(|e| conversion_error(at + 12, e))?)
-            }
-            None => None,
-        },
-        answers: match r.get::<_, Option<String>>(at + 13)? {
-            Some(text) => serde_json::from_str(&text).map_err(|e| conversion_error(at + 13, e))?,
-            None => Vec::new(),
-        },
-        input_deadline: r.get::<_, Option<i64>>(at + 14)?.map(Millis),
-    })
+pub(super) fn read_interaction(
+    r: &Row<'_>,
+    at: usize,
+) -> rusqlite::Result<StoreResult<Interaction>> {
+    Ok(columns::interaction(r, at))
 }
 
 /// Read-only connections used in parallel on the blocking pool.

@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::cache::SessionCache;
-use super::read::{read_interaction, select_interaction};
+use super::read::{decoded, read_interaction, select_interaction};
 use crate::bus::Bus;
 use crate::model::{Event, EventType, IdGenerator, InteractionId, Millis, SessionId};
 use crate::session::op::Needs;
@@ -138,18 +138,17 @@ impl Tx<'_> {
                 status_sql!(active)
             ))?
             .query_row([sid], |r| read_interaction(r, 0))
-            .optional()?;
-        snapshot.queued = self
-            .conn
-            .prepare_cached(concat!(
-                "SELECT ",
-                interaction_columns!(),
-                " FROM interactions WHERE session = ?1 AND status IN ",
-                status_sql!(queued),
-                " ORDER BY id"
-            ))?
-            .query_map([sid], |r| read_interaction(r, 0))?
-            .collect::<Result<_, _>>()?;
+            .optional()?
+            .transpose()?;
+        let mut statement = self.conn.prepare_cached(concat!(
+            "SELECT ",
+            interaction_columns!(),
+            " FROM interactions WHERE session = ?1 AND status IN ",
+            status_sql!(queued),
+            " ORDER BY id"
+        ))?;
+        let queued = statement.query_map([sid], |r| read_interaction(r, 0))?;
+        snapshot.queued = decoded(queued)?;
         Ok(snapshot)
     }
 
@@ -169,7 +168,8 @@ impl Tx<'_> {
                     " FROM interactions WHERE session = ?1 AND idempotency_key = ?2"
                 ))?
                 .query_row(params![sid, key], |r| read_interaction(r, 0))
-                .optional()?;
+                .optional()?
+                .transpose()?;
         }
         if let Some(named) = needs.named {
             snapshot.named = select_interaction(self.conn, named)?;
