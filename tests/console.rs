@@ -83,13 +83,7 @@ async fn open_session(browser: &Browser, server: &TestServer, id: &str) {
     browser
         .goto(&format!("{}/console/#/s/{id}", server.url))
         .await;
-    browser
-        .until(
-            "the session is live",
-            "const e = document.querySelector('[data-testid=connection-state]');\
-             return e && e.dataset.state === 'live';",
-        )
-        .await;
+    browser.until_connection("live").await;
 }
 
 async fn send(browser: &Browser, text: &str, policy: &str) {
@@ -125,13 +119,7 @@ async fn a_reply_grows_word_by_word_and_completes() {
         )
         .await;
     browser.click("[data-testid=new-session] button").await;
-    browser
-        .until(
-            "the session is live",
-            "const e = document.querySelector('[data-testid=connection-state]');\
-             return e && e.dataset.state === 'live';",
-        )
-        .await;
+    browser.until_connection("live").await;
     let words: Vec<String> = (1..=12).map(|i| format!("word{i}")).collect();
     send(&browser, &words.join(" "), "reject").await;
     browser
@@ -233,13 +221,8 @@ async fn two_pages_on_one_session_stay_identical() {
         )
         .await;
     }
-    let error = two
-        .script(
-            "return document.querySelector('[data-testid=error]').textContent;",
-            json!([]),
-        )
-        .await;
-    assert_eq!(error, json!(""), "the clear was refused");
+    let error = two.text_of("error").await;
+    assert_eq!(error, "", "the clear was refused");
     for (page, text) in [(&one, "a b c"), (&two, "d e f"), (&one, "g h i")] {
         page.until(
             "the composer is empty",
@@ -330,13 +313,7 @@ async fn a_restart_mid_response_reconnects_without_duplicates_or_gaps() {
     let driver = Driver::start().await;
     let browser = driver.browser().await;
     browser.goto(&format!("{url}/console/#/s/restart")).await;
-    browser
-        .until(
-            "live",
-            "const e = document.querySelector('[data-testid=connection-state]');\
-             return e && e.dataset.state === 'live';",
-        )
-        .await;
+    browser.until_connection("live").await;
     send(
         &browser,
         "one two three four five six seven eight nine ten",
@@ -356,24 +333,12 @@ async fn a_restart_mid_response_reconnects_without_duplicates_or_gaps() {
         .await
         .expect("stops")
         .expect("stops cleanly");
-    browser
-        .until(
-            "reconnecting",
-            "return document.querySelector('[data-testid=connection-state]').dataset.state\
-               === 'reconnecting';",
-        )
-        .await;
+    browser.until_connection("reconnecting").await;
     let handle = baton::server::ServerHandle::start(config)
         .await
         .expect("restart");
     std::fs::write(&gate, "open").expect("open the gate");
-    browser
-        .until(
-            "live again",
-            "return document.querySelector('[data-testid=connection-state]').dataset.state\
-               === 'live';",
-        )
-        .await;
+    browser.until_connection("live").await;
     // The next message completes; the page then matches the store exactly.
     send(&browser, "after the restart", "enqueue").await;
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -437,18 +402,8 @@ async fn a_waiting_interaction_is_answered_from_the_page() {
     open_session(&browser, &server, "ask").await;
     send(&browser, "delete the backups", "reject").await;
     browser.find("[data-testid=answer-form]").await;
-    let form = browser
-        .script(
-            "return document.querySelector('[data-testid=answer-form]').textContent;",
-            json!([]),
-        )
-        .await;
-    assert!(
-        form.as_str()
-            .expect("text")
-            .contains("May I delete the backups?"),
-        "{form}"
-    );
+    let form = browser.text_of("answer-form").await;
+    assert!(form.contains("May I delete the backups?"), "{form}");
     let options = browser
         .script(
             "return [...document.querySelectorAll('[data-testid=answer-form] button')]\
@@ -467,7 +422,7 @@ async fn a_waiting_interaction_is_answered_from_the_page() {
         );
     }
     assert!(
-        !form.as_str().expect("text").contains("{\""),
+        !form.contains("{\""),
         "the request as text, not JSON: {form}"
     );
     browser
@@ -860,14 +815,7 @@ async fn a_missing_session_is_offered_not_created() {
     browser
         .goto(&format!("{}/console/#/s/tpyo", server.url))
         .await;
-    let notice = browser
-        .until(
-            "the notice",
-            "const e = document.querySelector('[data-testid=no-such-session]');\
-             return e && e.textContent;",
-        )
-        .await;
-    let notice = notice.as_str().expect("text");
+    let notice = browser.until_text("no-such-session").await;
     assert!(
         notice.to_lowercase().contains("no such session") && notice.contains("tpyo"),
         "{notice}"
@@ -892,23 +840,11 @@ async fn a_missing_session_is_offered_not_created() {
         )
         .await;
     browser.click("[data-testid=create-session]").await;
-    browser
-        .until(
-            "the session is live",
-            "const e = document.querySelector('[data-testid=connection-state]');\
-             return e && e.dataset.state === 'live';",
-        )
-        .await;
+    browser.until_connection("live").await;
     let created = server.get("/v1/sessions/tpyo").await;
     assert_eq!(created.status, 200);
     assert_eq!(created.body["agent"], "slow");
-    let agent = browser
-        .until(
-            "the agent named",
-            "const e = document.querySelector('[data-testid=session-agent]');\
-             return e && e.textContent;",
-        )
-        .await;
+    let agent = browser.until_text("session-agent").await;
     assert_eq!(agent, "slow");
     browser.close().await;
     server.stop().await;
@@ -1176,12 +1112,7 @@ async fn a_long_session_and_a_fast_stream_stay_responsive() {
     browser
         .goto(&format!("{}/console/#/s/stream", server.url))
         .await;
-    browser
-        .until(
-            "live",
-            "return document.querySelector('[data-testid=connection-state]').dataset.state === 'live';",
-        )
-        .await;
+    browser.until_connection("live").await;
     let words: Vec<String> = (0..1400).map(|i| format!("w{i}")).collect();
     server
         .post(

@@ -66,6 +66,11 @@ impl Decider {
             running: self.s.running,
             queued: self.s.queued,
         });
+        // `Committed::started` reads the one start of a plan: I1 leaves room for no other.
+        debug_assert!(
+            self.effects.start.len() <= 1,
+            "a plan starts at most one task (I1)"
+        );
         Plan {
             session: self.s.id,
             now: self.s.now,

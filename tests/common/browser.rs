@@ -257,6 +257,36 @@ impl Browser {
         }
     }
 
+    /// The text of the first element with `data-testid={testid}` ("" when there is none).
+    pub async fn text_of(&self, testid: &str) -> String {
+        let value = self
+            .script(
+                "const e = document.querySelector(`[data-testid=${arguments[0]}]`);\
+                 return e ? e.textContent : '';",
+                json!([testid]),
+            )
+            .await;
+        value.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits for an element with `data-testid={testid}` to show some text; returns it.
+    pub async fn until_text(&self, testid: &str) -> String {
+        let check = format!(
+            "const e = document.querySelector('[data-testid={testid}]'); return e && e.textContent;"
+        );
+        let value = self.until(&format!("text in {testid}"), &check).await;
+        value.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits for the page's connection state (`data-testid=connection-state`) to be `state`.
+    pub async fn until_connection(&self, state: &str) {
+        let check = format!(
+            "const e = document.querySelector('[data-testid=connection-state]');\
+             return !!e && e.dataset.state === '{state}';"
+        );
+        self.until(&format!("the connection {state}"), &check).await;
+    }
+
     /// The transcript as the page shows it: `[{id, status, response}]`.
     pub async fn transcript(&self) -> Value {
         self.script(
