@@ -280,6 +280,41 @@ async fn clear_message_ignores_wait_and_idempotency_key() {
             "a /clear is never a replay"
         );
     }
+    // Not even read: a malformed key or `wait` is no reason to refuse a /clear…
+    let malformed = format!("/v1/sessions/{session}/messages?wait=soon");
+    let too_long = "k".repeat(256);
+    let answer = server
+        .request(
+            reqwest::Method::POST,
+            &malformed,
+            Some(&body),
+            &[("Idempotency-Key", &too_long)],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(answer.body["epoch"], 3, "{:?}", answer.body);
+    // …but refuses any other message, storing nothing.
+    for (path, key) in [(&malformed, "fine"), (&path, too_long.as_str())] {
+        let answer = server
+            .request(
+                reqwest::Method::POST,
+                path,
+                Some(&json!({"content": "not a clear"})),
+                &[("Idempotency-Key", key)],
+            )
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {:?}",
+            answer.body
+        );
+        assert_eq!(answer.body["error"]["code"], "invalid_request");
+    }
+    let stored = server
+        .get(&format!("/v1/sessions/{session}/interactions"))
+        .await;
+    assert_eq!(stored.body["interactions"], json!([]), "{:?}", stored.body);
     // The key was not spent on the /clear.
     let answer = server
         .request(

@@ -11,7 +11,8 @@ use baton::bus::Bus;
 use baton::config::DatabaseLocation;
 use baton::model::{CancelReason, ErrorInfo, EventType, JsonObject, Policy, SessionId, Status};
 use baton::store::{
-    CancelTarget, NewMessage, PgOptions, SqliteOptions, Store, StoreError, TaskEnd, TaskOutput,
+    Accepted, CancelTarget, Committed, NewMessage, PgOptions, Received, SqliteOptions, Store,
+    StoreError, TaskEnd, TaskOutput,
 };
 use serde_json::json;
 
@@ -86,6 +87,14 @@ fn sid(s: &str) -> SessionId {
     SessionId::new(&baton::model::Tenant::default_tenant(), s).expect("valid session id")
 }
 
+/// A message's commit, which must be an accepted one (not a `/clear`).
+fn accepted(committed: Committed<Received>) -> Committed<Accepted> {
+    committed.map(|received| match received {
+        Received::Accepted(accepted) => accepted,
+        Received::Cleared(_) => panic!("a message, not /clear"),
+    })
+}
+
 fn message(session: &str, content: &str, policy: Policy) -> NewMessage {
     NewMessage {
         session: sid(session),
@@ -96,6 +105,7 @@ fn message(session: &str, content: &str, policy: Policy) -> NewMessage {
         queue_limit: 3,
         default_agent: "default".into(),
         watch_final: false,
+        invalid: None,
     }
 }
 
@@ -123,6 +133,7 @@ async fn accept_applies_each_policy(kind: Kind) {
         .store
         .accept_message(message("s", "one", Policy::Reject))
         .await
+        .map(accepted)
         .expect("accepted");
     assert_eq!(first.interaction.status, Status::Running);
     assert!(first.started().is_some());
@@ -130,6 +141,7 @@ async fn accept_applies_each_policy(kind: Kind) {
         .store
         .accept_message(message("s", "two", Policy::Reject))
         .await
+        .map(accepted)
     {
         Err(StoreError::Busy { running }) => assert_eq!(running, first.interaction.id),
         other => panic!("expected Busy, got {other:?}"),
@@ -139,6 +151,7 @@ async fn accept_applies_each_policy(kind: Kind) {
             .store
             .accept_message(message("s", &format!("q{i}"), Policy::Enqueue))
             .await
+            .map(accepted)
             .expect("queued");
         assert_eq!(q.interaction.status, Status::Queued);
         assert!(q.started().is_none());
@@ -146,13 +159,15 @@ async fn accept_applies_each_policy(kind: Kind) {
     assert!(matches!(
         f.store
             .accept_message(message("s", "full", Policy::Enqueue))
-            .await,
+            .await
+            .map(accepted),
         Err(StoreError::QueueFull { limit: 3 })
     ));
     let new = f
         .store
         .accept_message(message("s", "now", Policy::Interrupt))
         .await
+        .map(accepted)
         .expect("interrupt");
     assert_eq!(new.cancelled().len(), 4);
     assert_eq!(new.cancelled()[0], first.interaction.id);
@@ -180,6 +195,7 @@ async fn concurrent_accepts_start_exactly_one(kind: Kind) {
             store
                 .accept_message(message("race", &format!("m{i}"), Policy::Reject))
                 .await
+                .map(accepted)
         }));
     }
     let mut accepted = 0;
@@ -199,6 +215,7 @@ async fn task_writes_are_fenced_once_the_interaction_is_not_running(kind: Kind) 
         .store
         .accept_message(message("s", "a b", Policy::Reject))
         .await
+        .map(accepted)
         .expect("a");
     let id = a.interaction.id.clone();
     f.store
@@ -216,6 +233,7 @@ async fn task_writes_are_fenced_once_the_interaction_is_not_running(kind: Kind) 
         .store
         .accept_message(message("s", "b", Policy::Enqueue))
         .await
+        .map(accepted)
         .expect("b");
     let cancelled = f
         .store
@@ -258,11 +276,13 @@ async fn finish_records_the_end_and_starts_the_next(kind: Kind) {
         .store
         .accept_message(message("s", "a", Policy::Reject))
         .await
+        .map(accepted)
         .expect("a");
     let b = f
         .store
         .accept_message(message("s", "b", Policy::Enqueue))
         .await
+        .map(accepted)
         .expect("b");
     let next = f
         .store
@@ -322,11 +342,13 @@ async fn clear_is_one_atomic_step(kind: Kind) {
         .store
         .accept_message(message("s", "a", Policy::Reject))
         .await
+        .map(accepted)
         .expect("a");
     let b = f
         .store
         .accept_message(message("s", "b", Policy::Enqueue))
         .await
+        .map(accepted)
         .expect("b");
     let mut sub = f.bus.subscribe(&sid("s"));
     // A subscription may also see events committed just before it (read back from storage
@@ -386,29 +408,44 @@ async fn idempotency_keys_replay_or_mismatch(kind: Kind) {
     let f = open(kind).await;
     let mut m = message("s", "hello", Policy::Reject);
     m.idempotency_key = Some("k1".into());
-    let first = f.store.accept_message(m.clone()).await.expect("first");
+    let first = f
+        .store
+        .accept_message(m.clone())
+        .await
+        .map(accepted)
+        .expect("first");
     assert!(!first.replayed);
-    let again = f.store.accept_message(m.clone()).await.expect("replay");
+    let again = f
+        .store
+        .accept_message(m.clone())
+        .await
+        .map(accepted)
+        .expect("replay");
     assert!(again.replayed);
     assert!(again.started().is_none());
     assert_eq!(again.interaction.id, first.interaction.id);
     let mut different = m.clone();
     different.content = "other".into();
     assert!(matches!(
-        f.store.accept_message(different).await,
+        f.store.accept_message(different).await.map(accepted),
         Err(StoreError::IdempotencyMismatch)
     ));
     let mut other_meta = m.clone();
     other_meta.metadata.insert("a".into(), json!(1));
     assert!(matches!(
-        f.store.accept_message(other_meta).await,
+        f.store.accept_message(other_meta).await.map(accepted),
         Err(StoreError::IdempotencyMismatch)
     ));
     f.store
         .clear(sid("s"), "default".into())
         .await
         .expect("clear");
-    let after_clear = f.store.accept_message(m).await.expect("new after clear");
+    let after_clear = f
+        .store
+        .accept_message(m)
+        .await
+        .map(accepted)
+        .expect("new after clear");
     assert!(!after_clear.replayed);
     assert_ne!(after_clear.interaction.id, first.interaction.id);
 }
@@ -419,11 +456,13 @@ async fn recovery_fails_running_and_starts_queued(kind: Kind) {
         .store
         .accept_message(message("s", "a", Policy::Reject))
         .await
+        .map(accepted)
         .expect("a");
     let b = f
         .store
         .accept_message(message("s", "b", Policy::Enqueue))
         .await
+        .map(accepted)
         .expect("b");
     // A second store on the same database, as a restart after a crash would open (or, on
     // PostgreSQL, another node once the first one's lease ran out without a heartbeat).
@@ -450,6 +489,7 @@ async fn a_deleted_session_never_reuses_a_seq(kind: Kind) {
     f.store
         .accept_message(message("s", "a", Policy::Reject))
         .await
+        .map(accepted)
         .expect("a");
     let before = f.store.get_session(sid("s")).await.expect("s").last_seq;
     let cancelled = f.store.delete_session(sid("s")).await.expect("delete");
@@ -485,6 +525,7 @@ async fn events_after_pages_in_order(kind: Kind) {
         .store
         .accept_message(message("s", "a", Policy::Reject))
         .await
+        .map(accepted)
         .expect("a");
     let outputs = (0..20)
         .map(|i| TaskOutput::Delta(format!("{i} ")))
@@ -552,6 +593,7 @@ async fn retention_compacts_final_deltas_then_old_events(kind: Kind) {
         .store
         .accept_message(message("s", "a", Policy::Reject))
         .await
+        .map(accepted)
         .expect("a");
     f.store
         .append_outputs(
@@ -573,6 +615,7 @@ async fn retention_compacts_final_deltas_then_old_events(kind: Kind) {
         .store
         .accept_message(message("s", "b", Policy::Reject))
         .await
+        .map(accepted)
         .expect("b");
     f.store
         .append_outputs(
@@ -627,6 +670,7 @@ async fn retention_keeps_the_deltas_of_waiting_interactions(kind: Kind) {
         .store
         .accept_message(message("w", "a", Policy::Reject))
         .await
+        .map(accepted)
         .expect("a");
     let id = asking.interaction.id.clone();
     f.store
@@ -697,6 +741,7 @@ async fn random_operations_leave_a_whole_log(kind: Kind) {
                         store
                             .accept_message(message(session, &content, policy))
                             .await
+                            .map(accepted)
                             .map(drop)
                     }
                     3 | 4 => match running {
@@ -873,6 +918,7 @@ async fn sqlite_gives_freed_pages_back() {
             .store
             .accept_message(message(&session, &padding, Policy::Reject))
             .await
+            .map(accepted)
             .expect("accept");
         let deltas = (0..10)
             .map(|_| TaskOutput::Delta(padding.clone()))
@@ -920,6 +966,7 @@ async fn an_older_sqlite_database_is_upgraded_for_retention() {
         store
             .accept_message(message("s", "hello", Policy::Reject))
             .await
+            .map(accepted)
             .expect("accept");
     }
     {

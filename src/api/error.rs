@@ -143,6 +143,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::SessionNotFound => Self::not_found("session not found"),
+            StoreError::Invalid(why) => Self::invalid_request(why),
             StoreError::InteractionNotFound => {
                 Self::not_found("interaction not found in this session")
             }

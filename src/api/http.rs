@@ -22,7 +22,6 @@ use crate::model::{
     Interaction, InteractionId, JsonObject, Policy, Session, validate_idempotency_key,
     validate_session_name,
 };
-use crate::session;
 
 type ApiResult<T = Response> = Result<T, ApiError>;
 
@@ -357,14 +356,15 @@ pub async fn post_message(
     JsonBody(body): JsonBody<MessageBody>,
 ) -> ApiResult {
     validate_content(&body.content)?;
-    // `wait` and the idempotency key are ignored for `/clear`, so not validated either.
-    let is_clear = session::is_clear(&body.content);
-    let wait = if is_clear { None } else { wait_param(&query)? };
-    let key = if is_clear {
-        None
-    } else {
-        idempotency_key(&headers)?
-    };
+    // A `/clear` ignores `wait` and the key: what is wrong with them goes to the rules, which
+    // refuse any other message with it.
+    let (wait, key) = (wait_param(&query), idempotency_key(&headers));
+    let invalid = [wait.as_ref().err(), key.as_ref().err()]
+        .into_iter()
+        .flatten()
+        .next()
+        .map(|e| e.message.clone());
+    let (wait, key) = (wait.ok().flatten(), key.ok().flatten());
     let outcome = state
         .engine
         .send_message(MessageRequest {
@@ -374,6 +374,7 @@ pub async fn post_message(
             metadata: body.metadata.unwrap_or_default(),
             idempotency_key: key,
             wait: wait.is_some(),
+            invalid,
         })
         .await?;
     let accepted = match outcome {

@@ -27,7 +27,6 @@ use crate::engine::{Engine, MessageOutcome, MessageRequest};
 use crate::model::{
     EventType, InteractionId, JsonObject, Policy, Session, SessionId, validate_idempotency_key,
 };
-use crate::session;
 
 /// Initial read buffer of a connection: client frames are small operations (a larger one is
 /// read in several chunks).
@@ -564,13 +563,13 @@ impl Ops {
         idempotency_key: Option<String>,
     ) -> Result<Value, ApiError> {
         validate_content(&content)?;
-        let is_clear = session::is_clear(&content);
-        let key = match idempotency_key {
-            Some(key) if !is_clear => {
-                validate_idempotency_key(&key).map_err(|e| ApiError::invalid_request(e.0))?;
-                Some(key)
-            }
-            _ => None,
+        // A `/clear` ignores the key: what is wrong with it goes to the rules.
+        let (key, invalid) = match idempotency_key {
+            Some(key) => match validate_idempotency_key(&key) {
+                Ok(()) => (Some(key), None),
+                Err(e) => (None, Some(e.0)),
+            },
+            None => (None, None),
         };
         let outcome = self
             .engine
@@ -581,6 +580,7 @@ impl Ops {
                 metadata: metadata.unwrap_or_default(),
                 idempotency_key: key,
                 wait: false,
+                invalid,
             })
             .await?;
         Ok(match outcome {

@@ -21,7 +21,7 @@ use crate::bus::{Bus, FinalWatch};
 use crate::model::{
     CancelReason, Interaction, InteractionId, JsonObject, Policy, Session, SessionId, Tenant,
 };
-use crate::session::{Accepted, CancelTarget, Cleared, Effects, NewMessage, StartedTask, is_clear};
+use crate::session::{Accepted, CancelTarget, Cleared, Effects, NewMessage, Received, StartedTask};
 use crate::store::{Committed, Page, Store, StoreError};
 
 /// Longest shutdown waits for agents to stop what their cancelled tasks left running.
@@ -58,7 +58,8 @@ const WAIT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Waits ended per look at most.
 const WAIT_EXPIRY_BATCH: u32 = 256;
 
-/// A message as a transport received it, already validated.
+/// A message as a transport received it: its content validated; what a `/clear` ignores
+/// (the key, `wait`) validated too, with what is wrong in `invalid` for the rules to decide.
 #[derive(Debug, Clone)]
 pub struct MessageRequest {
     pub session: SessionId,
@@ -68,6 +69,8 @@ pub struct MessageRequest {
     pub idempotency_key: Option<String>,
     /// The caller will wait for the final state (registers a watch).
     pub wait: bool,
+    /// Refuses the message with this unless it is a `/clear`.
+    pub invalid: Option<String>,
 }
 
 /// A message accepted (or replayed) as an interaction.
@@ -316,15 +319,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Accepts a message under its policy, or clears the session for `/clear`.
+    /// Accepts a message under its policy, or (the rules decide) clears the session for
+    /// `/clear`.
     pub async fn send_message(
         &self,
         request: MessageRequest,
     ) -> Result<MessageOutcome, EngineError> {
         self.refuse_when_stopping()?;
-        if is_clear(&request.content) {
-            return Ok(MessageOutcome::Cleared(self.clear(request.session).await?));
-        }
         self.check_default_agent(&request.session).await?;
         let committed = self
             .inner
@@ -338,20 +339,26 @@ impl Engine {
                 queue_limit: self.inner.settings.queue_limit,
                 default_agent: self.inner.settings.default_agent.clone(),
                 watch_final: request.wait,
+                invalid: request.invalid,
             })
             .await?;
-        if !committed.replayed {
-            self.inner
-                .counters
-                .messages_accepted
-                .fetch_add(1, Ordering::Relaxed);
-        }
         let final_watch = committed.final_watch;
         self.inner.execute(committed.effects);
-        Ok(MessageOutcome::Accepted(Box::new(Sent {
-            accepted: committed.value,
-            final_watch,
-        })))
+        Ok(match committed.value {
+            Received::Cleared(cleared) => MessageOutcome::Cleared(cleared),
+            Received::Accepted(accepted) => {
+                if !accepted.replayed {
+                    self.inner
+                        .counters
+                        .messages_accepted
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                MessageOutcome::Accepted(Box::new(Sent {
+                    accepted,
+                    final_watch,
+                }))
+            }
+        })
     }
 
     /// Waits up to `within` for the interaction to become final (through the watch the

@@ -7,6 +7,9 @@ use crate::model::InteractionId;
 pub enum StoreError {
     #[error("session not found")]
     SessionNotFound,
+    /// A request the transport found malformed, refused by the rules (`400`).
+    #[error("{0}")]
+    Invalid(String),
     #[error("interaction not found")]
     InteractionNotFound,
     #[error("session is busy")]

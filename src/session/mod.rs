@@ -27,11 +27,10 @@ pub(crate) mod plan;
 pub mod status;
 
 pub(crate) use decide::decide;
-pub use decide::is_clear;
 pub use error::{StoreError, StoreResult};
 pub use op::{
-    Accepted, CancelTarget, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Op, StartedTask, TaskEnd,
-    TaskOutput,
+    Accepted, CancelTarget, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Op, Received, StartedTask,
+    TaskEnd, TaskOutput,
 };
 pub use plan::{DEFAULT_MAX_CONTEXT_BYTES, Effects, Limits};
 pub(crate) use plan::{Plan, SessionRow, SessionState, Snapshot, Write};

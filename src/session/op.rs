@@ -5,7 +5,7 @@ use std::fmt::Debug;
 
 use serde_json::Value;
 
-use super::decide::Decider;
+use super::decide::{Decider, is_clear};
 use super::{StoreError, StoreResult};
 use crate::model::{
     CancelReason, ErrorInfo, Interaction, InteractionId, JsonObject, Policy, Session, SessionId,
@@ -173,7 +173,7 @@ impl Op for DeleteSession {
 }
 
 impl Op for Accept {
-    type Outcome = Accepted;
+    type Outcome = Received;
     fn needs(&self) -> Needs<'_> {
         Needs {
             key: self.0.idempotency_key.as_deref(),
@@ -182,8 +182,16 @@ impl Op for Accept {
             ..Needs::default()
         }
     }
+    /// The one place a message becomes a clear: `/clear` whatever its policy, key or `wait`.
     fn decide(self, d: &mut Decider) -> StoreResult<Self::Outcome> {
-        d.accept(self.0)
+        let message = self.0;
+        if is_clear(&message.content) {
+            return d.clear(message.default_agent).map(Received::Cleared);
+        }
+        if let Some(why) = message.invalid {
+            return Err(StoreError::Invalid(why));
+        }
+        d.accept(message).map(Received::Accepted)
     }
 }
 
@@ -320,6 +328,9 @@ pub struct NewMessage {
     /// Register a final-state watch for the interaction (for `?wait=`), before the commit
     /// publishes ([`Effects::watch_final`](super::Effects)).
     pub watch_final: bool,
+    /// What the transport found wrong with the fields a `/clear` ignores (the idempotency
+    /// key, `wait`): the message is refused with it, unless it is a `/clear`.
+    pub invalid: Option<String>,
 }
 
 /// An interaction that became `running` in a committed transaction: the node that committed
@@ -338,6 +349,27 @@ pub struct Accepted {
     pub interaction: Interaction,
     /// The idempotency key matched an earlier message: nothing new was stored or started.
     pub replayed: bool,
+}
+
+/// What a message did: accepted (or replayed) as an interaction or, its content being the
+/// `/clear` command, the session cleared.
+#[derive(Debug, Clone)]
+// Moved once, from the plan to the caller: boxing the common variant would cost an
+// allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Received {
+    Accepted(Accepted),
+    Cleared(Cleared),
+}
+
+impl Received {
+    /// The interaction accepted; `None` for a clear.
+    pub fn accepted(&self) -> Option<&Accepted> {
+        match self {
+            Received::Accepted(accepted) => Some(accepted),
+            Received::Cleared(_) => None,
+        }
+    }
 }
 
 /// What a clear did.

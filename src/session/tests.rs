@@ -36,6 +36,7 @@ fn message(content: &str, policy: Policy, key: Option<&str>) -> NewMessage {
         queue_limit: 2,
         default_agent: "default".into(),
         watch_final: false,
+        invalid: None,
     }
 }
 
@@ -93,7 +94,12 @@ impl Memory {
     }
 
     fn accept(&mut self, message: NewMessage) -> StoreResult<Plan<Accepted>> {
-        self.run(op::Accept(message))
+        self.run(op::Accept(message)).map(|plan| {
+            plan.map(|received| match received {
+                Received::Accepted(accepted) => accepted,
+                Received::Cleared(_) => panic!("a message, not /clear"),
+            })
+        })
     }
 
     fn find(&mut self, id: &InteractionId) -> &mut Interaction {
@@ -250,6 +256,32 @@ fn accepting_creates_the_session_then_starts() {
     let a = plan.outcome;
     assert_eq!(a.interaction.status, Status::Running);
     assert!(!a.replayed);
+}
+
+/// `/clear` is decided here, once: a message whose content is the command clears the session
+/// (cancelling what runs, whatever the policy and key); what a transport found wrong with the
+/// fields a clear ignores refuses any other message, before anything is written.
+#[test]
+fn a_clear_message_clears_and_only_it_ignores_invalid_extras() {
+    let mut m = new_memory();
+    let running = started_id(&m.accept(message("hi", Policy::Reject, None)).unwrap());
+    let mut clear = message(" /clear\n", Policy::Reject, Some("key"));
+    clear.invalid = Some("wait must be a number of seconds".into());
+    let plan = m.run(op::Accept(clear)).unwrap();
+    match &plan.outcome {
+        Received::Cleared(cleared) => assert_eq!(cleared.cancelled, std::slice::from_ref(&running)),
+        other => panic!("a clear, not {other:?}"),
+    }
+    assert_eq!(plan.effects.stop, [running]);
+    assert_eq!(m.kinds_since(0).last().copied(), Some("session.cleared"));
+    let before = m.kinds_since(0).len();
+    let mut bad = message("hello", Policy::Reject, None);
+    bad.invalid = Some("Idempotency-Key must be printable ASCII".into());
+    match m.run(op::Accept(bad)) {
+        Err(StoreError::Invalid(why)) => assert!(why.contains("Idempotency-Key"), "{why}"),
+        other => panic!("refused, not {other:?}"),
+    }
+    assert_eq!(m.kinds_since(0).len(), before, "a refusal writes nothing");
 }
 
 #[test]
@@ -899,7 +931,7 @@ impl AnyOp {
             plan.map(|p| p.map(|_| None))
         }
         match self {
-            AnyOp::Accept(o) => m.run(o).map(|p| p.map(Some)),
+            AnyOp::Accept(o) => m.run(o).map(|p| p.map(|r| r.accepted().cloned())),
             AnyOp::Append(o) => erased(m.run(o)),
             AnyOp::Finish(o) => erased(m.run(o)),
             AnyOp::Cancel(o) => erased(m.run(o)),

@@ -36,6 +36,15 @@ impl<T> Committed<T> {
         self.value
     }
 
+    /// The same commit with its outcome changed by `f`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Committed<U> {
+        Committed {
+            value: f(self.value),
+            effects: self.effects,
+            final_watch: self.final_watch,
+        }
+    }
+
     /// The task the operation started here, if any (a plan starts at most one per session).
     pub fn started(&self) -> Option<&StartedTask> {
         self.effects.start.first()

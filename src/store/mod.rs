@@ -23,7 +23,7 @@ use crate::model::{
 use crate::session::op;
 pub use crate::session::{
     Accepted, CancelTarget, Cleared, DEFAULT_MAX_CONTEXT_BYTES, Effects, IDEMPOTENCY_TTL_MS,
-    Limits, NewMessage, StartedTask, StoreError, StoreResult, TaskEnd, TaskOutput,
+    Limits, NewMessage, Received, StartedTask, StoreError, StoreResult, TaskEnd, TaskOutput,
 };
 pub use backend::Committed;
 pub use postgres::PgOptions;
@@ -242,7 +242,8 @@ impl Store {
     }
 
     /// Accepts a message under its policy (idempotency first, then the busy check).
-    pub async fn accept_message(&self, message: NewMessage) -> StoreResult<Committed<Accepted>> {
+    /// A `/clear` message clears the session instead ([`Received::Cleared`]).
+    pub async fn accept_message(&self, message: NewMessage) -> StoreResult<Committed<Received>> {
         let session = message.session.clone();
         self.run(Some(session), op::Accept(message)).await
     }

@@ -19,6 +19,7 @@ fn message(session: &SessionId) -> NewMessage {
         queue_limit: 4,
         default_agent: "default".into(),
         watch_final: false,
+        invalid: None,
     }
 }
 
