@@ -30,6 +30,30 @@ struct Cli {
     command: Command,
 }
 
+/// Where the server is and how to reach it: the options of every remote command.
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// URL of the Baton server.
+    #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+    /// API key or session token (access control on); BATON_KEY by default.
+    #[arg(long, env = "BATON_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// With an admin key: the tenant to act on (sent as Baton-Tenant).
+    #[arg(long, env = "BATON_TENANT")]
+    tenant: Option<String>,
+}
+
+impl From<RemoteArgs> for Remote {
+    fn from(args: RemoteArgs) -> Self {
+        Remote {
+            server: args.server,
+            key: args.key,
+            tenant: args.tenant,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (SQLite at ./baton.db, 127.0.0.1:7420, echo agent by default).
@@ -54,15 +78,8 @@ enum Command {
         /// (cancel what runs and what waits).
         #[arg(long, default_value = "reject")]
         policy: String,
-        /// URL of the Baton server.
-        #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
-        server: String,
-        /// API key or session token (access control on); BATON_KEY by default.
-        #[arg(long, env = "BATON_KEY", hide_env_values = true)]
-        key: Option<String>,
-        /// With an admin key: the tenant to act on (sent as Baton-Tenant).
-        #[arg(long, env = "BATON_TENANT")]
-        tenant: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Chat with a session's agent interactively (/clear, /cancel, /help, /quit).
     Chat {
@@ -71,15 +88,8 @@ enum Command {
         /// Switch the session to this agent first.
         #[arg(long)]
         agent: Option<String>,
-        /// URL of the Baton server.
-        #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
-        server: String,
-        /// API key or session token (access control on); BATON_KEY by default.
-        #[arg(long, env = "BATON_KEY", hide_env_values = true)]
-        key: Option<String>,
-        /// With an admin key: the tenant to act on (sent as Baton-Tenant).
-        #[arg(long, env = "BATON_TENANT")]
-        tenant: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Print the session's events as JSON lines, following live.
     Watch {
@@ -91,15 +101,8 @@ enum Command {
         /// Replay every retained event first.
         #[arg(long)]
         replay: bool,
-        /// URL of the Baton server.
-        #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
-        server: String,
-        /// API key or session token (access control on); BATON_KEY by default.
-        #[arg(long, env = "BATON_KEY", hide_env_values = true)]
-        key: Option<String>,
-        /// With an admin key: the tenant to act on (sent as Baton-Tenant).
-        #[arg(long, env = "BATON_TENANT")]
-        tenant: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Load-test this build (and, optionally, the reference Python server side by side) and
     /// print the figures.
@@ -187,15 +190,8 @@ enum Command {
         /// Print one JSON object per line instead of text.
         #[arg(long)]
         json: bool,
-        /// URL of the Baton server.
-        #[arg(long, env = "BATON_SERVER", default_value = DEFAULT_SERVER)]
-        server: String,
-        /// API key or session token (access control on); BATON_KEY by default.
-        #[arg(long, env = "BATON_KEY", hide_env_values = true)]
-        key: Option<String>,
-        /// With an admin key: the tenant to act on (sent as Baton-Tenant).
-        #[arg(long, env = "BATON_TENANT")]
-        tenant: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 
@@ -285,60 +281,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             session,
             text,
             policy,
-            server,
-            key,
-            tenant,
-        } => {
-            baton::cli::send(
-                &Remote {
-                    server,
-                    key,
-                    tenant,
-                },
-                &session,
-                &text,
-                &policy,
-            )
-            .await
-        }
+            remote,
+        } => baton::cli::send(&remote.into(), &session, &text, &policy).await,
         Command::Chat {
             session,
             agent,
-            server,
-            key,
-            tenant,
-        } => {
-            baton::cli::chat(
-                &Remote {
-                    server,
-                    key,
-                    tenant,
-                },
-                &session,
-                agent.as_deref(),
-            )
-            .await
-        }
+            remote,
+        } => baton::cli::chat(&remote.into(), &session, agent.as_deref()).await,
         Command::Watch {
             session,
             after,
             replay,
-            server,
-            key,
-            tenant,
-        } => {
-            baton::cli::watch(
-                &Remote {
-                    server,
-                    key,
-                    tenant,
-                },
-                &session,
-                after,
-                replay,
-            )
-            .await
-        }
+            remote,
+        } => baton::cli::watch(&remote.into(), &session, after, replay).await,
         Command::Bench {
             server,
             peer,
@@ -391,21 +346,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::History {
             session,
             json,
-            server,
-            key,
-            tenant,
-        } => {
-            baton::cli::history(
-                &Remote {
-                    server,
-                    key,
-                    tenant,
-                },
-                &session,
-                json,
-            )
-            .await
-        }
+            remote,
+        } => baton::cli::history(&remote.into(), &session, json).await,
         Command::Key {
             action: KeyAction::New { tenant, role, id },
         } => {
