@@ -42,6 +42,10 @@ struct RemoteArgs {
     /// With an admin key: the tenant to act on (sent as Baton-Tenant).
     #[arg(long, env = "BATON_TENANT")]
     tenant: Option<String>,
+    /// PEM file of CA certificates to trust besides the usual public ones (a private CA of an
+    /// https:// server).
+    #[arg(long, value_name = "FILE", env = "SSL_CERT_FILE")]
+    cacert: Option<PathBuf>,
 }
 
 impl From<RemoteArgs> for Remote {
@@ -50,6 +54,7 @@ impl From<RemoteArgs> for Remote {
             server: args.server,
             key: args.key,
             tenant: args.tenant,
+            cacert: args.cacert,
         }
     }
 }
@@ -76,7 +81,7 @@ enum Command {
         text: String,
         /// What to do if the session is busy: reject, enqueue (wait its turn) or interrupt
         /// (cancel what runs and what waits).
-        #[arg(long, default_value = "reject")]
+        #[arg(long, default_value = "reject", value_parser = policy_parser())]
         policy: String,
         #[command(flatten)]
         remote: RemoteArgs,
@@ -178,6 +183,48 @@ enum Command {
         #[arg(long)]
         only: Vec<String>,
     },
+    /// List the sessions (of the key's tenant), by id; all of them unless --limit.
+    Sessions {
+        /// Print one page of this many sessions (the next page's cursor goes to stderr).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Start after this cursor (printed by a previous page).
+        #[arg(long)]
+        after: Option<String>,
+        /// Print one JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Delete a session: its running reply is cancelled, everything it holds is deleted.
+    Delete {
+        /// Session id.
+        session: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Cancel the session's running (or waiting) reply; the queued messages then run.
+    Cancel {
+        /// Session id.
+        session: String,
+        /// Cancel this interaction (a queued one, say) instead of the running one.
+        #[arg(long, value_name = "ID")]
+        interaction: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Answer what a waiting interaction's agent asked; the reply then goes on.
+    Answer {
+        /// Session id.
+        session: String,
+        /// The waiting interaction's id.
+        interaction: String,
+        /// The answer: JSON if it parses as JSON (true, {"approved": true}), else the text.
+        answer: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Manage API keys (access control).
     Key {
         #[command(subcommand)]
@@ -193,6 +240,11 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+}
+
+/// The policies, as clap lists and checks them (the server's list, never a type name).
+fn policy_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(baton::model::Policy::ALL.iter().map(|p| p.as_str()))
 }
 
 #[derive(Subcommand)]
@@ -239,7 +291,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    baton::cli::exit_code(runtime.block_on(run(cli.command)))
+    let outcome = runtime.block_on(run(cli.command));
+    // `chat`'s read of stdin runs on a blocking thread that cannot be cancelled: the runtime
+    // does not wait for it (nothing else is left running once `run` has returned).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    baton::cli::exit_code(outcome)
 }
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -270,7 +326,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 // tests can wait for it and find an ephemeral port.
                 // A closed stdout must not stop the server: nobody is waiting for the line.
                 let _ = baton::cli::out(&format!(
-                    "baton listening on {scheme}://{addr}\nconsole: {scheme}://{addr}/console/\n"
+                    "baton listening on {scheme}://{addr}\nconsole: {scheme}://{}/console/\n",
+                    baton::cli::reachable(addr)
                 ));
             })
             .await?;
@@ -348,6 +405,24 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             json,
             remote,
         } => baton::cli::history(&remote.into(), &session, json).await,
+        Command::Sessions {
+            limit,
+            after,
+            json,
+            remote,
+        } => baton::cli::sessions(&remote.into(), limit, after, json).await,
+        Command::Delete { session, remote } => baton::cli::delete(&remote.into(), &session).await,
+        Command::Cancel {
+            session,
+            interaction,
+            remote,
+        } => baton::cli::cancel(&remote.into(), &session, interaction.as_deref()).await,
+        Command::Answer {
+            session,
+            interaction,
+            answer,
+            remote,
+        } => baton::cli::answer(&remote.into(), &session, &interaction, &answer).await,
         Command::Key {
             action: KeyAction::New { tenant, role, id },
         } => {

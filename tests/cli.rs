@@ -527,10 +527,6 @@ async fn errors_have_one_shape_code_colon_message() {
             args(&["chat", "c", "--agent", "nope"]),
             "error: unknown_agent: ",
         ),
-        (
-            args(&["send", "s", "x", "--policy", "bogus"]),
-            "error: invalid_request: ",
-        ),
     ];
     for (mut command, expected) in cases {
         command.extend(args(&["--server", &url]));

@@ -2,14 +2,15 @@
 //! terminal.
 
 use std::collections::HashSet;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use super::out;
-use super::send::answer_value;
+use super::send::{EXIT_WAITING, answer_value, finish_send};
+use super::{out, read_only_refusal};
 use crate::client::stream::{Frame, SessionSocket};
 use crate::client::{Client, Remote, ServerError};
 
@@ -67,69 +68,145 @@ impl<'a> ChatInput<'a> {
     }
 }
 
+/// What a scripted chat (stdin not a terminal) waits for before it reads the next line.
+#[derive(Debug, PartialEq, Eq)]
+enum Awaiting {
+    /// Nothing: the next line may be read.
+    Nothing,
+    /// The server's reply to the operation with this `ref`.
+    Reply(i64),
+    /// The end of this interaction (or its question).
+    End(String),
+}
+
 /// `baton chat`: an interactive client. Lines typed are sent (queued behind a running reply);
 /// `/clear`, `/cancel`, `/help` and `/quit` do what they say; replies stream as they are
-/// produced.
+/// produced. Ctrl-C cancels the running reply; a second Ctrl-C (or one while nothing runs)
+/// quits with 130. When stdin is not a terminal, each line waits for the one before it to be
+/// answered and its reply to end, and an error or a failed reply ends the chat with it.
 pub async fn chat(remote: &Remote, session: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
+    let client = Client::new(remote)?;
     if let Some(agent) = agent {
-        Client::new(remote)?
-            .put_session_agent(session, agent)
-            .await?;
+        client.put_session_agent(session, agent).await?;
     }
     let mut socket = SessionSocket::open(remote, session, None).await?;
     out(&format!(
         "baton chat: session {session} (agent {}). /help lists the commands.\n",
         socket.hello["session"]["agent"].as_str().unwrap_or("?")
     ))?;
+    let scripted = !std::io::stdin().is_terminal();
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listening for Ctrl-C")?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
     let mut screen = ChatScreen::default();
     let mut reference = 0i64;
     // The refs of `/cancel`s not answered yet: an empty answer says there was nothing to cancel.
     let mut cancels: HashSet<i64> = HashSet::new();
+    let mut awaiting = Awaiting::Nothing;
+    // Interactions seen ending, for a scripted chat whose reply comes after the end.
+    let mut ended: HashSet<String> = HashSet::new();
     loop {
+        if scripted && !stdin_open && awaiting == Awaiting::Nothing {
+            break;
+        }
+        let read_line = stdin_open && (!scripted || awaiting == Awaiting::Nothing);
         tokio::select! {
-            line = lines.next_line() => {
-                let Some(line) = line.context("reading stdin")? else { break };
+            _ = interrupts.recv() => {
+                if !screen.reply_active() || screen.interrupted {
+                    screen.end_reply()?;
+                    socket.close().await;
+                    return Ok(ExitCode::from(EXIT_INTERRUPTED));
+                }
+                screen.interrupted = true;
+                match client.cancel(session, None).await {
+                    Ok(_) => screen.notice("[Ctrl-C: cancelling the reply; Ctrl-C again quits]")?,
+                    Err(e) => screen.notice(&format!("[Ctrl-C: could not cancel: {e:#}]"))?,
+                }
+            }
+            line = lines.next_line(), if read_line => {
+                let Some(line) = line.context("reading stdin")? else {
+                    if !scripted {
+                        break;
+                    }
+                    // The script's end: what its last line started still ends first.
+                    stdin_open = false;
+                    continue;
+                };
                 reference += 1;
-                match ChatInput::parse(&line) {
-                    ChatInput::Nothing => {}
+                let sent = match ChatInput::parse(&line) {
+                    ChatInput::Nothing => false,
                     ChatInput::Quit => break,
-                    ChatInput::Help => screen.notice(CHAT_HELP)?,
+                    ChatInput::Help => {
+                        screen.notice(CHAT_HELP)?;
+                        false
+                    }
                     ChatInput::Unknown(word) => {
                         screen.notice(&format!("[unknown command {word}: /help lists them]"))?;
+                        false
                     }
                     ChatInput::Cancel => {
                         cancels.insert(reference);
                         socket.send(json!({"op": "cancel", "ref": reference})).await?;
+                        true
                     }
                     ChatInput::Clear => {
                         socket.send(json!({"op": "clear", "ref": reference})).await?;
+                        true
                     }
-                    ChatInput::Message(text) => match screen.pending.take() {
-                        // The agent asked: this line is the answer.
-                        Some((interaction, request)) => {
-                            socket
-                                .send(json!({
-                                    "op": "answer", "ref": reference,
-                                    "interaction_id": interaction, "request_id": request,
-                                    "answer": answer_value(text),
-                                }))
-                                .await?;
+                    ChatInput::Message(text) => {
+                        match screen.pending.take() {
+                            // The agent asked: this line is the answer.
+                            Some((interaction, request)) => {
+                                socket
+                                    .send(json!({
+                                        "op": "answer", "ref": reference,
+                                        "interaction_id": interaction, "request_id": request,
+                                        "answer": answer_value(text),
+                                    }))
+                                    .await?;
+                            }
+                            None => socket.send_message(text, "enqueue", reference).await?,
                         }
-                        None => socket.send_message(text, "enqueue", reference).await?,
-                    },
+                        true
+                    }
+                };
+                if sent && scripted {
+                    awaiting = Awaiting::Reply(reference);
                 }
             }
             frame = socket.next() => match frame? {
-                Frame::Event(event) => screen.show(&event)?,
+                Frame::Event(event) => {
+                    screen.show(&event)?;
+                    if scripted {
+                        follow_script(&event, &mut awaiting, &mut ended)?;
+                    }
+                }
                 Frame::Reply(reply) => {
                     let was_cancel = reply["ref"].as_i64().is_some_and(|r| cancels.remove(&r));
+                    let answered = awaiting == Awaiting::Reply(reply["ref"].as_i64().unwrap_or(-1));
                     if reply["ok"] != true {
-                        screen.notice(&format!("[error: {}]", ServerError::from_reply(&reply)))?;
+                        let error = read_only_refusal(ServerError::from_reply(&reply));
+                        if scripted {
+                            screen.end_reply()?;
+                            return Err(error.into());
+                        }
+                        screen.notice(&format!("[error: {error}]"))?;
                     } else if was_cancel
                         && reply["data"]["cancelled"].as_array().is_some_and(Vec::is_empty)
                     {
                         screen.notice("[nothing to cancel]")?;
+                    }
+                    if answered {
+                        // A message's or an answer's reply is the interaction: wait for its end.
+                        awaiting = match reply["data"]["id"].as_str() {
+                            Some(id) if !ended.contains(id)
+                                && !is_final(&reply["data"]["status"]) =>
+                            {
+                                Awaiting::End(id.to_string())
+                            }
+                            _ => Awaiting::Nothing,
+                        };
                     }
                 }
                 Frame::Pong(_) => {}
@@ -143,7 +220,47 @@ pub async fn chat(remote: &Remote, session: &str, agent: Option<&str>) -> anyhow
     }
     screen.end_reply()?;
     socket.close().await;
+    if scripted && screen.pending.is_some() {
+        // The script ended while the agent waits for an answer, as `send` does.
+        return Ok(ExitCode::from(EXIT_WAITING));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `baton chat`'s exit status when quit with Ctrl-C, as a shell reports a command that
+/// SIGINT ended (128 + 2).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+fn is_final(status: &Value) -> bool {
+    matches!(status.as_str(), Some("completed" | "failed" | "cancelled"))
+}
+
+/// A scripted chat's progress on an event: the awaited interaction's end (a failure ends the
+/// chat with its error) or its question (the next line answers it).
+fn follow_script(
+    event: &Value,
+    awaiting: &mut Awaiting,
+    ended: &mut HashSet<String>,
+) -> anyhow::Result<()> {
+    let interaction = &event["data"]["interaction"];
+    let Some(id) = interaction["id"].as_str() else {
+        return Ok(());
+    };
+    let waited = *awaiting == Awaiting::End(id.to_string());
+    match event["type"].as_str() {
+        Some("task.completed" | "task.failed" | "task.cancelled") => {
+            ended.insert(id.to_string());
+            if waited {
+                *awaiting = Awaiting::Nothing;
+                if interaction["status"] == "failed" {
+                    finish_send(interaction)?;
+                }
+            }
+        }
+        Some("task.waiting") if waited => *awaiting = Awaiting::Nothing,
+        _ => {}
+    }
+    Ok(())
 }
 
 /// What `baton chat` has on the terminal. A reply streams on one line, `agent> …`; a notice
@@ -157,6 +274,8 @@ struct ChatScreen {
     pending: Option<(String, String)>,
     /// Notices held until the reply's line ends.
     held: Vec<String>,
+    /// Ctrl-C asked the running reply to stop: the next Ctrl-C quits.
+    interrupted: bool,
 }
 
 impl ChatScreen {
@@ -254,8 +373,14 @@ impl ChatScreen {
         self.streaming.is_some() && self.streaming == *id
     }
 
+    /// Whether a reply is running or waiting for an answer (what Ctrl-C would cancel).
+    fn reply_active(&self) -> bool {
+        self.streaming.is_some() || self.pending.is_some()
+    }
+
     fn start_reply(&mut self, id: Option<String>) -> anyhow::Result<()> {
         self.end_reply()?;
+        self.interrupted = false;
         out("agent> ")?;
         // An event without an id still opens the line (and the next start closes it).
         self.streaming = Some(id.unwrap_or_default());

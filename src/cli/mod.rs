@@ -3,6 +3,7 @@
 
 mod chat;
 mod send;
+mod sessions;
 mod watch;
 
 use std::io::Write;
@@ -10,8 +11,9 @@ use std::process::ExitCode;
 
 use crate::client::ServerError;
 
-pub use chat::chat;
+pub use chat::{EXIT_INTERRUPTED, chat};
 pub use send::{EXIT_WAITING, send};
+pub use sessions::{answer, cancel, delete, sessions};
 pub use watch::{history, watch};
 
 /// Stdout's reader has gone (`baton watch s | head -3`): the command ends quietly.
@@ -31,6 +33,38 @@ pub fn out(text: &str) -> anyhow::Result<()> {
             std::io::ErrorKind::BrokenPipe => anyhow::Error::new(StdoutClosed),
             _ => anyhow::Error::new(e).context("writing to stdout"),
         })
+}
+
+/// Writes a line to stderr: hints and notes that are not the command's output.
+fn say(line: &str) {
+    // Nothing more can be done when stderr is closed.
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+/// The address to print for a browser on this machine: a server listening on every
+/// interface (`0.0.0.0`, `::`) is reached at the loopback address, which a browser can open.
+pub fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// A refused WebSocket operation said in a user's words. The server answers a read token's
+/// write with `forbidden` in its own terms (which ops it allows); every other credential may
+/// use every op of its session, so a `forbidden` op means the credential can only read.
+pub fn read_only_refusal(error: ServerError) -> ServerError {
+    if error.code != "forbidden" {
+        return error;
+    }
+    ServerError {
+        message: "these credentials can only read this session (a read token): sending, \
+                  cancelling, clearing and answering need a write token or an API key"
+            .into(),
+        ..error
+    }
 }
 
 /// The exit code of a command's outcome; an error is printed on stderr as one line, `error: …`,

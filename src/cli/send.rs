@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::anyhow;
 use serde_json::Value;
 
-use super::out;
+use super::{out, read_only_refusal};
 use crate::client::stream::{Frame, SessionSocket};
 use crate::client::{Remote, ServerError};
 
@@ -27,7 +27,7 @@ pub async fn send(
         let event = match socket.next().await? {
             Frame::Reply(reply) => {
                 if reply["ok"] != true {
-                    return Err(ServerError::from_reply(&reply).into());
+                    return Err(read_only_refusal(ServerError::from_reply(&reply)).into());
                 }
                 let data = &reply["data"];
                 if data.get("epoch").is_some() {
@@ -43,7 +43,7 @@ pub async fn send(
                 }
                 id = data["id"].as_str().map(str::to_string);
                 for event in std::mem::take(&mut early) {
-                    if let Some(code) = show_send_event(&event, id.as_deref())? {
+                    if let Some(code) = show_send_event(&event, session, id.as_deref())? {
                         return Ok(code);
                     }
                 }
@@ -55,14 +55,18 @@ pub async fn send(
         };
         if id.is_none() {
             early.push(event);
-        } else if let Some(code) = show_send_event(&event, id.as_deref())? {
+        } else if let Some(code) = show_send_event(&event, session, id.as_deref())? {
             return Ok(code);
         }
     }
 }
 
 /// Prints a delta of the interaction; on its final event, returns the exit code.
-fn show_send_event(event: &Value, id: Option<&str>) -> anyhow::Result<Option<ExitCode>> {
+fn show_send_event(
+    event: &Value,
+    session: &str,
+    id: Option<&str>,
+) -> anyhow::Result<Option<ExitCode>> {
     let data = &event["data"];
     let about = data["interaction_id"]
         .as_str()
@@ -84,12 +88,13 @@ fn show_send_event(event: &Value, id: Option<&str>) -> anyhow::Result<Option<Exi
             out("\n")?;
             let interaction = &data["interaction"];
             let request = &interaction["request"];
+            let interaction_id = interaction["id"].as_str().unwrap_or("");
             let line = format!(
-                "waiting for input: {}\nanswer with `baton chat SESSION`, or POST \
-                 /v1/sessions/SESSION/interactions/{}/answer \
+                "waiting for input: {}\nanswer with `baton answer {session} {interaction_id} \
+                 ANSWER` (JSON or text), or in `baton chat {session}`, or POST {}/answer \
                  {{\"request_id\": \"{}\", \"answer\": …}}\n",
                 request["data"],
-                interaction["id"].as_str().unwrap_or(""),
+                crate::client::session_path(session, &format!("/interactions/{interaction_id}")),
                 request["id"].as_str().unwrap_or("")
             );
             let _ = std::io::stderr().write_all(line.as_bytes());
@@ -108,7 +113,7 @@ pub(super) fn answer_value(line: &str) -> Value {
 }
 
 /// Success if the interaction completed; otherwise its failure as `code: message`.
-fn finish_send(interaction: &Value) -> anyhow::Result<ExitCode> {
+pub(super) fn finish_send(interaction: &Value) -> anyhow::Result<ExitCode> {
     let id = interaction["id"].as_str().unwrap_or("");
     match interaction["status"].as_str() {
         Some("completed") => Ok(ExitCode::SUCCESS),

@@ -2,6 +2,7 @@
 //! WebSocket protocol in [`stream`].
 
 pub mod stream;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -114,6 +115,8 @@ pub struct Remote {
     pub key: Option<String>,
     /// The tenant an admin key acts on (`Baton-Tenant`).
     pub tenant: Option<String>,
+    /// A PEM file of CA certificates to trust besides Mozilla's roots (`--cacert`).
+    pub cacert: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -123,6 +126,7 @@ impl std::fmt::Debug for Remote {
             .field("server", &self.server)
             .field("key", &self.key.as_ref().map(|_| "***"))
             .field("tenant", &self.tenant)
+            .field("cacert", &self.cacert)
             .finish()
     }
 }
@@ -134,6 +138,15 @@ impl Remote {
             server: server.into(),
             key: None,
             tenant: None,
+            cacert: None,
+        }
+    }
+
+    /// The certificates of `--cacert`, read now; none without it.
+    pub fn extra_roots(&self) -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
+        match &self.cacert {
+            Some(path) => tls::read_roots(path),
+            None => Ok(Vec::new()),
         }
     }
 
@@ -169,7 +182,13 @@ impl Client {
         if !(server.starts_with("http://") || server.starts_with("https://")) {
             bail!("the server URL must start with http:// or https:// (got {server})");
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        for root in remote.extra_roots()? {
+            let certificate = reqwest::Certificate::from_der(&root)
+                .context("a --cacert certificate cannot be used as a root")?;
+            builder = builder.add_root_certificate(certificate);
+        }
+        let http = builder
             .default_headers(remote.headers()?)
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(256)
@@ -200,7 +219,13 @@ impl Client {
         request: reqwest::RequestBuilder,
     ) -> anyhow::Result<reqwest::Response> {
         request.send().await.map_err(|e| {
-            if e.is_connect() {
+            if let Some(reason) = tls::describe(&e, tls::host_of(&self.base)) {
+                tls::Untrusted {
+                    server: self.base.clone(),
+                    reason,
+                }
+                .into()
+            } else if e.is_connect() {
                 Unreachable::new(&self.base, &e).into()
             } else {
                 anyhow::Error::new(e).context(format!("talking to the server at {}", self.base))
@@ -268,6 +293,70 @@ impl Client {
             .post(url)
             .json(&json!({"content": content, "policy": policy}));
         Self::decode(self.send(request).await?).await
+    }
+
+    /// `GET /v1/sessions?limit=&after=`: one page, `{"sessions": [...], "next": cursor|null}`.
+    pub async fn list_sessions(
+        &self,
+        limit: Option<u32>,
+        after: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        if let Some(after) = after {
+            query.push(("after", after.to_string()));
+        }
+        let request = self.http.get(self.url("/v1/sessions")).query(&query);
+        Ok(Self::decode(self.send(request).await?).await?.1)
+    }
+
+    /// `DELETE /v1/sessions/{id}`.
+    pub async fn delete_session(&self, session: &str) -> anyhow::Result<()> {
+        let request = self.http.delete(self.url(&session_path(session, "")));
+        Self::decode(self.send(request).await?).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/sessions/{id}/cancel`, of the running interaction or of the one named: the
+    /// ids cancelled.
+    pub async fn cancel(
+        &self,
+        session: &str,
+        interaction: Option<&str>,
+    ) -> anyhow::Result<Vec<String>> {
+        let body = match interaction {
+            Some(id) => json!({ "interaction_id": id }),
+            None => json!({}),
+        };
+        let request = self
+            .http
+            .post(self.url(&session_path(session, "/cancel")))
+            .json(&body);
+        let (_, answer) = Self::decode(self.send(request).await?).await?;
+        Ok(answer["cancelled"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|id| id.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// `POST …/interactions/{iid}/answer`: the interaction, running again.
+    pub async fn answer(
+        &self,
+        session: &str,
+        interaction: &str,
+        request_id: &str,
+        answer: &Value,
+    ) -> anyhow::Result<Value> {
+        let path = session_path(session, &format!("/interactions/{interaction}/answer"));
+        let request = self
+            .http
+            .post(self.url(&path))
+            .json(&json!({ "request_id": request_id, "answer": answer }));
+        Ok(Self::decode(self.send(request).await?).await?.1)
     }
 
     pub async fn get_interaction(&self, session: &str, id: &str) -> anyhow::Result<Value> {

@@ -1,6 +1,7 @@
 //! A WebSocket client of one session that survives dropped connections: it reconnects with
 //! `after=<last seq seen>`, so no event is lost and none is yielded twice.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -11,7 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{Remote, ServerError, Unreachable, session_path};
+use super::{Remote, ServerError, Unreachable, session_path, tls};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -33,6 +34,8 @@ pub struct SessionSocket {
     server: String,
     /// Credentials, sent again on every reconnection.
     headers: reqwest::header::HeaderMap,
+    /// The TLS configuration of `wss://` (the roots trusted).
+    tls: Arc<rustls::ClientConfig>,
     ws_base: String,
     session: String,
     socket: Socket,
@@ -57,6 +60,7 @@ fn ws_base(server: &str) -> anyhow::Result<String> {
 async fn connect(
     server: &str,
     headers: &reqwest::header::HeaderMap,
+    tls_config: &Arc<rustls::ClientConfig>,
     ws_base: &str,
     session: &str,
     after: Option<i64>,
@@ -71,14 +75,13 @@ async fn connect(
         .into_client_request()
         .with_context(|| format!("connecting to {url}"))?;
     request.headers_mut().extend(headers.clone());
-    let (mut socket, _) = match tokio_tungstenite::connect_async(request).await {
+    let connector = tokio_tungstenite::Connector::Rustls(tls_config.clone());
+    let connected =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, false, Some(connector))
+            .await;
+    let (mut socket, _) = match connected {
         Ok(connected) => connected,
-        Err(WsError::Http(response)) => {
-            let body = response.body().as_deref().unwrap_or_default();
-            return Err(ServerError::from_http(response.status(), body).into());
-        }
-        Err(e @ WsError::Io(_)) => return Err(Unreachable::new(server, &e).into()),
-        Err(e) => return Err(e).with_context(|| format!("connecting to {url}")),
+        Err(e) => return Err(connect_error(server, &url, e)),
     };
     loop {
         let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
@@ -95,15 +98,37 @@ async fn connect(
     }
 }
 
+/// A failed WebSocket connection as the CLI says it: the server's error answer, a refused
+/// certificate in words, or an unreachable server.
+fn connect_error(server: &str, url: &str, error: WsError) -> anyhow::Error {
+    if let Some(reason) = tls::describe(&error, tls::host_of(server)) {
+        return tls::Untrusted {
+            server: server.to_string(),
+            reason,
+        }
+        .into();
+    }
+    match error {
+        WsError::Http(response) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            ServerError::from_http(response.status(), body).into()
+        }
+        e @ WsError::Io(_) => Unreachable::new(server, &e).into(),
+        e => anyhow::Error::new(e).context(format!("connecting to {url}")),
+    }
+}
+
 impl SessionSocket {
     /// Connects; with `after`, the stored events after that seq are replayed first.
     pub async fn open(remote: &Remote, session: &str, after: Option<i64>) -> anyhow::Result<Self> {
         let server = remote.server.as_str();
         let ws_base = ws_base(server)?;
         let headers = remote.headers()?;
+        let tls = tls::client_config(&remote.extra_roots()?)?;
         let (socket, hello) = connect(
             server.trim_end_matches('/'),
             &headers,
+            &tls,
             &ws_base,
             session,
             after,
@@ -113,6 +138,7 @@ impl SessionSocket {
         Ok(Self {
             server: server.trim_end_matches('/').to_string(),
             headers,
+            tls,
             ws_base,
             session: session.to_string(),
             socket,
@@ -190,6 +216,7 @@ impl SessionSocket {
             match connect(
                 &self.server,
                 &self.headers,
+                &self.tls,
                 &self.ws_base,
                 &self.session,
                 Some(self.last_seq),
