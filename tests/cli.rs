@@ -589,7 +589,10 @@ fn undescribed(help: &str) -> Vec<String> {
 
 #[test]
 fn every_argument_and_flag_is_described() {
-    for command in ["serve", "send", "chat", "watch", "bench", "history"] {
+    for command in [
+        "serve", "send", "chat", "watch", "bench", "history", "sessions", "delete", "cancel",
+        "answer",
+    ] {
         for flag in ["-h", "--help"] {
             let out = baton(&[command, flag]);
             assert!(out.status.success());
