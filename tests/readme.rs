@@ -520,3 +520,190 @@ fn relative_links_resolve_inside_the_repository() {
     );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the README states of the build, the tests, the licence and the CLI
+
+/// The text of the section under `heading` (up to the next heading of the same level or above).
+fn section<'a>(markdown: &'a str, heading: &str) -> &'a str {
+    let start = markdown
+        .find(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("no heading {heading:?}"));
+    let level = heading.split(' ').next().unwrap_or("##").len();
+    let body = &markdown[start + heading.len() + 2..];
+    let end = body
+        .match_indices('\n')
+        .map(|(at, _)| at + 1)
+        .find(|&at| {
+            let hashes = body[at..].chars().take_while(|c| *c == '#').count();
+            (1..=level).contains(&hashes) && body[at + hashes..].starts_with(' ')
+        })
+        .unwrap_or(body.len());
+    &body[..end]
+}
+
+/// The lines of the first block fenced with `fence` (e.g. "```text") after the line holding
+/// `marker`.
+fn block_after(markdown: &str, marker: &str, fence: &str) -> Vec<String> {
+    let mut lines = markdown.lines().skip_while(|l| !l.contains(marker));
+    assert!(lines.next().is_some(), "no line with {marker:?}");
+    lines
+        .skip_while(|l| l.trim() != fence)
+        .skip(1)
+        .take_while(|l| l.trim() != "```")
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `rust-version` of Cargo.toml.
+fn rust_version() -> String {
+    read(&repo_root().join("Cargo.toml"))
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("Cargo.toml has a rust-version")
+}
+
+#[test]
+fn key_new_prints_what_the_readme_shows() {
+    let readme = read(&repo_root().join("README.md"));
+    let shown = block_after(&readme, "baton key new --tenant acme", "```text");
+    assert!(!shown.is_empty(), "no ```text block after `baton key new`");
+    let id = shown
+        .iter()
+        .find_map(|l| l.strip_prefix("id = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("the block shows an id");
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["key", "new", "--tenant", "acme", "--id", &id])
+        .env("BATON_LOG", "warn")
+        .output()
+        .expect("run baton key new");
+    assert!(out.status.success(), "{out:?}");
+    let printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        printed.len(),
+        shown.len(),
+        "{printed:#?}\nvs the README's\n{shown:#?}"
+    );
+    for (printed, shown) in printed.iter().zip(&shown) {
+        // The key and its hash differ every time: their shape must not.
+        let random = ["bk_", "sha256 = \""]
+            .into_iter()
+            .any(|prefix| shown.starts_with(prefix));
+        if random {
+            let prefix = &shown[..shown.find(['_', '"']).expect("a prefix") + 1];
+            assert!(printed.starts_with(prefix), "{printed:?} vs {shown:?}");
+            assert_eq!(printed.len(), shown.len(), "{printed:?} vs {shown:?}");
+        } else {
+            assert_eq!(printed, shown);
+        }
+    }
+}
+
+#[test]
+fn the_tests_section_names_what_each_skipped_suite_needs() {
+    let readme = read(&repo_root().join("README.md"));
+    let tests = section(&readme, "## Tests");
+    for needed in [
+        "`chromium`",
+        "`chromium-driver`",
+        "`curl`",
+        "`BATON_TEST_POSTGRES`",
+        "`BATON_TEST_POSTGRES_TLS_ROOT`",
+    ] {
+        assert!(
+            tests.contains(needed),
+            "the Tests section does not name {needed}"
+        );
+    }
+    // Every variable build.rs gates a suite on.
+    let build = read(&repo_root().join("build.rs"));
+    for variable in build
+        .split("rerun-if-env-changed=")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|name| *name != "PATH")
+    {
+        assert!(
+            tests.contains(variable),
+            "the Tests section does not name {variable}"
+        );
+    }
+    let version = rust_version();
+    let minimum = format!("{version} or newer");
+    assert!(
+        tests.contains(&minimum),
+        "the Tests section does not say Rust {minimum}"
+    );
+    assert!(
+        section(&readme, "## Quick start").contains(&format!("Rust {minimum}")),
+        "the Quick start does not say Rust {minimum}"
+    );
+}
+
+#[test]
+fn every_cargo_install_uses_the_lock_file() {
+    let mut seen = 0;
+    for document in documents() {
+        // Installing baton itself (other tools, such as flamegraph, are not ours to lock).
+        for line in read(&document)
+            .lines()
+            .filter(|l| l.contains("cargo install --path"))
+        {
+            seen += 1;
+            assert!(line.contains("--locked"), "{}: {line}", document.display());
+        }
+    }
+    assert!(seen > 0, "the README says how to install baton");
+}
+
+#[test]
+fn the_licence_cargo_toml_names_is_in_the_repository() {
+    let cargo = read(&repo_root().join("Cargo.toml"));
+    assert!(
+        cargo.lines().any(|l| l == "license = \"MIT\""),
+        "Cargo.toml names MIT"
+    );
+    let licence = read(&repo_root().join("LICENSE"));
+    assert!(licence.starts_with("MIT License\n"), "{licence}");
+    assert!(
+        licence.contains("Copyright (c) The Baton authors"),
+        "{licence}"
+    );
+}
+
+#[test]
+fn benchmarks_describe_their_peer_and_cite_no_tracker_numbers() {
+    let text = read(&repo_root().join("BENCHMARKS.md"));
+    let peer = section(&text, "## The peer");
+    for words in ["seed-py", "Python", "FastAPI", "server.py", "--peer"] {
+        assert!(
+            peer.contains(words),
+            "the peer's description lacks {words:?}"
+        );
+    }
+    for (number, line) in text.lines().enumerate() {
+        let lower = line.to_lowercase();
+        let tracker = lower.contains("issue")
+            || line
+                .match_indices('#')
+                .any(|(at, _)| line[at + 1..].starts_with(|c: char| c.is_ascii_digit()));
+        assert!(!tracker, "BENCHMARKS.md:{}: {line}", number + 1);
+    }
+}
+
+#[test]
+fn the_docs_say_json_field_order_is_not_significant_and_tokens_create_the_session() {
+    let flat = |path: &str| {
+        let text = read(&repo_root().join(path));
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let readme = flat("README.md");
+    assert!(readme.contains("the order of a JSON object's fields is not significant"));
+    assert!(readme.contains("Minting a token creates the session if it does not exist yet"));
+    assert!(flat("docs/api.md").contains("**Field order is not significant.**"));
+}
