@@ -707,3 +707,38 @@ fn the_docs_say_json_field_order_is_not_significant_and_tokens_create_the_sessio
     assert!(readme.contains("Minting a token creates the session if it does not exist yet"));
     assert!(flat("docs/api.md").contains("**Field order is not significant.**"));
 }
+
+/// The one-line summary the README gives for `cargo test` (and `.ci/run` ends with) counts
+/// what ran, failed and was skipped, with the reasons, from cargo's own output.
+#[test]
+fn the_test_summary_counts_ran_failed_and_skipped_with_reasons() {
+    let readme = read(&repo_root().join("README.md"));
+    let command = "cargo test 2>&1 | tee /dev/stderr | awk -f .ci/summary.awk";
+    assert!(readme.contains(command), "the README gives `{command}`");
+    let ci = read(&repo_root().join(".ci/run"));
+    assert!(
+        ci.contains("awk -f .ci/summary.awk"),
+        ".ci/run ends with it"
+    );
+    let sample = "test a ... ok\n\
+                  test b ... ignored, needs PostgreSQL\n\
+                  test c ... ignored, needs PostgreSQL\n\
+                  test d ... ignored, needs chromium\n\
+                  test result: ok. 4 passed; 1 failed; 3 ignored; 0 measured; 0 filtered out\n\
+                  test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n";
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("log"), sample).expect("log");
+    let out = std::process::Command::new("awk")
+        .arg("-f")
+        .arg(repo_root().join(".ci/summary.awk"))
+        .arg(dir.path().join("log"))
+        .output()
+        .expect("awk runs");
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        line.starts_with("4 passed, 1 failed, 3 skipped (")
+            && line.contains("2: needs PostgreSQL")
+            && line.contains("1: needs chromium"),
+        "{line}"
+    );
+}
