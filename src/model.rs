@@ -300,7 +300,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// Defines a string-valued wire enum with `as_str`, `FromStr`, `Display` and serde.
 macro_rules! wire_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident ($label:literal) { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum $name { $($(#[$vmeta])* $variant),+ }
@@ -319,7 +319,7 @@ macro_rules! wire_enum {
                 match s {
                     $($text => Ok($name::$variant),)+
                     _ => Err(InvalidValue(format!(
-                        concat!("{:?} is not a valid ", stringify!($name), "; expected one of: {}"),
+                        concat!("{:?} is not a valid ", $label, "; expected one of: {}"),
                         s,
                         [$($text),+].join(", ")
                     ))),
@@ -350,7 +350,7 @@ macro_rules! wire_enum {
 
 wire_enum! {
     /// The life cycle of an interaction. The last three are final: nothing changes after them.
-    Status {
+    Status ("status") {
         Queued = "queued",
         Running = "running",
         /// Active, but nothing runs: its agent asked the client something (`request`).
@@ -388,7 +388,7 @@ pub struct Exchange {
 
 wire_enum! {
     /// What to do with a message that arrives while the session is busy.
-    Policy {
+    Policy ("policy") {
         /// `409 session_busy`; nothing stored.
         Reject = "reject",
         /// Stored as `queued` behind the others, up to `queue_limit`.
@@ -408,7 +408,7 @@ impl Default for Policy {
 
 wire_enum! {
     /// Why an interaction was cancelled.
-    CancelReason {
+    CancelReason ("cancel reason") {
         Cancel = "cancel",
         Clear = "clear",
         Interrupt = "interrupt",
@@ -465,7 +465,7 @@ pub struct Session {
 
 wire_enum! {
     /// The type of an event in a session's log.
-    EventType {
+    EventType ("event type") {
         SessionCreated = "session.created",
         InteractionQueued = "interaction.queued",
         TaskStarted = "task.started",

@@ -731,3 +731,26 @@ async fn json_arrays_are_not_objects_even_when_their_elements_fit() {
     );
     server.stop().await;
 }
+
+/// A value outside an enumeration is refused in a user's words: the field's name and the
+/// values it takes, never a type name of the server's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_enumerated_value_names_the_values_in_words() {
+    let server = TestServer::start_default().await;
+    let answer = server
+        .post(
+            "/v1/sessions/words/messages",
+            &serde_json::json!({"content": "hi", "policy": "maybe"}),
+        )
+        .await;
+    assert_eq!(answer.status, 400, "{:?}", answer.body);
+    let message = answer.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(
+            "\"maybe\" is not a valid policy; expected one of: reject, enqueue, interrupt"
+        ),
+        "{message}"
+    );
+    assert!(!message.contains("Policy"), "{message}");
+    server.stop().await;
+}
