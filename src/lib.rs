@@ -27,16 +27,28 @@
 //!
 //! Data flows one way: transport → engine → store → bus → transport.
 
+// Bottom up, one layer a paragraph: rustfmt would sort a block of them by name.
 pub mod model;
+
 #[macro_use]
 pub mod session;
-pub mod agent;
-pub mod api;
-pub mod bus;
-pub mod cli;
-pub mod client;
-pub mod config;
-pub mod engine;
+
 pub mod logs;
-pub mod server;
+
+pub mod bus;
+
 pub mod store;
+
+pub mod agent;
+
+pub mod engine;
+
+pub mod config;
+
+pub mod api;
+
+pub mod server;
+
+pub mod client;
+
+pub mod cli;

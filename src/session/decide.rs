@@ -5,23 +5,16 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::op::{
-    Accepted, CancelTarget, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Op, StartedTask, TaskEnd,
+use super::plan::{Effects, Plan, SessionRow, SessionState, Snapshot, Write};
+use super::value::{
+    Accepted, CancelTarget, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, StartedTask, TaskEnd,
     TaskOutput,
 };
-use super::plan::{Effects, Plan, SessionRow, SessionState, Snapshot, Write};
 use super::{StoreError, StoreResult};
 use crate::model::{
     CancelReason, ErrorInfo, Event, EventType, Exchange, Interaction, InteractionId, JsonObject,
     Millis, PendingRequest, Policy, Session, Status, merge_patch,
 };
-
-/// The rules: what `op` does to the session in `snapshot`, or why it is refused.
-pub(crate) fn decide<O: Op>(snapshot: Snapshot, op: O) -> StoreResult<Plan<O::Outcome>> {
-    let mut d = Decider::new(snapshot);
-    let outcome = op.decide(&mut d)?;
-    Ok(d.done(outcome))
-}
 
 /// Whether a message's content is the `/clear` command: sending it clears the session
 /// instead of accepting a message (and its `wait` and idempotency key are ignored).
@@ -29,7 +22,7 @@ pub fn is_clear(content: &str) -> bool {
     content.trim() == "/clear"
 }
 
-/// Works on a snapshot, recording what changes (each [`Op`] calls its rule here).
+/// Works on a snapshot, recording what changes (each [`Op`](super::Op) calls its rule here).
 #[doc(hidden)]
 pub struct Decider {
     s: Snapshot,
@@ -41,7 +34,7 @@ pub struct Decider {
 }
 
 impl Decider {
-    fn new(s: Snapshot) -> Self {
+    pub(super) fn new(s: Snapshot) -> Self {
         let saved_seq = s.session.as_ref().map_or(s.retired_seq, |r| r.last_seq);
         Self {
             s,
@@ -52,7 +45,7 @@ impl Decider {
         }
     }
 
-    fn done<T>(mut self, outcome: T) -> Plan<T> {
+    pub(super) fn done<T>(mut self, outcome: T) -> Plan<T> {
         let last_seq = self.s.session.as_ref().map(|r| r.last_seq);
         let mut save_seq = last_seq.filter(|seq| *seq != self.saved_seq);
         if let Some(Write::CreateSession { last_seq, .. }) = self.writes.first_mut()

@@ -14,9 +14,10 @@
 //! selects by (which interactions are active, which final) come from [`status_sql!`], so the
 //! stores' SQL and these rules cannot disagree.
 //!
-//! - [`op`]: the operations, their outcomes and the values they carry.
-//! - [`plan`]: what a store loads and applies.
-//! - [`decide`](mod@decide): the rules.
+//! - [`op`]: the operations, their outcomes, and [`decide`] (one operation on a snapshot).
+//! - `value`: the values operations carry and answer.
+//! - [`plan`]: what a store loads ([`Needs`], [`Snapshot`]) and applies.
+//! - `decide`: the rules, one method of the decider an operation calls.
 //! - [`status`]: the status sets as SQL, checked against [`Status`](crate::model::Status).
 
 mod decide;
@@ -25,15 +26,18 @@ pub mod op;
 pub(crate) mod plan;
 #[macro_use]
 pub mod status;
+mod value;
 
-pub(crate) use decide::decide;
 pub use error::{StoreError, StoreResult};
-pub use op::{
-    Accepted, CancelTarget, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Op, Received, StartedTask,
-    TaskEnd, TaskOutput,
-};
+pub use op::Op;
+pub(crate) use op::decide;
+pub use plan::Needs;
 pub use plan::{DEFAULT_MAX_CONTEXT_BYTES, Effects, Limits};
 pub(crate) use plan::{Plan, SessionRow, SessionState, Snapshot, Write};
+pub use value::{
+    Accepted, CancelTarget, Cleared, IDEMPOTENCY_TTL_MS, NewMessage, Received, StartedTask,
+    TaskEnd, TaskOutput,
+};
 
 #[cfg(test)]
 mod tests;

@@ -1,18 +1,15 @@
 //! The operations on a session, each with the type of its outcome ([`Op::Outcome`]), and
-//! the values they carry.
+//! [`decide`], which runs one on a snapshot.
 
 use std::fmt::Debug;
 
 use serde_json::Value;
 
 use super::decide::{Decider, is_clear};
+use super::plan::{Needs, Plan, Snapshot};
+use super::value::{CancelTarget, Cleared, NewMessage, Received, TaskEnd, TaskOutput};
 use super::{StoreError, StoreResult};
-use crate::model::{
-    CancelReason, ErrorInfo, Interaction, InteractionId, JsonObject, Policy, Session, SessionId,
-};
-
-/// How long an idempotency key is remembered, in milliseconds.
-pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+use crate::model::{CancelReason, ErrorInfo, Interaction, InteractionId, JsonObject, Session};
 
 /// An operation on one session: what a store must load for it ([`Op::needs`]) and what it
 /// answers ([`Op::Outcome`]), typed at compile time.
@@ -40,18 +37,11 @@ pub trait Op: Clone + Debug + Send + Sync + 'static {
     fn decide(self, d: &mut Decider) -> StoreResult<Self::Outcome>;
 }
 
-/// What a store loads for an operation besides the session itself.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Needs<'a> {
-    /// The interaction holding this idempotency key ([`Snapshot::keyed`](super::Snapshot)).
-    pub key: Option<&'a str>,
-    /// This interaction, in whatever session ([`Snapshot::named`](super::Snapshot)).
-    pub named: Option<&'a InteractionId>,
-    /// A fresh interaction id ([`Snapshot::fresh_id`](super::Snapshot)).
-    pub inserts: bool,
-    /// The operation creates an absent session: its retired seq (and, when the tenant's
-    /// sessions are bounded, their count) matters.
-    pub creates: bool,
+/// The rules: what `op` does to the session in `snapshot`, or why it is refused.
+pub(crate) fn decide<O: Op>(snapshot: Snapshot, op: O) -> StoreResult<Plan<O::Outcome>> {
+    let mut d = Decider::new(snapshot);
+    let outcome = op.decide(&mut d)?;
+    Ok(d.done(outcome))
 }
 
 /// Create the session if absent; set its agent and/or replace its context if given.
@@ -311,101 +301,4 @@ impl Op for ExpireWait {
     fn decide(self, d: &mut Decider) -> StoreResult<()> {
         d.expire_wait(self.id, self.start_next)
     }
-}
-
-/// A message to accept under a policy.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    pub session: SessionId,
-    pub content: String,
-    pub metadata: JsonObject,
-    pub policy: Policy,
-    pub idempotency_key: Option<String>,
-    /// Bound on `queued` interactions for `enqueue`.
-    pub queue_limit: u32,
-    /// Agent of the session if this message creates it.
-    pub default_agent: String,
-    /// Register a final-state watch for the interaction (for `?wait=`), before the commit
-    /// publishes ([`Effects::watch_final`](super::Effects)).
-    pub watch_final: bool,
-    /// What the transport found wrong with the fields a `/clear` ignores (the idempotency
-    /// key, `wait`): the message is refused with it, unless it is a `/clear`.
-    pub invalid: Option<String>,
-}
-
-/// An interaction that became `running` in a committed transaction: the node that committed
-/// it runs its task.
-#[derive(Debug, Clone)]
-pub struct StartedTask {
-    pub interaction: Interaction,
-    /// The session's agent at the moment it started.
-    pub agent: String,
-}
-
-/// What accepting a message did (what it started and cancelled is in the plan's
-/// [`Effects`](super::Effects)).
-#[derive(Debug, Clone)]
-pub struct Accepted {
-    pub interaction: Interaction,
-    /// The idempotency key matched an earlier message: nothing new was stored or started.
-    pub replayed: bool,
-}
-
-/// What a message did: accepted (or replayed) as an interaction or, its content being the
-/// `/clear` command, the session cleared.
-#[derive(Debug, Clone)]
-// Moved once, from the plan to the caller: boxing the common variant would cost an
-// allocation per message for nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum Received {
-    Accepted(Accepted),
-    Cleared(Cleared),
-}
-
-impl Received {
-    /// The interaction accepted; `None` for a clear.
-    pub fn accepted(&self) -> Option<&Accepted> {
-        match self {
-            Received::Accepted(accepted) => Some(accepted),
-            Received::Cleared(_) => None,
-        }
-    }
-}
-
-/// What a clear did.
-#[derive(Debug, Clone)]
-pub struct Cleared {
-    pub epoch: i64,
-    pub cancelled: Vec<InteractionId>,
-}
-
-/// One output of a running task, written fenced by its interaction id.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TaskOutput {
-    Delta(String),
-    Progress(Value),
-    /// An RFC 7396 merge patch for the session's context.
-    ContextPatch(JsonObject),
-    /// The agent asks the client (`data`) and stops: the interaction becomes `waiting`. The
-    /// runner takes it out of the outputs ([`Ask`]); it is never written as one.
-    Ask(Value),
-}
-
-/// How a task ended on its own (cancellation is a [`Cancel`]).
-#[derive(Debug, Clone, PartialEq)]
-pub enum TaskEnd {
-    /// `response`: the final text, or `None` to keep the concatenated deltas.
-    Completed {
-        response: Option<String>,
-    },
-    Failed(ErrorInfo),
-}
-
-/// Which interaction a cancel targets.
-#[derive(Debug, Clone)]
-pub enum CancelTarget {
-    /// The session's running interaction, if any.
-    Running,
-    /// A named interaction of the session (running or queued).
-    Named(InteractionId),
 }

@@ -1,9 +1,23 @@
 //! What a store loads for the rules ([`Snapshot`]) and what it applies ([`Plan`]: [`Write`]s,
 //! events, the outcome, the [`Effects`] to execute after commit).
 
-use super::op::{Needs, StartedTask};
+use super::value::StartedTask;
 use super::{StoreError, StoreResult};
 use crate::model::{Event, Interaction, InteractionId, JsonObject, Millis, SessionId};
+
+/// What a store loads for an operation besides the session itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Needs<'a> {
+    /// The interaction holding this idempotency key ([`Snapshot::keyed`](Snapshot)).
+    pub key: Option<&'a str>,
+    /// This interaction, in whatever session ([`Snapshot::named`](Snapshot)).
+    pub named: Option<&'a InteractionId>,
+    /// A fresh interaction id ([`Snapshot::fresh_id`](Snapshot)).
+    pub inserts: bool,
+    /// The operation creates an absent session: its retired seq (and, when the tenant's
+    /// sessions are bounded, their count) matters.
+    pub creates: bool,
+}
 
 /// A session's row as loaded by a backend.
 #[derive(Debug, Clone)]

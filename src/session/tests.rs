@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use super::op::{self, Needs};
+use super::op;
+use super::plan::Needs;
 use super::*;
 use crate::model::{
     CancelReason, ErrorInfo, Event, EventType, IdGenerator, Interaction, InteractionId, JsonObject,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::bus::{Bus, FinalWatch};
 use crate::model::{InteractionId, SessionId};
-use crate::session::op::Needs;
+use crate::session::Needs;
 use crate::session::{Effects, Op, Plan, Snapshot, StartedTask, StoreError, decide};
 
 /// An operation's outcome once committed, with what must happen next.

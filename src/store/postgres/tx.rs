@@ -8,7 +8,7 @@ use super::rows::read_interaction;
 use super::{PgStore, TxError, TxResult};
 use crate::bus::Bus;
 use crate::model::{Event, InteractionId, Millis, SessionId, Status};
-use crate::session::op::Needs;
+use crate::session::Needs;
 use crate::session::{Effects, Op, Plan, SessionRow, Snapshot, Write};
 use crate::store::StoreError;
 use crate::store::backend::{self, Backend, Committed};

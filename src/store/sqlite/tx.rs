@@ -7,7 +7,7 @@ use super::cache::SessionCache;
 use super::read::{decoded, read_interaction, select_interaction};
 use crate::bus::Bus;
 use crate::model::{Event, EventType, IdGenerator, InteractionId, Millis, SessionId};
-use crate::session::op::Needs;
+use crate::session::Needs;
 use crate::session::{Effects, Limits, Op, Plan, SessionRow, Snapshot, Write};
 use crate::store::backend::{self, Backend, Committed};
 use crate::store::{StoreError, StoreResult};
