@@ -22,7 +22,7 @@ const PAYLOAD_TARGETS: &[&str] = &[
 ];
 
 /// A filter layered over the configured one: everything it allows, except `debug` and
-/// `trace` of [`PAYLOAD_TARGETS`].
+/// `trace` of `PAYLOAD_TARGETS`.
 pub fn payload_caps() -> Targets {
     PAYLOAD_TARGETS.iter().fold(
         Targets::new().with_default(LevelFilter::TRACE),

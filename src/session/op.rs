@@ -1,5 +1,5 @@
 //! The operations on a session, each with the type of its outcome ([`Op::Outcome`]), and
-//! [`decide`], which runs one on a snapshot.
+//! `decide`, which runs one on a snapshot.
 
 use std::fmt::Debug;
 

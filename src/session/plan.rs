@@ -8,11 +8,11 @@ use crate::model::{Event, Interaction, InteractionId, JsonObject, Millis, Sessio
 /// What a store loads for an operation besides the session itself.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Needs<'a> {
-    /// The interaction holding this idempotency key ([`Snapshot::keyed`](Snapshot)).
+    /// The interaction holding this idempotency key (`Snapshot::keyed`).
     pub key: Option<&'a str>,
-    /// This interaction, in whatever session ([`Snapshot::named`](Snapshot)).
+    /// This interaction, in whatever session (`Snapshot::named`).
     pub named: Option<&'a InteractionId>,
-    /// A fresh interaction id ([`Snapshot::fresh_id`](Snapshot)).
+    /// A fresh interaction id (`Snapshot::fresh_id`).
     pub inserts: bool,
     /// The operation creates an absent session: its retired seq (and, when the tenant's
     /// sessions are bounded, their count) matters.

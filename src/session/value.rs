@@ -82,11 +82,11 @@ pub enum TaskOutput {
     /// An RFC 7396 merge patch for the session's context.
     ContextPatch(JsonObject),
     /// The agent asks the client (`data`) and stops: the interaction becomes `waiting`. The
-    /// runner takes it out of the outputs ([`Ask`]); it is never written as one.
+    /// runner takes it out of the outputs ([`Ask`](super::op::Ask)); it is never written as one.
     Ask(Value),
 }
 
-/// How a task ended on its own (cancellation is a [`Cancel`]).
+/// How a task ended on its own (cancellation is a [`Cancel`](super::op::Cancel)).
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskEnd {
     /// `response`: the final text, or `None` to keep the concatenated deltas.
