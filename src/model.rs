@@ -585,6 +585,30 @@ pub fn validate_idempotency_key(key: &str) -> Result<(), InvalidValue> {
     }
 }
 
+/// Decodes `%XX` escapes (and nothing else: a `+` in a path is a `+`); `None` when an escape
+/// is malformed or the result is not UTF-8. Paths and query strings of the API and the
+/// PostgreSQL URL's options both read through it.
+pub fn percent_decode(raw: &str) -> Option<String> {
+    if !raw.contains('%') {
+        return Some(raw.to_string());
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,9 +22,9 @@ use ring::{digest, hmac, rand::SecureRandom};
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{percent_decode, session_id_from_uri};
+use super::extract::session_id_from_uri;
 use crate::config::{AuthConfig, AuthMode, KeyRole};
-use crate::model::{InteractionId, SessionId, Tenant};
+use crate::model::{InteractionId, SessionId, Tenant, percent_decode};
 
 /// The header an admin key names another tenant with.
 pub const TENANT_HEADER: &str = "baton-tenant";

@@ -13,34 +13,12 @@ use serde_json::Value;
 
 use super::AppState;
 use super::error::ApiError;
-use crate::model::{SessionId, Tenant};
+use crate::model::{SessionId, Tenant, percent_decode};
 
 /// The `index`th segment of the path, percent-decoded; `None` when an escape is malformed or
 /// decodes to something that is not UTF-8.
 fn path_segment(uri: &Uri, index: usize) -> Option<String> {
     percent_decode(uri.path().split('/').nth(index).unwrap_or(""))
-}
-
-/// Decodes `%XX` escapes (and nothing else: a `+` in a path is a `+`).
-pub fn percent_decode(raw: &str) -> Option<String> {
-    if !raw.contains('%') {
-        return Some(raw.to_string());
-    }
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The `{id}` of `/v1/sessions/{id}/…` as a session of `tenant`, percent-decoded and then

@@ -149,7 +149,7 @@ fn web_pki(
 }
 
 fn percent_decode(raw: &str) -> String {
-    crate::api::extract::percent_decode(raw).unwrap_or_else(|| raw.to_string())
+    crate::model::percent_decode(raw).unwrap_or_else(|| raw.to_string())
 }
 
 /// `prefer` and `require` without a root certificate: encryption, no authentication of the
