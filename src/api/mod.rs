@@ -9,6 +9,7 @@ pub mod extract;
 pub mod feed;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod sse;
 pub mod tls;
 pub mod ws;
@@ -99,7 +100,7 @@ fn route_table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
     vec![
         ("GET", "/healthz", get(http::healthz)),
         ("GET", "/readyz", get(http::readyz)),
-        ("GET", "/metrics", get(http::metrics)),
+        ("GET", "/metrics", get(metrics::metrics)),
         ("GET", "/openapi.json", get(http::openapi)),
         ("GET", "/v1/agents", get(http::list_agents)),
         ("GET", "/v1/sessions", get(http::list_sessions)),
