@@ -39,8 +39,8 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::config::CommandConfig;
 use super::{Agent, AgentRequest, AgentResult, OutputSink};
-use crate::config::CommandConfig;
 use crate::model::{ErrorInfo, Exchange, Interaction, JsonObject, Session};
 use crate::store::TaskOutput;
 

@@ -2,6 +2,7 @@
 //! of outputs and an end. Agents are called only by the engine's runner.
 
 mod command;
+pub mod config;
 mod echo;
 mod openai;
 
@@ -13,10 +14,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use command::{CommandAgent, PROCESS_STOPS, STOP_BUCKETS_MS};
+pub use config::AgentConfig;
 pub use echo::EchoAgent;
 pub use openai::OpenaiAgent;
 
-use crate::config::AgentConfig;
 use crate::model::{ErrorInfo, Interaction, JsonObject, Session};
 use crate::store::TaskOutput;
 

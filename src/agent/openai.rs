@@ -37,8 +37,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use super::config::OpenaiConfig;
 use super::{Agent, AgentRequest, AgentResult, OutputSink};
-use crate::config::OpenaiConfig;
 use crate::model::{ErrorInfo, Exchange, JsonObject};
 use crate::store::TaskOutput;
 

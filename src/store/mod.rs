@@ -7,6 +7,7 @@
 
 mod backend;
 mod columns;
+pub mod location;
 mod postgres;
 mod shared;
 mod sqlite;
@@ -15,8 +16,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+pub use location::{DatabaseLocation, Synchronous};
+
 use crate::bus::Bus;
-use crate::config::{DatabaseLocation, Synchronous};
 use crate::model::{
     CancelReason, Event, Interaction, InteractionId, JsonObject, Session, SessionId, Tenant,
 };

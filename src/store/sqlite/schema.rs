@@ -5,7 +5,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::writer::WAL_KEEP_BYTES;
-use crate::config::Synchronous;
+use crate::store::location::Synchronous;
 use crate::store::{StoreError, StoreResult};
 
 /// Schema versions, applied in order at start-up (`PRAGMA user_version` counts them).
