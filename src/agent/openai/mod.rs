@@ -24,34 +24,32 @@
 //! `retry_backoff_ms * 2^attempt` or the `Retry-After` seconds of the answer, never more than
 //! 30 s. A message that gave up after retries says how many attempts were made.
 
-use std::borrow::Cow;
+mod failure;
+mod stream;
+mod wire;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use reqwest::{Response, StatusCode, Url};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::config::OpenaiConfig;
 use super::{Agent, AgentRequest, AgentResult, OutputSink};
-use crate::model::{ErrorInfo, Exchange, JsonObject};
+use crate::model::JsonObject;
 use crate::store::TaskOutput;
+use failure::{
+    Failure, MAX_RETRY_DELAY, backoff, causes, error_detail_of, excerpt, protocol_failure,
+    read_error_detail, retry_after,
+};
+use stream::SseDecoder;
+use wire::{StreamChunk, ToolCalls, push_tool_exchanges};
 
-/// Longest pause before a retry, whatever the backoff or `Retry-After` says.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
-/// Characters of the endpoint's explanation quoted in an error message.
-const ERROR_EXCERPT_CHARS: usize = 500;
-/// Bytes of an error answer's body read at most (the excerpt comes from them).
-const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
-/// Longest wait for an error answer's body; the status alone is reported after it.
-const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
-/// Largest server-sent event accepted (one chunk of a chat completion is far smaller).
-const MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// Longest wait for `data: [DONE]` (or the end of the body) once a `finish_reason` came.
 const DONE_GRACE: Duration = Duration::from_secs(5);
 
@@ -198,26 +196,6 @@ enum Attempt {
     /// Cancelled, or the runner stopped listening.
     Stopped,
     Failed(Failure),
-}
-
-struct Failure {
-    error: ErrorInfo,
-    retryable: bool,
-    /// The endpoint's `Retry-After`, which replaces the backoff.
-    retry_after: Option<Duration>,
-}
-
-impl Failure {
-    fn new(code: &str, message: String, retryable: bool) -> Self {
-        Self {
-            error: ErrorInfo {
-                code: code.into(),
-                message,
-            },
-            retryable,
-            retry_after: None,
-        }
-    }
 }
 
 impl Endpoint {
@@ -609,406 +587,9 @@ impl Endpoint {
     }
 }
 
-fn protocol_failure(what: String) -> Failure {
-    Failure::new(
-        "upstream_protocol",
-        format!("the endpoint broke the streaming protocol: {what}"),
-        false,
-    )
-}
-
-/// `retry_backoff * 2^attempt`, saturating.
-fn backoff(first: Duration, attempt: u32) -> Duration {
-    first.saturating_mul(2u32.saturating_pow(attempt))
-}
-
-/// `Retry-After` in seconds (the HTTP-date form is ignored: the backoff applies then).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let seconds: f64 = headers
-        .get(RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Duration::try_from_secs_f64(seconds)
-        .ok()
-        .map(|d| d.min(MAX_RETRY_DELAY))
-}
-
-/// The explanation in an error answer's body, as an excerpt: the `error.message` of an
-/// OpenAI-style body when there is one, else the body itself. Bounded in size and time.
-async fn read_error_detail(response: Response, cancel: &CancellationToken) -> String {
-    let mut body = Vec::new();
-    let mut stream = response.bytes_stream();
-    let read = async {
-        while let Some(Ok(bytes)) = stream.next().await {
-            let room = MAX_ERROR_BODY_BYTES - body.len();
-            body.extend_from_slice(&bytes[..bytes.len().min(room)]);
-            if body.len() >= MAX_ERROR_BODY_BYTES {
-                break;
-            }
-        }
-    };
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => {}
-        _ = tokio::time::timeout(ERROR_BODY_WAIT, read) => {}
-    }
-    let text = String::from_utf8_lossy(&body);
-    let detail = serde_json::from_str::<Value>(&text)
-        .ok()
-        .and_then(|value| error_detail_of(&value));
-    excerpt(detail.as_deref().unwrap_or(&text))
-}
-
-/// The message of the error shapes OpenAI-compatible servers answer with:
-/// `{"error": {"message"}}`, `{"error": "…"}`, `{"message": "…"}` or `{"detail": "…"}`.
-fn error_detail_of(value: &Value) -> Option<String> {
-    let error = &value["error"];
-    [
-        &error["message"],
-        error,
-        &value["message"],
-        &value["detail"],
-    ]
-    .into_iter()
-    .find_map(Value::as_str)
-    .map(str::to_string)
-    .or_else(|| error.is_object().then(|| error.to_string()))
-}
-
-/// At most [`ERROR_EXCERPT_CHARS`] characters of `text` (trimmed), `…` marking a cut.
-fn excerpt(text: &str) -> String {
-    let text = text.trim();
-    let mut starts = text.char_indices().map(|(i, _)| i);
-    match (starts.nth(ERROR_EXCERPT_CHARS - 1), starts.next()) {
-        // More than the limit: keep one character less, for the mark.
-        (Some(end), Some(_)) => format!("{}…", &text[..end]),
-        _ => text.to_string(),
-    }
-}
-
-/// What went wrong under a `reqwest` error, as one line: its sources (the error itself only
-/// repeats the URL), or the error when it has none.
-fn causes(error: &reqwest::Error) -> String {
-    let Some(first) = std::error::Error::source(error) else {
-        return error.to_string();
-    };
-    let mut line = first.to_string();
-    let mut source = first.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !line.contains(&cause_text) {
-            line.push_str(": ");
-            line.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    line
-}
-
-/// One `chat.completion.chunk`, borrowing from the event's data where it can. Only what the
-/// agent reads is declared; a value of the wrong type is a protocol error.
-#[derive(Deserialize)]
-struct StreamChunk<'a> {
-    #[serde(default, borrow)]
-    choices: Option<Vec<StreamChoice<'a>>>,
-    #[serde(default)]
-    error: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct StreamChoice<'a> {
-    #[serde(default, borrow)]
-    delta: Option<StreamDelta<'a>>,
-    #[serde(default, borrow)]
-    finish_reason: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct StreamDelta<'a> {
-    #[serde(default, borrow)]
-    content: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    tool_calls: Option<Vec<ToolCallDelta<'a>>>,
-}
-
-/// A streamed `tool_calls` delta: the first piece of a call names its `index`, `id` and
-/// function `name`; later pieces of the same `index` carry more of its `arguments`.
-#[derive(Deserialize)]
-struct ToolCallDelta<'a> {
-    #[serde(default)]
-    index: Option<usize>,
-    #[serde(default, borrow)]
-    id: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    function: Option<FunctionDelta<'a>>,
-}
-
-#[derive(Deserialize)]
-struct FunctionDelta<'a> {
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    arguments: Option<Cow<'a, str>>,
-}
-
-/// Tool calls assembled from their streamed pieces, by index.
-#[derive(Default)]
-struct ToolCalls {
-    /// `(id, name, arguments)` in index order.
-    calls: Vec<(String, String, String)>,
-}
-
-/// Calls one reply may make at most (a runaway index is a protocol error, not an allocation).
-const MAX_TOOL_CALLS: usize = 128;
-
-impl ToolCalls {
-    fn add(&mut self, delta: ToolCallDelta<'_>) -> Result<(), String> {
-        let index = delta.index.unwrap_or(self.calls.len().saturating_sub(1));
-        if index >= MAX_TOOL_CALLS {
-            return Err(format!("tool call index {index} is out of range"));
-        }
-        if index >= self.calls.len() {
-            self.calls.resize_with(index + 1, Default::default);
-        }
-        let call = &mut self.calls[index];
-        if let Some(id) = delta.id {
-            call.0.push_str(&id);
-        }
-        if let Some(function) = delta.function {
-            if let Some(name) = function.name {
-                call.1.push_str(&name);
-            }
-            if let Some(arguments) = function.arguments {
-                call.2.push_str(&arguments);
-            }
-        }
-        Ok(())
-    }
-
-    /// The reply's end: the tool calls to ask the client for, if it made any; else the text.
-    fn end(self, text: String) -> Attempt {
-        let calls: Vec<Value> = self
-            .calls
-            .into_iter()
-            .filter(|(id, name, _)| !id.is_empty() || !name.is_empty())
-            .map(|(id, name, arguments)| json!({"id": id, "name": name, "arguments": arguments}))
-            .collect();
-        if calls.is_empty() {
-            Attempt::Done(text)
-        } else {
-            Attempt::ToolCalls(json!({ "tool_calls": calls }))
-        }
-    }
-}
-
-/// The messages of an interaction's tool exchanges: for each request of tool calls, the
-/// assistant's `tool_calls` message, then one `tool` message per output of the answer
-/// (`{"tool_outputs": [{"tool_call_id", "output"}]}`; an output that is not a string is sent
-/// as JSON text; an answer without `tool_outputs` is given as the output of every call).
-fn push_tool_exchanges(messages: &mut Vec<Value>, answers: &[Exchange]) {
-    for exchange in answers {
-        let Some(calls) = exchange.request.data["tool_calls"].as_array() else {
-            continue;
-        };
-        let tool_calls: Vec<Value> = calls
-            .iter()
-            .map(|call| {
-                json!({
-                    "id": call["id"],
-                    "type": "function",
-                    "function": {"name": call["name"], "arguments": call["arguments"]},
-                })
-            })
-            .collect();
-        messages.push(json!({"role": "assistant", "content": null, "tool_calls": tool_calls}));
-        let text = |output: &Value| match output {
-            Value::String(text) => text.clone(),
-            other => other.to_string(),
-        };
-        match exchange.answer["tool_outputs"].as_array() {
-            Some(outputs) => {
-                for output in outputs {
-                    messages.push(json!({
-                        "role": "tool",
-                        "tool_call_id": output["tool_call_id"],
-                        "content": text(&output["output"]),
-                    }));
-                }
-            }
-            None => {
-                for call in calls {
-                    messages.push(json!({
-                        "role": "tool",
-                        "tool_call_id": call["id"],
-                        "content": text(&exchange.answer),
-                    }));
-                }
-            }
-        }
-    }
-}
-
-/// Why the event stream could not be decoded.
-#[derive(Debug, thiserror::Error)]
-enum SseError {
-    #[error("an event line is not UTF-8")]
-    NotUtf8,
-    #[error("an event is larger than {MAX_EVENT_BYTES} bytes")]
-    TooLarge,
-}
-
-/// Incremental decoder of a `text/event-stream` body: bytes go in as they arrive (split
-/// anywhere, even inside a line or a UTF-8 sequence) and each event's data comes out, its
-/// `data:` lines joined with `\n`. Lines end with `\n` or `\r\n`; comments (`:`) and other
-/// fields are skipped. Its buffers are reused from event to event.
-#[derive(Default)]
-struct SseDecoder {
-    /// Received bytes; those before `start` are consumed.
-    pending: Vec<u8>,
-    start: usize,
-    /// Bytes before this index are known to hold no newline (a long line is scanned once).
-    scan_from: usize,
-    /// The data of the event being read.
-    data: String,
-    has_data: bool,
-    /// `data` was handed out by the previous call: clear it before reading on.
-    handed_out: bool,
-}
-
-impl SseDecoder {
-    fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 {
-            self.pending.drain(..self.start);
-            self.scan_from -= self.start;
-            self.start = 0;
-        }
-        self.pending.extend_from_slice(bytes);
-    }
-
-    /// The data of the next complete event, if one is complete.
-    fn next_event(&mut self) -> Result<Option<&str>, SseError> {
-        if self.handed_out {
-            self.data.clear();
-            self.has_data = false;
-            self.handed_out = false;
-        }
-        loop {
-            let Some(newline) = self.pending[self.scan_from..]
-                .iter()
-                .position(|&b| b == b'\n')
-            else {
-                self.scan_from = self.pending.len();
-                if self.pending.len() - self.start + self.data.len() > MAX_EVENT_BYTES {
-                    return Err(SseError::TooLarge);
-                }
-                return Ok(None);
-            };
-            let (line_start, mut line_end) = (self.start, self.scan_from + newline);
-            self.start = line_end + 1;
-            self.scan_from = self.start;
-            if line_end > line_start && self.pending[line_end - 1] == b'\r' {
-                line_end -= 1;
-            }
-            let line = &self.pending[line_start..line_end];
-            if line.is_empty() {
-                if self.has_data {
-                    self.handed_out = true;
-                    return Ok(Some(&self.data));
-                }
-                continue;
-            }
-            if line[0] == b':' {
-                continue;
-            }
-            let (field, value) = match line.iter().position(|&b| b == b':') {
-                Some(colon) => (&line[..colon], &line[colon + 1..]),
-                None => (line, &line[line.len()..]),
-            };
-            if field != b"data" {
-                continue;
-            }
-            let value = value.strip_prefix(b" ").unwrap_or(value);
-            let value = std::str::from_utf8(value).map_err(|_| SseError::NotUtf8)?;
-            if self.data.len() + value.len() >= MAX_EVENT_BYTES {
-                return Err(SseError::TooLarge);
-            }
-            if self.has_data {
-                self.data.push('\n');
-            }
-            self.data.push_str(value);
-            self.has_data = true;
-        }
-    }
-
-    /// At the end of the body: the event it ended in, when its last line or blank line
-    /// was missing (only a bare `[DONE]` is worth reading from there).
-    fn finish(&mut self) -> Result<Option<&str>, SseError> {
-        self.push(b"\n\n");
-        self.next_event()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Feeds `body` split at `cuts` and collects the events.
-    fn decode(body: &[u8], cuts: &[usize]) -> Vec<String> {
-        let mut decoder = SseDecoder::default();
-        let mut events = Vec::new();
-        let mut from = 0;
-        for &cut in cuts.iter().chain(std::iter::once(&body.len())) {
-            decoder.push(&body[from..cut]);
-            from = cut;
-            while let Some(data) = decoder.next_event().expect("decodes") {
-                events.push(data.to_string());
-            }
-        }
-        events
-    }
-
-    #[test]
-    fn events_survive_every_split() {
-        let body = ": comment\r\nevent: x\r\ndata: {\"a\":\"hé🙂\"}\r\n\r\nid: 7\ndata:one\ndata: two\n\nretry: 5\n\n\ndata\n\ndata: [DONE]\n\n";
-        let expected = vec![
-            "{\"a\":\"hé🙂\"}".to_string(),
-            "one\ntwo".into(),
-            "".into(),
-            "[DONE]".into(),
-        ];
-        assert_eq!(decode(body.as_bytes(), &[]), expected);
-        for a in 0..=body.len() {
-            assert_eq!(decode(body.as_bytes(), &[a]), expected, "cut at {a}");
-            for b in a..=body.len() {
-                assert_eq!(decode(body.as_bytes(), &[a, b]), expected, "cuts {a} {b}");
-            }
-        }
-    }
-
-    #[test]
-    fn finish_yields_an_event_that_lacks_its_blank_line() {
-        let mut decoder = SseDecoder::default();
-        decoder.push(b"data: [DONE]");
-        assert_eq!(decoder.next_event().expect("ok"), None);
-        assert_eq!(decoder.finish().expect("ok"), Some("[DONE]"));
-        let mut decoder = SseDecoder::default();
-        decoder.push(b"data: {\"cho");
-        assert_eq!(decoder.finish().expect("ok"), Some("{\"cho"));
-    }
-
-    #[test]
-    fn invalid_utf8_and_huge_events_are_errors() {
-        let mut decoder = SseDecoder::default();
-        decoder.push(b"data: \xff\xfe\n\n");
-        assert!(matches!(decoder.next_event(), Err(SseError::NotUtf8)));
-        let mut decoder = SseDecoder::default();
-        decoder.push(b"data: ");
-        decoder.push(&vec![b'x'; MAX_EVENT_BYTES + 1]);
-        assert!(matches!(decoder.next_event(), Err(SseError::TooLarge)));
-    }
 
     #[test]
     fn the_url_joins_with_one_slash() {
@@ -1054,50 +635,5 @@ mod tests {
                 serde_json::to_string(&context).expect("json")
             )
         );
-    }
-
-    #[test]
-    fn excerpts_are_bounded() {
-        assert_eq!(excerpt("  short  "), "short");
-        let exact = "é".repeat(ERROR_EXCERPT_CHARS);
-        assert_eq!(excerpt(&exact), exact);
-        let long = "é".repeat(ERROR_EXCERPT_CHARS + 1);
-        let cut = excerpt(&long);
-        assert_eq!(cut.chars().count(), ERROR_EXCERPT_CHARS);
-        assert!(cut.ends_with('…'));
-    }
-
-    #[test]
-    fn chunks_of_the_wrong_shape_are_refused() {
-        for bad in [
-            r#"{"choices":{}}"#,
-            r#"{"choices":[{"delta":{"content":5}}]}"#,
-            r#"{"choices":[{"delta":"x"}]}"#,
-            "not json",
-        ] {
-            assert!(
-                serde_json::from_str::<StreamChunk<'_>>(bad).is_err(),
-                "{bad}"
-            );
-        }
-        for good in [
-            r#"{"choices":[]}"#,
-            r#"{"choices":null}"#,
-            r#"{"choices":[{"delta":{"content":null},"finish_reason":null}]}"#,
-            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"a\"b"},"logprobs":null}]}"#,
-        ] {
-            assert!(
-                serde_json::from_str::<StreamChunk<'_>>(good).is_ok(),
-                "{good}"
-            );
-        }
-    }
-
-    #[test]
-    fn backoff_doubles_and_saturates() {
-        let first = Duration::from_millis(250);
-        assert_eq!(backoff(first, 0), first);
-        assert_eq!(backoff(first, 2), Duration::from_secs(1));
-        assert!(backoff(first, 200) >= MAX_RETRY_DELAY);
     }
 }
