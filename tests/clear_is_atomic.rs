@@ -9,16 +9,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{TIMEOUT, TestServer, check_log_invariants, interaction_of};
+use common::{TIMEOUT, TestServer, check_log_invariants, interaction_of, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-fn words(tag: &str, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{tag}-{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// How the clear is asked for.
 enum ClearBy {

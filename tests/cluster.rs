@@ -19,8 +19,8 @@ use common::cluster::{
     Api, Cluster, Ledger, Rng, Subscriber, check_one_winner, check_stored_log, check_subscribers,
     final_event_of, is_final_interaction, postgres_admin_url, seed,
 };
-use common::stream::{assert_exactly, seq_of, words};
-use common::{TIMEOUT, interaction_of, is_final_type};
+use common::stream::{assert_exactly, seq_of};
+use common::{TIMEOUT, interaction_of, is_final_type, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::time::Instant;

@@ -7,17 +7,10 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{TestServer, interaction_of};
+use common::{TestServer, interaction_of, words};
 use reqwest::header::HeaderValue;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-fn words(tag: &str, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{tag}-{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// `POST .../messages` with an `Idempotency-Key` header.
 async fn send_keyed(

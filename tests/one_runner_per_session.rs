@@ -7,17 +7,9 @@ mod common;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use common::{TestServer, check_log_invariants, interaction_of, is_final_type};
+use common::{TestServer, check_log_invariants, interaction_of, is_final_type, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-/// `n` words `tag-0 tag-1 …`: with the `slow` agent (100 ms per word) it runs `n / 10` s.
-fn words(tag: &str, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{tag}-{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 async fn interactions(server: &TestServer, session: &str) -> Vec<Value> {
     let answer = server

@@ -6,16 +6,9 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{TestServer, check_log_invariants, interaction_of};
+use common::{TestServer, check_log_invariants, interaction_of, words};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-fn words(tag: &str, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{tag}-{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 fn id_of(answer: &common::Answer) -> String {
     answer.body["id"]

@@ -8,16 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TIMEOUT, TestServer, interaction_of};
+use common::{TIMEOUT, TestServer, interaction_of, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-fn words(tag: &str, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{tag}-{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 fn encode(cursor: &str) -> String {
     form_urlencoded::byte_serialize(cursor.as_bytes()).collect()

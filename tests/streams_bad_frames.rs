@@ -9,8 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::stream::{Sse, Ws, WsFrame, metric, wait_metric, words, ws_refused};
-use common::{TIMEOUT, TestServer, check_log_invariants};
+use common::stream::{Sse, Ws, WsFrame, metric, wait_metric, ws_refused};
+use common::{TIMEOUT, TestServer, check_log_invariants, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

@@ -10,10 +10,8 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::stream::{
-    Sse, Ws, WsFrame, assert_exactly, metric, seq_of, wait_metric, words, ws_refused,
-};
-use common::{TestServer, check_log_invariants, interaction_of};
+use common::stream::{Sse, Ws, WsFrame, assert_exactly, metric, seq_of, wait_metric, ws_refused};
+use common::{TestServer, check_log_invariants, interaction_of, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

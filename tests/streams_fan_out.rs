@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::stream::{Sse, Ws, assert_exactly, last_stored_seq, seqs, words};
-use common::{TestServer, check_log_invariants, interaction_of};
+use common::stream::{Sse, Ws, assert_exactly, last_stored_seq, seqs};
+use common::{TestServer, check_log_invariants, interaction_of, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

@@ -10,8 +10,8 @@ mod common;
 
 use std::sync::Arc;
 
-use common::TestServer;
-use common::stream::{Ws, WsFrame, envelope_of, seq_of, words};
+use common::stream::{Ws, WsFrame, envelope_of, seq_of};
+use common::{TestServer, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

@@ -9,9 +9,9 @@ mod common;
 
 use common::stream::{
     Sse, Ws, assert_contiguous, assert_exactly, deltas_text, last_stored_seq, seq_of, seqs,
-    wait_last_seq, words,
+    wait_last_seq,
 };
-use common::{TestServer, check_log_invariants};
+use common::{TestServer, check_log_invariants, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use common::stream::{
     Sse, SseItem, Ws, WsFrame, assert_contiguous, check_sse_message, envelope_of, seq_of,
-    wait_last_seq, words,
+    wait_last_seq,
 };
-use common::{TestServer, check_log_invariants};
+use common::{TestServer, check_log_invariants, words};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

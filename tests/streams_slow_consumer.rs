@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use common::stream::{
     Ws, WsFrame, assert_contiguous, assert_exactly, envelope_of, frame_of, seq_of, wait_last_seq,
-    wait_metric, words, ws_url,
+    wait_metric, ws_url,
 };
-use common::{TIMEOUT, TestServer, check_log_invariants};
+use common::{TIMEOUT, TestServer, check_log_invariants, words};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{Value, json};

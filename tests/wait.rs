@@ -6,16 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::TestServer;
+use common::{TestServer, words};
 use reqwest::StatusCode;
 use serde_json::json;
-
-fn words(tag: &str, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{tag}-{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 async fn slow_session(server: &TestServer, session: &str) {
     let created = server

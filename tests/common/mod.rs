@@ -294,6 +294,15 @@ impl TestServer {
     }
 }
 
+/// `n` words `tag-0 tag-1 …` separated by single spaces: the echo agent replies with them one
+/// by one, so with `slow` (100 ms a word) a reply of `n` words runs `n / 10` seconds.
+pub fn words(tag: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{tag}-{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The store's key of a session: `tenant/name`; a bare name is tenant `default`'s.
 pub fn session_key(session: &str) -> String {
     if session.contains('/') {

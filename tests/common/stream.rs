@@ -701,14 +701,6 @@ pub async fn wait_last_seq(server: &TestServer, session: &str, seq: i64) {
     }
 }
 
-/// `n` words `tag-0 tag-1 …` separated by single spaces.
-pub fn words(tag: &str, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{tag}-{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// The text of the `task.delta` events about `interaction`, concatenated.
 pub fn deltas_text(events: &[Value], interaction: &str) -> String {
     events
