@@ -6,9 +6,10 @@ mod common;
 use std::process::Command;
 
 use common::TestServer;
+use common::child::Baton;
 
 fn baton(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_baton"))
+    common::child::baton()
         .args(args)
         .env("BATON_LOG", "warn")
         .output()
@@ -135,16 +136,6 @@ fn read_until(output: &std::sync::mpsc::Receiver<String>, seen: &mut String, nee
     }
 }
 
-/// A child process that is killed, and reaped, when the test is done with it, even on panic.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A person at `baton chat`'s terminal: types lines, reads what appears.
 struct Terminal {
     keyboard: std::process::ChildStdin,
@@ -187,10 +178,10 @@ async fn chat_in_a_terminal_streams_replies_and_handles_commands() {
     // `script` runs the chat on a pseudo-terminal, as a person at a terminal would.
     let command = format!(
         "{} chat tty --agent slow --server {}",
-        env!("CARGO_BIN_EXE_baton"),
+        common::child::BIN,
         server.url
     );
-    let mut child = KillOnDrop(
+    let mut child = Baton(
         Command::new("script")
             .args(["-qfec", &command, "/dev/null"])
             .env("BATON_LOG", "warn")
@@ -295,10 +286,10 @@ async fn watch_prints_the_event_stream_as_json_lines() {
         )
         .await;
     assert_eq!(done.status, 200);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+    let mut child = common::child::baton()
         .args(["watch", "w", "--replay", "--server", &server.url])
         .env("BATON_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("watch");
     let stdout = child.stdout.take().expect("stdout");
@@ -365,7 +356,7 @@ fn wait_exit(child: &mut std::process::Child, what: &str) -> std::process::ExitS
 /// Runs `baton args` with stdout a pipe that is closed before anything is written to it.
 fn run_with_stdout_closed(args: &[&str]) -> (std::process::ExitStatus, String) {
     use std::io::Read;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+    let mut child = common::child::baton()
         .args(args)
         .env("BATON_LOG", "warn")
         .stdout(std::process::Stdio::piped())
@@ -429,7 +420,7 @@ async fn watch_ends_quietly_when_its_reader_stops_reading() {
         .await;
     assert_eq!(done.status, 200);
     // `baton watch head --replay | head -3`
-    let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+    let mut child = common::child::baton()
         .args(["watch", "head", "--replay", "--server", &server.url])
         .env("BATON_LOG", "warn")
         .stdout(std::process::Stdio::piped())
@@ -649,8 +640,8 @@ async fn send_exits_3_when_its_interaction_waits_for_input() {
 async fn chat_shows_a_question_and_answers_it() {
     use std::io::Write;
     let server = TestServer::start(APPROVAL).await;
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_baton"))
+    let mut child = Baton(
+        common::child::baton()
             .args([
                 "chat",
                 "talk",
@@ -661,7 +652,7 @@ async fn chat_shows_a_question_and_answers_it() {
             ])
             .env("BATON_LOG", "warn")
             .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("chat"),
     );

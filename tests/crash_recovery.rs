@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::{TIMEOUT, check_log_invariants, stored_events};
@@ -27,7 +26,7 @@ impl ChildServer {
             "queue_limit = 16\n[agents.default]\nkind = \"echo\"\n[agents.slow]\nkind = \"echo\"\ndelay_ms = 50\n",
         )
         .expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        let mut child = common::child::baton()
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -40,17 +39,7 @@ impl ChildServer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn baton serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("baton listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(TIMEOUT)
+        let url = common::child::listening_url(child.stdout.take().expect("stdout"))
             .expect("the server prints its address");
         Self { child, url }
     }

@@ -9,7 +9,9 @@
 //! Every command must show its answer, except function definitions (`name() { … }`), which
 //! are run before each command.
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -179,7 +181,7 @@ impl ChildServer {
     fn start(dir: &Path) -> Self {
         let stderr_path = dir.join("server.stderr");
         let stderr = std::fs::File::create(&stderr_path).expect("create the stderr file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
+        let mut command = common::child::baton();
         command
             .current_dir(repo_root())
             .args(["serve", "--config", "examples/baton.toml"])
@@ -200,22 +202,15 @@ impl ChildServer {
             .spawn()
             .expect("start baton serve");
         let stdout = child.stdout.take().expect("the server's stdout");
-        let (found, address) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("baton listening on http://") {
-                    let _ = found.send(url.trim().to_string());
-                }
-            }
-        });
+        let url = common::child::listening_url(stdout);
         let mut server = Self {
             child,
             address: String::new(),
             stderr_path,
         };
-        match address.recv_timeout(TIMEOUT) {
-            Ok(address) => server.address = address,
-            Err(_) => panic!(
+        match url.as_deref().and_then(|url| url.strip_prefix("http://")) {
+            Some(address) => server.address = address.to_string(),
+            None => panic!(
                 "the server did not print `baton listening on …` within {TIMEOUT:?}; its stderr:\n{}",
                 server.stderr()
             ),

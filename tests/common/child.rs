@@ -2,7 +2,7 @@
 //! file in a test's directory (its stderr, the log, kept for the test to read).
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -17,8 +17,13 @@ impl Drop for Baton {
     }
 }
 
+/// The `baton` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_baton");
+
+/// `baton`, with no stdin, its output piped, and none of the caller's `BATON_KEY`,
+/// `BATON_TENANT` and `BATON_LISTEN` (a test sets what it means to).
 pub fn baton() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
+    let mut command = Command::new(BIN);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -27,6 +32,21 @@ pub fn baton() -> Command {
         .env_remove("BATON_TENANT")
         .env_remove("BATON_LISTEN");
     command
+}
+
+/// The URL of `baton serve`'s `baton listening on URL` line, read from its stdout by a thread
+/// that goes on draining it so the child never blocks on it; `None` when the child closed its
+/// stdout (it exited) or printed no such line within the timeout.
+pub fn listening_url(stdout: ChildStdout) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("baton listening on ") {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(TIMEOUT).ok()
 }
 
 /// Runs a short-lived `baton` command: exit code, stdout, stderr.

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -228,7 +228,7 @@ impl Node {
     /// loopback port; returns once it prints its address. Its stderr is forwarded, prefixed by
     /// `name`.
     pub fn spawn(name: &str, database_url: &str, config: &Path, http: reqwest::Client) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        let mut child = super::child::baton()
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -243,14 +243,6 @@ impl Node {
             .expect("spawn baton serve");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("baton listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let tail = stderr_tail.clone();
         let prefix = name.to_string();
@@ -264,10 +256,10 @@ impl Node {
                 tail.push_back(line);
             }
         });
-        // A child that exits closes its stdout: `recv` then fails at once, not after TIMEOUT.
-        let url = match rx.recv_timeout(TIMEOUT) {
-            Ok(url) => url,
-            Err(_) => {
+        // A child that exits closes its stdout: the wait then ends at once, not after TIMEOUT.
+        let url = match super::child::listening_url(stdout) {
+            Some(url) => url,
+            None => {
                 std::thread::sleep(Duration::from_millis(200));
                 let status = child.try_wait();
                 let _ = child.kill();
