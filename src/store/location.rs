@@ -37,7 +37,7 @@ impl DatabaseLocation {
             return Ok(Self::SqliteFile(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let parsed = super::postgres_url(url).map_err(|e| anyhow::anyhow!(e))?;
+            let parsed = postgres_url(url).map_err(|e| anyhow::anyhow!(e))?;
             if let Err(e) = parsed.parse::<tokio_postgres::Config>() {
                 bail!("database URL: {e}");
             }
@@ -45,4 +45,10 @@ impl DatabaseLocation {
         }
         bail!("database {url:?}: expected sqlite://PATH or postgres://USER@HOST/DB")
     }
+}
+
+/// A PostgreSQL URL as tokio-postgres reads it (`sslmode` mapped, `sslrootcert` taken out),
+/// or why it is not one.
+pub fn postgres_url(url: &str) -> Result<String, String> {
+    super::postgres::tls::PgUrl::parse(url).map(|u| u.url)
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-pub use location::{DatabaseLocation, Synchronous};
+pub use location::{DatabaseLocation, Synchronous, postgres_url};
 
 use crate::bus::Bus;
 use crate::model::{
@@ -448,10 +448,4 @@ impl Store {
     pub async fn check(&self) -> StoreResult<()> {
         dispatch!(self.check())
     }
-}
-
-/// A PostgreSQL URL as tokio-postgres reads it (`sslmode` mapped, `sslrootcert` taken out),
-/// or why it is not one.
-pub fn postgres_url(url: &str) -> Result<String, String> {
-    postgres::tls::PgUrl::parse(url).map(|u| u.url)
 }

@@ -1,5 +1,5 @@
-//! How a task of the `openai` agent fails: the typed failure of an attempt, when to retry and
-//! after how long, and the endpoint's own explanation as a bounded excerpt.
+//! How one request of the `openai` agent ends: done, tool calls, stopped, or a typed failure;
+//! when to retry a failure and after how long; the endpoint's explanation as a bounded excerpt.
 
 use std::time::Duration;
 
@@ -19,6 +19,17 @@ const ERROR_EXCERPT_CHARS: usize = 500;
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 /// Longest wait for an error answer's body; the status alone is reported after it.
 const ERROR_BODY_WAIT: Duration = Duration::from_secs(5);
+
+/// How one attempt ended.
+pub(super) enum Attempt {
+    /// `[DONE]` (or the end of the body after a `finish_reason`): the full text.
+    Done(String),
+    /// The model called client-side tools: the interaction waits for their outputs.
+    ToolCalls(Value),
+    /// Cancelled, or the runner stopped listening.
+    Stopped,
+    Failed(Failure),
+}
 
 /// Why an attempt failed, and whether another may follow.
 pub(super) struct Failure {

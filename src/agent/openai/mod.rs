@@ -44,7 +44,7 @@ use super::{Agent, AgentRequest, AgentResult, OutputSink};
 use crate::model::JsonObject;
 use crate::store::TaskOutput;
 use failure::{
-    Failure, MAX_RETRY_DELAY, backoff, causes, error_detail_of, excerpt, protocol_failure,
+    Attempt, Failure, MAX_RETRY_DELAY, backoff, causes, error_detail_of, excerpt, protocol_failure,
     read_error_detail, retry_after,
 };
 use stream::SseDecoder;
@@ -185,17 +185,6 @@ fn render_system(template: &str, context: &JsonObject) -> String {
     }
     rendered.push_str(rest);
     rendered
-}
-
-/// How one attempt ended.
-enum Attempt {
-    /// `[DONE]` (or the end of the body after a `finish_reason`): the full text.
-    Done(String),
-    /// The model called client-side tools: the interaction waits for their outputs.
-    ToolCalls(Value),
-    /// Cancelled, or the runner stopped listening.
-    Stopped,
-    Failed(Failure),
 }
 
 impl Endpoint {

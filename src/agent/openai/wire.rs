@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::Attempt;
+use super::failure::Attempt;
 use crate::model::Exchange;
 
 /// One `chat.completion.chunk`, borrowing from the event's data where it can. Only what the
