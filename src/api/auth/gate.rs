@@ -10,12 +10,16 @@ use axum::http::{HeaderMap, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::keys::Auth;
+use super::principal::{Caller, Principal};
 use super::token::TOKEN_PREFIX;
-use super::{Auth, Caller, Principal, TENANT_HEADER};
 use crate::api::AppState;
 use crate::api::error::ApiError;
 use crate::config::AuthMode;
 use crate::model::{InteractionId, SessionId, Tenant, percent_decode};
+
+/// The header an admin key names another tenant with.
+pub const TENANT_HEADER: &str = "baton-tenant";
 
 /// The `Authorization: Bearer …` credential, if the header is there.
 fn bearer(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
@@ -80,6 +84,25 @@ fn streams_token_in_query(parts: &Parts) -> bool {
 }
 
 impl Auth {
+    /// A key or a token, from the `Authorization` header (not yet counted against the key's
+    /// rate: [`Principal::charge`]).
+    pub fn resolve(&self, credential: &str) -> Result<Principal, ApiError> {
+        if credential.starts_with(TOKEN_PREFIX) {
+            return self.verify_token(credential);
+        }
+        let key = self
+            .find_key(credential)
+            .ok_or_else(|| ApiError::unauthorized("unknown API key"))?;
+        Ok(Principal {
+            tenant: key.tenant.clone(),
+            caller: Caller::Key {
+                id: key.id.clone(),
+                admin: key.admin,
+            },
+            meter: Some(key.meter.clone()),
+        })
+    }
+
     /// The principal of a request to `parts`, or why it has none.
     fn authenticate(&self, parts: &Parts) -> Result<Principal, ApiError> {
         if self.mode == AuthMode::None {
@@ -304,5 +327,29 @@ impl<S: Send + Sync> FromRequestParts<S> for WriteInteraction {
         let principal = principal(parts)?;
         let session = principal.session(parts, true)?;
         Ok(WriteInteraction(session, interaction_id(parts)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::keys::fixtures::{auth_with_keys, session};
+    use super::super::principal::Scope;
+
+    #[test]
+    fn tokens_draw_from_their_minting_keys_bucket() {
+        let a = auth_with_keys(&["A"], &[("slow", Some(1.0))]);
+        let token = a
+            .mint("slow", &session("acme", "s"), Scope::Write, 60)
+            .unwrap()
+            .token;
+        // The key's bucket holds 2: the key and its token share it.
+        assert!(a.resolve("key-slow").unwrap().charge().is_ok());
+        assert!(a.resolve(&token).unwrap().charge().is_ok());
+        let e = a.resolve(&token).unwrap().charge().unwrap_err();
+        assert_eq!(e.code, "rate_limited");
+        assert_eq!(
+            a.resolve("key-slow").unwrap().charge().unwrap_err().code,
+            "rate_limited"
+        );
     }
 }

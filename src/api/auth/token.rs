@@ -8,7 +8,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
 
-use super::{Auth, Caller, Principal, Scope};
+use super::keys::Auth;
+use super::principal::{Caller, Principal, Scope};
 use crate::api::error::ApiError;
 use crate::model::{SessionId, Tenant};
 
@@ -134,4 +135,82 @@ pub(super) fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::keys::fixtures::{auth, auth_with_keys, session};
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_refuse_tampering() {
+        let a = auth(&["A"]);
+        let minted = a
+            .mint("k1", &session("acme", "demo:1"), Scope::Read, 60)
+            .unwrap();
+        let p = a.verify_token(&minted.token).expect("valid");
+        assert_eq!(p.tenant.as_str(), "acme");
+        let Caller::Token { session, scope, .. } = &p.caller else {
+            panic!("a token")
+        };
+        assert_eq!((&**session, *scope), ("demo:1", Scope::Read));
+        // Flip any one character: refused.
+        for i in TOKEN_PREFIX.len()..minted.token.len() {
+            let mut bytes = minted.token.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            let tampered = String::from_utf8(bytes).unwrap();
+            if tampered != minted.token {
+                assert!(a.verify_token(&tampered).is_err(), "{tampered}");
+            }
+        }
+        // Another secret does not verify it; a rotation list with the old one does.
+        assert!(auth(&["B"]).verify_token(&minted.token).is_err());
+        assert!(auth(&["B", "A"]).verify_token(&minted.token).is_ok());
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let a = auth(&["A"]);
+        let past = a
+            .sign("k1", &session("acme", "s"), Scope::Write, unix_now() - 1)
+            .unwrap();
+        let e = a.verify_token(&past).unwrap_err();
+        assert_eq!(e.code, "unauthorized");
+        assert!(e.message.contains("expired"), "{}", e.message);
+        // A token of ttl 1 lives at least a second.
+        let minted = a
+            .mint("k1", &session("acme", "s"), Scope::Write, 1)
+            .unwrap();
+        assert!(minted.expires_at > unix_now());
+        assert!(a.verify_token(&minted.token).is_ok());
+    }
+
+    #[test]
+    fn tokens_live_at_most_the_longest_lifetime() {
+        let a = auth(&["A"]);
+        let s = session("acme", "s");
+        // The longest a token may be minted for verifies at once.
+        let minted = a.mint("k1", &s, Scope::Write, MAX_TOKEN_TTL_S).unwrap();
+        assert!(a.verify_token(&minted.token).is_ok());
+        // One signed (with the real secret) further away is refused, `u64::MAX` included.
+        for far in [unix_now() + MAX_TOKEN_TTL_S + 1, u64::MAX] {
+            let token = a.sign("k1", &s, Scope::Write, far).unwrap();
+            let e = a.verify_token(&token).unwrap_err();
+            assert_eq!(e.code, "unauthorized", "{far}");
+        }
+    }
+
+    #[test]
+    fn tokens_need_their_minting_key() {
+        let s = session("acme", "s");
+        let before = auth_with_keys(&["A"], &[("k1", None), ("k/2", None)]);
+        let of_k1 = before.mint("k1", &s, Scope::Read, 60).unwrap().token;
+        let of_k2 = before.mint("k/2", &s, Scope::Read, 60).unwrap().token;
+        let p = before.verify_token(&of_k2).unwrap();
+        assert_eq!(p.key_id(), "k/2");
+        // The same secret, without key k1 (removed, then a restart): its tokens are refused.
+        let after = auth_with_keys(&["A"], &[("k/2", None)]);
+        assert_eq!(after.verify_token(&of_k1).unwrap_err().code, "unauthorized");
+        assert!(after.verify_token(&of_k2).is_ok());
+    }
 }
