@@ -18,10 +18,11 @@
 //! - [`agent`]: the agent contract, the built-in agents and their settings.
 //! - [`engine`]: runs operations through the store and executes their effects: the registry
 //!   of local tasks, the runner that drives agents, the periodic duties.
-//! - [`config`]: settings from defaults, a TOML file, `BATON_*` variables and flags.
+//! - [`config`]: settings from defaults, a TOML file, `BATON_*` variables and flags (the
+//!   agents' tables are [`agent::config`]'s, the database location [`store::location`]'s).
 //! - [`api`]: the transports — the HTTP listener (connection bounds and timeouts), access
-//!   control, the HTTP handlers, WebSocket and SSE on one replay/live feed — and the one error
-//!   model.
+//!   control (one gate), the HTTP handlers, WebSocket and SSE on one replay/live feed,
+//!   `/metrics` — and the one error model.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`client`]: HTTP and WebSocket clients of the contract; [`cli`]: the CLI's commands.
 //!
