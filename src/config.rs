@@ -339,9 +339,12 @@ impl Config {
             .flat_map(|auth| auth.token_secret_env.iter().cloned())
             .collect();
         for agent in self.agents.values() {
-            if let AgentConfig::Openai(openai) = agent
-                && let Some(name) = &openai.api_key_env
-            {
+            let secret = match agent {
+                AgentConfig::Openai(openai) => &openai.api_key_env,
+                AgentConfig::Http(http) => &http.secret_env,
+                _ => &None,
+            };
+            if let Some(name) = secret {
                 names.insert(name.clone());
             }
         }
@@ -504,6 +507,52 @@ delay_ms = 100
         assert_eq!(
             c.database_location().expect("sqlite"),
             DatabaseLocation::SqliteFile("baton.db".into())
+        );
+    }
+
+    #[test]
+    fn http_agents_parse_with_defaults_and_refuse_what_is_not_theirs() {
+        let c = Config::from_toml(
+            r#"
+[agents.default]
+kind = "echo"
+
+[agents.mine]
+kind = "http"
+url = "http://127.0.0.1:8000/agent?team=a"
+secret_env = "AGENT_SECRET"
+headers = { authorization = "Bearer t" }
+retries = 0
+"#,
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        let AgentConfig::Http(mine) = &c.agents["mine"] else {
+            panic!("mine is an http agent");
+        };
+        assert_eq!(mine.headers["authorization"], "Bearer t");
+        assert_eq!((mine.retries, mine.connect_timeout_ms), (0, 5_000));
+        assert_eq!(mine.idle_timeout_s, 60.0);
+        assert!(c.secret_env_names().contains("AGENT_SECRET"));
+        let refused = |text: &str| {
+            Config::from_toml(text)
+                .and_then(|c| c.validate().map(|()| c))
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default()
+        };
+        let foreign =
+            refused("[agents.default]\nkind = \"http\"\nurl = \"http://a/\"\nprogram = \"p\"\n");
+        assert!(
+            foreign.contains("`program` is not a key of an http agent"),
+            "{foreign}"
+        );
+        let missing = refused("[agents.default]\nkind = \"http\"\n");
+        assert!(missing.contains("needs `url`"), "{missing}");
+        let scheme = refused("[agents.default]\nkind = \"http\"\nurl = \"ftp://a/\"\n");
+        assert!(
+            scheme.contains("expected an http:// or https:// URL"),
+            "{scheme}"
         );
     }
 

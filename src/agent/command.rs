@@ -1,19 +1,9 @@
 //! The `command` agent: one process per task, spawned without a shell in a process group of
-//! its own. Its stdin gets the request as one JSON object, then is closed; each line of its
-//! stdout is one JSON output:
+//! its own. Its stdin gets the request as one JSON object, then is closed; its stdout is the
+//! lines of the protocol in [`lines`](super::lines).
 //!
-//! - `{"type": "delta", "text": "..."}` appends to the response;
-//! - `{"type": "progress", "data": <any JSON>}` reports progress;
-//! - `{"type": "context", "patch": {...}}` merge-patches the session's context (RFC 7396);
-//! - `{"type": "result", "response"?: "..."}` ends the task (`response` replaces the deltas);
-//! - `{"type": "error", "message": "...", "code"?: "..."}` fails it;
-//! - `{"type": "ask", "data": <any JSON>}` asks the client: the interaction waits, the program
-//!   is stopped, and once answered it runs again with `answers` and `response` on stdin.
-//!
-//! Blank lines are skipped and unknown fields ignored. The task fails with code
-//! `agent_protocol` on a line that is not one of those (naming its number), `output_limit`
-//! past `max_output_bytes`, and `agent_error` when the program cannot start, reports an error,
-//! or exits non-zero without a result (with the tail of its stderr). Exiting with status 0
+//! The task fails with `agent_error` when the program cannot start, reports an error, or exits
+//! non-zero without a result (with the tail of its stderr). Exiting with status 0
 //! without a result completes the task with the concatenated deltas.
 //!
 //! However the task ends, the process group is stopped: SIGTERM, then SIGKILL after
@@ -32,16 +22,15 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::CommandConfig;
+use super::lines::{Framing, Limits, LineReader, Step, agent_error, request_json};
 use super::{Agent, AgentRequest, AgentResult, OutputSink};
-use crate::model::{ErrorInfo, Exchange, Interaction, JsonObject, Session};
+use crate::model::ErrorInfo;
 use crate::store::TaskOutput;
 
 /// The last bytes of stderr kept for the error message of a failed task.
@@ -50,8 +39,6 @@ const STDERR_TAIL_BYTES: usize = 2048;
 const STDERR_LOG_LINES: usize = 100;
 /// Longest stderr line logged, in bytes.
 const STDERR_LOG_LINE_BYTES: usize = 1024;
-/// How much of an offending stdout line an error message quotes.
-const QUOTE_BYTES: usize = 200;
 /// After the process exited, how long its stdout may stay open (held by a child of its own).
 const STDOUT_DRAIN: Duration = Duration::from_millis(500);
 
@@ -123,12 +110,6 @@ pub struct CommandAgent {
 /// Variables with this prefix configure Baton itself: a program never inherits them.
 const SERVER_ENV_PREFIX: &str = "BATON_";
 
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    line: usize,
-    output: usize,
-}
-
 impl CommandAgent {
     pub fn new(name: &str, config: &CommandConfig) -> anyhow::Result<Self> {
         Ok(Self {
@@ -173,62 +154,6 @@ impl CommandAgent {
     }
 }
 
-/// What the program reads on stdin.
-#[derive(Serialize)]
-struct StdinRequest<'a> {
-    session: Option<&'a Session>,
-    interaction: &'a Interaction,
-    history: &'a [Interaction],
-    context: &'a JsonObject,
-    /// Every earlier ask of this interaction with its answer, in order (empty on a first run).
-    answers: &'a [Exchange],
-    /// The response so far (what runs before an ask produced).
-    response: &'a str,
-}
-
-/// One line of the program's stdout.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum OutputLine {
-    Delta {
-        text: String,
-    },
-    Progress {
-        data: Value,
-    },
-    Context {
-        patch: JsonObject,
-    },
-    Result {
-        #[serde(default)]
-        response: Option<String>,
-    },
-    Error {
-        message: String,
-        #[serde(default)]
-        code: Option<String>,
-    },
-    /// The program needs the client: the interaction waits for the answer, the program is
-    /// stopped, and it runs again with the answer on its stdin.
-    Ask {
-        data: Value,
-    },
-}
-
-fn agent_error(message: String) -> ErrorInfo {
-    ErrorInfo {
-        code: "agent_error".into(),
-        message,
-    }
-}
-
-fn protocol_error(line: u64, message: impl std::fmt::Display) -> ErrorInfo {
-    ErrorInfo {
-        code: "agent_protocol".into(),
-        message: format!("stdout line {line}: {message}"),
-    }
-}
-
 impl Agent for CommandAgent {
     fn withhold_env(&self, names: &BTreeSet<String>) {
         let mut withheld = self.withheld.write().unwrap_or_else(|e| e.into_inner());
@@ -256,15 +181,7 @@ impl Agent for CommandAgent {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
-            let mut payload = serde_json::to_vec(&StdinRequest {
-                session: request.session.as_ref(),
-                interaction: &request.interaction,
-                history: &request.history,
-                context: &request.context,
-                answers: &request.interaction.answers,
-                response: &request.interaction.response,
-            })
-            .map_err(|e| agent_error(format!("encoding the request: {e}")))?;
+            let mut payload = request_json(&request)?;
             payload.push(b'\n');
             let child = command
                 .spawn()
@@ -285,7 +202,7 @@ impl Agent for CommandAgent {
                 interaction: request.interaction.id.to_string(),
             };
             let mut stderr_done = tokio::spawn(read_stderr(stderr, Arc::clone(&stderr_tail), log));
-            let mut lines = LineReader::new(stdout, limits);
+            let mut lines = LineReader::new(stdout, "stdout", Framing::Lines, limits);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => Ok(None),
@@ -333,7 +250,7 @@ enum Conversation {
 /// Reads the program's output lines until a result, an error, or its exit.
 async fn converse(
     process: &mut Process,
-    lines: &mut LineReader,
+    lines: &mut LineReader<tokio::process::ChildStdout>,
     outputs: &OutputSink,
 ) -> Conversation {
     let mut exited: Option<ExitStatus> = None;
@@ -352,20 +269,12 @@ async fn converse(
                     Err(error) => return Conversation::Failed(error),
                 };
                 let output = match output {
-                    OutputLine::Delta { text } if text.is_empty() => continue,
-                    OutputLine::Delta { text } => TaskOutput::Delta(text),
-                    OutputLine::Progress { data } => TaskOutput::Progress(data),
-                    OutputLine::Context { patch } => TaskOutput::ContextPatch(patch),
-                    OutputLine::Result { response } => return Conversation::Result(response),
-                    OutputLine::Error { message, code } => {
-                        return Conversation::Failed(ErrorInfo {
-                            code: code.unwrap_or_else(|| "agent_error".into()),
-                            message,
-                        });
-                    }
+                    Step::Output(output) => output,
+                    Step::End(Ok(response)) => return Conversation::Result(response),
+                    Step::End(Err(error)) => return Conversation::Failed(error),
                     // The runner records the ask and stops the task; the process is stopped
                     // with it, as for a cancel.
-                    OutputLine::Ask { data } => {
+                    Step::Ask(data) => {
                         let _ = outputs.send(TaskOutput::Ask(data)).await;
                         return Conversation::RunnerGone;
                     }
@@ -584,136 +493,5 @@ async fn read_stderr(
             interaction = %log.interaction,
             "agent stderr: {dropped} further lines not logged"
         );
-    }
-}
-
-/// Splits stdout into protocol lines, bounding the line length and the total output.
-struct LineReader {
-    stdout: BufReader<tokio::process::ChildStdout>,
-    line: Vec<u8>,
-    number: u64,
-    total: usize,
-    limits: Limits,
-}
-
-impl LineReader {
-    fn new(stdout: tokio::process::ChildStdout, limits: Limits) -> Self {
-        Self {
-            stdout: BufReader::with_capacity(64 * 1024, stdout),
-            line: Vec::new(),
-            number: 0,
-            total: 0,
-            limits,
-        }
-    }
-
-    /// The next non-blank line, parsed; `None` at the end of stdout. Cancel-safe: a partial
-    /// line stays buffered in `self`.
-    async fn next(&mut self) -> Result<Option<OutputLine>, ErrorInfo> {
-        loop {
-            if !self.read_line().await? {
-                return Ok(None);
-            }
-            self.number += 1;
-            let text = self.line.trim_ascii();
-            if text.is_empty() {
-                self.line.clear();
-                continue;
-            }
-            let result = match serde_json::from_slice::<OutputLine>(text) {
-                Ok(output) => Ok(Some(output)),
-                Err(e) if e.is_syntax() || e.is_eof() => Err(protocol_error(
-                    self.number,
-                    format_args!("not JSON ({e}): {}", quote(text)),
-                )),
-                Err(e) => Err(protocol_error(
-                    self.number,
-                    format_args!("not a valid output ({e}): {}", quote(text)),
-                )),
-            };
-            self.line.clear();
-            return result;
-        }
-    }
-
-    /// Fills `self.line` with the next line (without its newline); `false` at the end of
-    /// stdout with nothing pending.
-    async fn read_line(&mut self) -> Result<bool, ErrorInfo> {
-        loop {
-            let available = match self.stdout.fill_buf().await {
-                Ok(bytes) => bytes,
-                Err(e) => return Err(agent_error(format!("reading the program's stdout: {e}"))),
-            };
-            if available.is_empty() {
-                return Ok(!self.line.is_empty());
-            }
-            let (taken, done) = match available.iter().position(|&b| b == b'\n') {
-                Some(i) => (i + 1, true),
-                None => (available.len(), false),
-            };
-            let content = if done { taken - 1 } else { taken };
-            if self.line.len() + content > self.limits.line {
-                return Err(protocol_error(
-                    self.number + 1,
-                    format_args!("longer than the limit of {} bytes", self.limits.line),
-                ));
-            }
-            self.line.extend_from_slice(&available[..content]);
-            self.stdout.consume(taken);
-            self.total += taken;
-            if self.total > self.limits.output {
-                return Err(ErrorInfo {
-                    code: "output_limit".into(),
-                    message: format!(
-                        "the program wrote more than the limit of {} bytes",
-                        self.limits.output
-                    ),
-                });
-            }
-            if done {
-                return Ok(true);
-            }
-        }
-    }
-}
-
-/// The start of an offending line, for an error message.
-fn quote(line: &[u8]) -> String {
-    let shown = &line[..line.len().min(QUOTE_BYTES)];
-    let text = String::from_utf8_lossy(shown);
-    if line.len() > QUOTE_BYTES {
-        format!("{text}…")
-    } else {
-        text.into_owned()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn output_lines_parse_and_refuse_wrong_shapes() {
-        let ok = |s: &str| serde_json::from_str::<OutputLine>(s).is_ok();
-        assert!(ok(r#"{"type":"delta","text":"hi","extra":1}"#));
-        assert!(ok(r#"{"type":"progress","data":null}"#));
-        assert!(ok(r#"{"type":"context","patch":{"a":null}}"#));
-        assert!(ok(r#"{"type":"result"}"#));
-        assert!(ok(r#"{"type":"result","response":"x"}"#));
-        assert!(ok(r#"{"type":"error","message":"m"}"#));
-        assert!(ok(r#"{"type":"ask","data":{"q":"may I?"}}"#));
-        assert!(!ok(r#"{"type":"ask"}"#));
-        assert!(!ok(r#"{"type":"delta","text":5}"#));
-        assert!(!ok(r#"{"type":"context","patch":[1]}"#));
-        assert!(!ok(r#"{"type":"shout","text":"x"}"#));
-        assert!(!ok(r#"{"text":"x"}"#));
-        assert!(!ok(r#"{"type":"progress"}"#));
-    }
-
-    #[test]
-    fn quotes_are_bounded() {
-        let long = vec![b'x'; 1000];
-        assert_eq!(quote(&long).chars().count(), QUOTE_BYTES + 1);
-        assert_eq!(quote(b"short"), "short");
     }
 }

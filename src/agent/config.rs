@@ -18,6 +18,7 @@ pub enum AgentConfig {
     Echo(EchoConfig),
     Command(CommandConfig),
     Openai(OpenaiConfig),
+    Http(HttpConfig),
 }
 
 impl AgentConfig {
@@ -26,6 +27,7 @@ impl AgentConfig {
             AgentConfig::Echo(_) => "echo",
             AgentConfig::Command(_) => "command",
             AgentConfig::Openai(_) => "openai",
+            AgentConfig::Http(_) => "http",
         }
     }
 
@@ -36,6 +38,7 @@ impl AgentConfig {
             AgentConfig::Echo(c) => c.input_timeout_s,
             AgentConfig::Command(c) => c.input_timeout_s,
             AgentConfig::Openai(c) => c.input_timeout_s,
+            AgentConfig::Http(c) => c.input_timeout_s,
         }
         .unwrap_or(DEFAULT_INPUT_TIMEOUT_S)
     }
@@ -46,6 +49,7 @@ impl AgentConfig {
             AgentConfig::Echo(c) => c.timeout_s,
             AgentConfig::Command(c) => c.timeout_s,
             AgentConfig::Openai(c) => c.timeout_s,
+            AgentConfig::Http(c) => c.timeout_s,
         }
     }
 
@@ -55,6 +59,7 @@ impl AgentConfig {
             AgentConfig::Echo(_) => None,
             AgentConfig::Command(c) => c.max_history,
             AgentConfig::Openai(c) => c.max_history,
+            AgentConfig::Http(c) => c.max_history,
         }
     }
 
@@ -108,6 +113,29 @@ impl AgentConfig {
                     }
                 }
             }
+            AgentConfig::Http(c) => {
+                let url = c.url.trim();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!("agents.{name}.url {url:?}: expected an http:// or https:// URL");
+                }
+                if !(c.idle_timeout_s.is_finite() && c.idle_timeout_s > 0.0) {
+                    bail!("agents.{name}.idle_timeout_s must be a positive number of seconds");
+                }
+                if c.connect_timeout_ms == 0 {
+                    bail!("agents.{name}.connect_timeout_ms must be positive");
+                }
+                if c.max_line_bytes < 64 {
+                    bail!("agents.{name}.max_line_bytes must be at least 64");
+                }
+                if c.max_output_bytes < c.max_line_bytes {
+                    bail!("agents.{name}.max_output_bytes must be at least max_line_bytes");
+                }
+                if let Some(file) = &c.ca_file
+                    && !file.is_file()
+                {
+                    bail!("agents.{name}.ca_file {}: no such file", file.display());
+                }
+            }
         }
         Ok(())
     }
@@ -140,6 +168,11 @@ pub(crate) struct AgentTable {
     retry_backoff_ms: Option<Spanned<u64>>,
     connect_timeout_s: Option<Spanned<f64>>,
     idle_timeout_s: Option<Spanned<f64>>,
+    url: Option<Spanned<String>>,
+    secret_env: Option<Spanned<String>>,
+    headers: Option<Spanned<BTreeMap<String, String>>>,
+    connect_timeout_ms: Option<Spanned<u64>>,
+    ca_file: Option<Spanned<PathBuf>>,
 }
 
 const ECHO_KEYS: &[&str] = &["kind", "delay_ms", "timeout_s", "input_timeout_s"];
@@ -174,6 +207,22 @@ const OPENAI_KEYS: &[&str] = &[
     "idle_timeout_s",
 ];
 
+const HTTP_KEYS: &[&str] = &[
+    "kind",
+    "url",
+    "secret_env",
+    "headers",
+    "timeout_s",
+    "input_timeout_s",
+    "connect_timeout_ms",
+    "idle_timeout_s",
+    "retries",
+    "max_line_bytes",
+    "max_output_bytes",
+    "max_history",
+    "ca_file",
+];
+
 /// An error in an agent table, at a byte range of the file.
 pub(crate) struct TableError {
     span: std::ops::Range<usize>,
@@ -197,6 +246,14 @@ impl TableError {
             "^".repeat(width),
             self.message
         )
+    }
+}
+
+/// "a command", "an echo", "an http", "an openai": as the kind is read aloud.
+fn with_article(kind: &str) -> String {
+    match kind {
+        "command" => format!("a {kind}"),
+        _ => format!("an {kind}"),
     }
 }
 
@@ -236,6 +293,11 @@ impl AgentTable {
             at("retry_backoff_ms", &self.retry_backoff_ms),
             at("connect_timeout_s", &self.connect_timeout_s),
             at("idle_timeout_s", &self.idle_timeout_s),
+            at("url", &self.url),
+            at("secret_env", &self.secret_env),
+            at("headers", &self.headers),
+            at("connect_timeout_ms", &self.connect_timeout_ms),
+            at("ca_file", &self.ca_file),
         ]
         .into_iter()
         .flatten()
@@ -252,11 +314,13 @@ impl AgentTable {
             "echo" => ECHO_KEYS,
             "command" => COMMAND_KEYS,
             "openai" => OPENAI_KEYS,
+            "http" => HTTP_KEYS,
             other => {
                 return Err(TableError {
                     span: self.kind.span(),
                     message: format!(
-                        "unknown agent kind {other:?}, expected \"echo\", \"command\" or \"openai\""
+                        "unknown agent kind {other:?}, expected \"echo\", \"command\", \"openai\" \
+                         or \"http\""
                     ),
                 });
             }
@@ -269,7 +333,8 @@ impl AgentTable {
             return Err(TableError {
                 span,
                 message: format!(
-                    "`{key}` is not a key of a {kind} agent (its keys: {})",
+                    "`{key}` is not a key of {} agent (its keys: {})",
+                    with_article(kind),
                     keys.join(", ")
                 ),
             });
@@ -277,7 +342,7 @@ impl AgentTable {
         let required = |key: Option<Spanned<String>>, name: &str| {
             value(key).ok_or_else(|| TableError {
                 span: table.clone(),
-                message: format!("a {kind} agent needs `{name}`"),
+                message: format!("{} agent needs `{name}`", with_article(kind)),
             })
         };
         Ok(match kind {
@@ -300,6 +365,25 @@ impl AgentTable {
                     max_output_bytes: value(self.max_output_bytes)
                         .unwrap_or(defaults.max_output_bytes),
                     max_history: value(self.max_history),
+                })
+            }
+            "http" => {
+                let defaults = HttpConfig::new(String::new());
+                AgentConfig::Http(HttpConfig {
+                    url: required(self.url, "url")?,
+                    secret_env: value(self.secret_env),
+                    headers: value(self.headers).unwrap_or_default(),
+                    timeout_s: value(self.timeout_s),
+                    input_timeout_s: value(self.input_timeout_s),
+                    connect_timeout_ms: value(self.connect_timeout_ms)
+                        .unwrap_or(defaults.connect_timeout_ms),
+                    idle_timeout_s: value(self.idle_timeout_s).unwrap_or(defaults.idle_timeout_s),
+                    retries: value(self.retries).unwrap_or(defaults.retries),
+                    max_line_bytes: value(self.max_line_bytes).unwrap_or(defaults.max_line_bytes),
+                    max_output_bytes: value(self.max_output_bytes)
+                        .unwrap_or(defaults.max_output_bytes),
+                    max_history: value(self.max_history),
+                    ca_file: value(self.ca_file),
                 })
             }
             _ => {
@@ -484,6 +568,59 @@ impl OpenaiConfig {
             retry_backoff_ms: Self::default_retry_backoff_ms(),
             connect_timeout_s: Self::default_connect_timeout_s(),
             idle_timeout_s: Self::default_idle_timeout_s(),
+        }
+    }
+}
+
+/// An agent service reached over HTTP: one `POST` per run of an interaction, with the request a
+/// `command` program reads, answered with the lines such a program writes.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// The service's endpoint (its query string is kept).
+    pub url: String,
+    /// The environment variable holding the signing secret (`whsec_<base64>`): each request
+    /// then carries Standard Webhooks signature headers.
+    pub secret_env: Option<String>,
+    /// Headers sent with every request (an `Authorization` the service wants); never logged.
+    pub headers: BTreeMap<String, String>,
+    pub timeout_s: Option<f64>,
+    /// How long an interaction may wait for the client's answer (default a day).
+    pub input_timeout_s: Option<f64>,
+    /// Longest wait to connect to the service, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Longest silence of the answer — before its headers or between two bytes of its
+    /// body — before the task fails (blank lines keep it alive).
+    pub idle_timeout_s: f64,
+    /// Retries, with backoff from 100 ms, of a request that got no byte of an answer.
+    pub retries: u32,
+    /// Longest line of the answer accepted, in bytes.
+    pub max_line_bytes: usize,
+    /// Most bytes one answer may carry.
+    pub max_output_bytes: usize,
+    /// Overrides the server's `history_limit` for this agent.
+    pub max_history: Option<u32>,
+    /// A PEM file of the private certificate authority an `https://` service's certificate
+    /// is issued by (besides the usual roots).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl HttpConfig {
+    /// A config with every optional key at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        let command = CommandConfig::new(String::new(), Vec::new());
+        Self {
+            url: url.into(),
+            secret_env: None,
+            headers: BTreeMap::new(),
+            timeout_s: None,
+            input_timeout_s: None,
+            connect_timeout_ms: 5_000,
+            idle_timeout_s: 60.0,
+            retries: 2,
+            max_line_bytes: command.max_line_bytes,
+            max_output_bytes: command.max_output_bytes,
+            max_history: None,
+            ca_file: None,
         }
     }
 }

@@ -4,6 +4,8 @@
 mod command;
 pub mod config;
 mod echo;
+mod http;
+mod lines;
 mod openai;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub use command::{CommandAgent, PROCESS_STOPS, STOP_BUCKETS_MS};
 pub use config::AgentConfig;
 pub use echo::EchoAgent;
+pub use http::HttpAgent;
 pub use openai::OpenaiAgent;
 
 use crate::model::{ErrorInfo, Interaction, JsonObject, Session};
@@ -96,6 +99,7 @@ impl AgentRegistry {
                 AgentConfig::Echo(echo) => Arc::new(EchoAgent::new(echo.delay_ms)),
                 AgentConfig::Command(command) => Arc::new(CommandAgent::new(name, command)?),
                 AgentConfig::Openai(openai) => Arc::new(OpenaiAgent::new(name, openai)?),
+                AgentConfig::Http(http) => Arc::new(HttpAgent::new(name, http)?),
             };
             let configured = ConfiguredAgent {
                 kind: config.kind(),
