@@ -4,7 +4,8 @@
 //! answered and the service is called again with the answers; refusals, broken bodies and
 //! protocol errors are named; a connection reset before any byte is retried and an unreachable
 //! service is `upstream_unreachable`; a cancel closes the request; with `secret_env` every
-//! request carries a Standard Webhooks signature the service can verify.
+//! request carries a Standard Webhooks signature the service can verify; connections are pooled
+//! and kept alive; an `https://` service is trusted through `ca_file`.
 
 mod common;
 
@@ -687,5 +688,80 @@ async fn connections_are_pooled_and_every_session_runs_at_once() {
         assert_eq!(done["status"], "completed", "{done}");
     }
     assert_eq!(service.most_in_flight.load(Ordering::SeqCst), 50);
+    server.stop().await;
+}
+
+/// A TLS front with `cert`/`key` (PEM) that forwards the plain bytes to `to`.
+async fn tls_front(to: std::net::SocketAddr, cert: &str, key: &str) -> u16 {
+    use rustls_pki_types::pem::PemObject as _;
+    let chain = rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("cert");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind front");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut inbound) = acceptor.accept(inbound).await else {
+                    return;
+                };
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// An `https://` service whose certificate a private CA issued: trusted through `ca_file`,
+/// refused without it (no attempt reaches it: `upstream_unreachable`, saying why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_service_is_trusted_through_its_ca_file() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let mut params = CertificateParams::new(vec!["Baton test CA".to_string()]).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().expect("key");
+    let ca = params.self_signed(&ca_key).expect("CA");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("signed");
+    let service = Service::default();
+    let addr = start_service(service.clone()).await;
+    let port = tls_front(addr, &cert.pem(), &key.serialize_pem()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("ca file");
+    let server = TestServer::start(&format!(
+        "[agents.default]\nkind = \"echo\"\n\n\
+         [agents.trusting]\nkind = \"http\"\nurl = \"https://localhost:{port}/agent\"\n\
+         ca_file = \"{}\"\n\n\
+         [agents.wary]\nkind = \"http\"\nurl = \"https://localhost:{port}/agent\"\nretries = 0\n",
+        ca_file.display()
+    ))
+    .await;
+    let done = run(&server, "trusting", "trusting", "hello there").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["response"], "hello there");
+    let refused = run(&server, "wary", "wary", "hello there").await;
+    assert_eq!(refused["status"], "failed", "{refused}");
+    assert_eq!(refused["error"]["code"], "upstream_unreachable");
+    let message = refused["error"]["message"].as_str().unwrap().to_lowercase();
+    assert!(message.contains("certificate"), "{message}");
+    assert_eq!(service.seen.lock().expect("lock").len(), 1);
     server.stop().await;
 }
