@@ -212,6 +212,11 @@ async fn agent(
                 .body(Body::from_stream(body))
                 .expect("response")
         }
+        "long line" => answer(ndjson, vec![Ok(delta(&"x".repeat(100)))]),
+        "too much" => answer(
+            ndjson,
+            (0..20).map(|i| Ok(delta(&format!("{i:02}")))).collect(),
+        ),
         // A head, then silence.
         "silent" => {
             let body = futures_util::stream::unfold((), |()| async {
@@ -294,7 +299,9 @@ fn config(service: std::net::SocketAddr, front: std::net::SocketAddr, gone: u16)
          idle_timeout_s = 5\nheaders = {{ authorization = \"Bearer service-token\" }}\n\n\
          [agents.flaky]\nkind = \"http\"\nurl = \"http://{front}/agent\"\nretries = 2\n\n\
          [agents.gone]\nkind = \"http\"\nurl = \"http://127.0.0.1:{gone}/agent\"\nretries = 1\n\n\
-         [agents.impatient]\nkind = \"http\"\nurl = \"http://{service}/agent\"\nidle_timeout_s = 0.3\n"
+         [agents.impatient]\nkind = \"http\"\nurl = \"http://{service}/agent\"\nidle_timeout_s = 0.3\n\n\
+         [agents.narrow]\nkind = \"http\"\nurl = \"http://{service}/agent\"\nmax_line_bytes = 64\n\
+         max_output_bytes = 400\n"
     )
 }
 
@@ -397,7 +404,7 @@ async fn the_service_gets_the_command_request_and_streams_the_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_way_an_answer_can_end_is_named() {
-    let Setup { server, .. } = setup().await;
+    let Setup { server, service } = setup().await;
     let done = run(&server, "no-end", "svc", "no end line").await;
     assert_eq!(
         done["status"], "completed",
@@ -428,9 +435,47 @@ async fn each_way_an_answer_can_end_is_named() {
     let broken = run(&server, "broken", "svc", "break").await;
     assert_eq!(broken["status"], "failed", "{broken}");
     assert_eq!(broken["error"]["code"], "agent_error");
+    assert_eq!(broken["response"], "cut ");
+    // Once an answer began (a refusal, a broken body), nothing is retried.
+    let contents: Vec<String> = service
+        .seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|s| {
+            s.json()["interaction"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    for once in ["refuse", "break"] {
+        assert_eq!(
+            contents.iter().filter(|c| *c == once).count(),
+            1,
+            "{once}: {contents:?}"
+        );
+    }
+    // The session carries on: the next message runs.
+    let next = server.send("broken", "hello there", "reject").await;
+    let next = server
+        .wait_final("broken", next.body["id"].as_str().expect("id"))
+        .await;
+    assert_eq!(next["status"], "completed", "{next}");
     let failed = run(&server, "failed", "svc", "fail").await;
     assert_eq!(failed["error"]["code"], "overloaded", "{failed}");
     assert_eq!(failed["error"]["message"], "model overloaded");
+    let long = run(&server, "long-line", "narrow", "long line").await;
+    assert_eq!(long["error"]["code"], "agent_protocol", "{long}");
+    assert!(
+        long["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("longer than the limit of 64 bytes"),
+        "{long}"
+    );
+    let much = run(&server, "too-much", "narrow", "too much").await;
+    assert_eq!(much["error"]["code"], "output_limit", "{much}");
     server.stop().await;
 }
 
@@ -494,27 +539,76 @@ async fn no_answer_at_all_is_retried_then_unreachable() {
     server.stop().await;
 }
 
+/// How a run is stopped from outside.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Cancel,
+    Clear,
+    Interrupt,
+    Delete,
+    Shutdown,
+}
+
+/// Cancel, clear, interrupt, delete and shutdown each close the request, and the service sees
+/// its client go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cancel_closes_the_request() {
+async fn every_way_of_stopping_a_run_closes_the_request() {
     let Setup { server, service } = setup().await;
-    let id = send(&server, "forever", "svc", "forever").await;
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while deltas(&server, "forever").len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "no deltas");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut server = Some(server);
+    for (n, how) in [
+        Stop::Cancel,
+        Stop::Clear,
+        Stop::Interrupt,
+        Stop::Delete,
+        Stop::Shutdown,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let live = server
+            .as_ref()
+            .expect("the server runs until the shutdown case");
+        let session = format!("stop-{how:?}").to_lowercase();
+        let id = send(live, &session, "svc", "forever").await;
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while deltas(live, &session).len() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "{how:?}: no deltas");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let path = format!("/v1/sessions/{session}");
+        match how {
+            Stop::Cancel => {
+                let answer = live.post(&format!("{path}/cancel"), &json!({})).await;
+                assert!(answer.status.is_success(), "{:?}", answer.body);
+                assert_eq!(live.wait_final(&session, &id).await["status"], "cancelled");
+            }
+            Stop::Clear => {
+                let answer = live.post(&format!("{path}/clear"), &json!({})).await;
+                assert!(answer.status.is_success(), "{:?}", answer.body);
+            }
+            Stop::Interrupt => {
+                let answer = live.send(&session, "hello there", "interrupt").await;
+                assert!(answer.status.is_success(), "{:?}", answer.body);
+                let next = answer.body["id"].as_str().expect("id").to_string();
+                assert_eq!(
+                    live.wait_final(&session, &next).await["status"],
+                    "completed"
+                );
+            }
+            Stop::Delete => {
+                let answer = live.delete(&path).await;
+                assert!(answer.status.is_success(), "{:?}", answer.body);
+            }
+            Stop::Shutdown => server.take().expect("running").stop().await,
+        }
+        while service.abandoned.load(Ordering::SeqCst) < n + 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{how:?}: the service never saw its client go"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
-    let cancelled = server.post("/v1/sessions/forever/cancel", &json!({})).await;
-    assert!(cancelled.status.is_success(), "{:?}", cancelled.body);
-    let done = server.wait_final("forever", &id).await;
-    assert_eq!(done["status"], "cancelled", "{done}");
-    while service.abandoned.load(Ordering::SeqCst) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the service never saw its client go"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    server.stop().await;
 }
 
 /// Verifies a Standard Webhooks signature as a receiver would: the HMAC of
@@ -647,8 +741,8 @@ async fn a_silent_answer_fails_after_the_idle_timeout() {
     server.stop().await;
 }
 
-/// Connections are kept alive and pooled: one after another reuse one connection, and fifty
-/// sessions at once have fifty requests in flight.
+/// Connections are kept alive and pooled: one after another reuse one connection, and 200
+/// sessions at once have 200 requests in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_pooled_and_every_session_runs_at_once() {
     let service = Service::default();
@@ -674,7 +768,7 @@ async fn connections_are_pooled_and_every_session_runs_at_once() {
         1,
         "one kept-alive connection"
     );
-    let ids: Vec<(String, String)> = futures_util::future::join_all((0..50).map(|i| {
+    let ids: Vec<(String, String)> = futures_util::future::join_all((0..200).map(|i| {
         let server = &server;
         async move {
             let session = format!("at-once-{i}");
@@ -687,7 +781,7 @@ async fn connections_are_pooled_and_every_session_runs_at_once() {
         let done = server.wait_final(session, id).await;
         assert_eq!(done["status"], "completed", "{done}");
     }
-    assert_eq!(service.most_in_flight.load(Ordering::SeqCst), 50);
+    assert_eq!(service.most_in_flight.load(Ordering::SeqCst), 200);
     server.stop().await;
 }
 
