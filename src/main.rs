@@ -178,8 +178,8 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         nodes: Vec<usize>,
         /// Run only these scenarios: throughput, accept, memory, fanout, idle, cancel, streams,
-        /// ask, auth, fanout-burst, noisy, cluster (repeatable; all but auth, fanout-burst,
-        /// noisy and cluster by default, cluster too with --postgres).
+        /// ask, auth, fanout-burst, noisy, http, cluster (repeatable; all but auth,
+        /// fanout-burst, noisy, http and cluster by default, cluster too with --postgres).
         #[arg(long)]
         only: Vec<String>,
     },

@@ -56,6 +56,7 @@ mod burst;
 mod cancel;
 mod cluster;
 mod fanout;
+mod http;
 mod idle;
 mod memory;
 mod noisy;
@@ -151,8 +152,10 @@ const CLUSTER: &str = "cluster";
 const AUTH: &str = "auth";
 const FANOUT_BURST: &str = "fanout-burst";
 const NOISY: &str = "noisy";
+/// The `http` agent kind's cost beside `echo` and `command`.
+const HTTP: &str = "http";
 /// Scenarios that start servers of their own and run only when named in `--only`.
-const ON_REQUEST: [&str; 3] = [AUTH, FANOUT_BURST, NOISY];
+const ON_REQUEST: [&str; 4] = [AUTH, FANOUT_BURST, NOISY, HTTP];
 
 /// Figures of one target.
 #[derive(Debug, Default, Clone)]
@@ -421,6 +424,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     }
     if options.wants(NOISY) && options.server.is_none() {
         let table = noisy::noisy(&options).await?;
+        baton::cli::out(&format!("{table}\n"))?;
+    }
+    if options.wants(HTTP) && options.server.is_none() {
+        let table = http::http(&options).await?;
         baton::cli::out(&format!("{table}\n"))?;
     }
     if options.wants(CLUSTER) {
