@@ -32,8 +32,13 @@ async fn serve_echo() -> anyhow::Result<String> {
             .body(axum::body::Body::from(lines))
             .unwrap_or_default()
     }
+    use axum::serve::ListenerExt as _;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    // As a real service's server (uvicorn, hyper) does: no Nagle delay on small answers.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let app = axum::Router::new().route("/agent", axum::routing::post(agent));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(format!("http://{addr}/agent"))
@@ -51,7 +56,9 @@ pub(super) async fn http(options: &BenchOptions) -> anyhow::Result<String> {
         ("echo", config("kind = \"echo\"\n")),
         (
             "http (Rust service)",
-            config(&format!("kind = \"http\"\nurl = \"{service}\"\n")),
+            config(&format!(
+                "kind = \"http\"\nurl = \"{service}\"\nmax_history = 0\n"
+            )),
         ),
         (
             "command (/bin/sh)",
