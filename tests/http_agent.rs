@@ -188,11 +188,16 @@ async fn agent(
                 .body(Body::from_stream(words))
                 .expect("response")
         }
-        // Answered after a while, so that many are in flight at once.
+        // Held until 200 are in flight at once (or 10 s pass), then answered.
         "slow" => {
             let now = service.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             service.most_in_flight.fetch_max(now, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while service.most_in_flight.load(Ordering::SeqCst) < 200
+                && tokio::time::Instant::now() < until
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             service.in_flight.fetch_sub(1, Ordering::SeqCst);
             answer(ndjson, vec![Ok(delta("done"))])
         }

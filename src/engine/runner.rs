@@ -268,10 +268,21 @@ async fn build_request(
             context: JsonObject::new(),
         });
     };
-    let (session, history) = inner
-        .store
-        .task_inputs(task.interaction.session.clone(), limit)
-        .await?;
+    // The session comes with the task, as its plan left it; the store is read for the
+    // history only, and not at all without one.
+    let (session, history) = match &task.session {
+        Some(session) if limit == 0 => (session.clone(), Vec::new()),
+        Some(session) => {
+            let history = inner.store.history(session.id.clone(), limit).await?;
+            (session.clone(), history)
+        }
+        None => {
+            inner
+                .store
+                .task_inputs(task.interaction.session.clone(), limit)
+                .await?
+        }
+    };
     Ok(AgentRequest {
         interaction: task.interaction.clone(),
         context: session.context.clone(),

@@ -46,6 +46,14 @@ impl Decider {
     }
 
     pub(super) fn done<T>(mut self, outcome: T) -> Plan<T> {
+        // The started task's session as this plan leaves it: its agent's request reads it
+        // from here instead of from the store.
+        if !self.effects.start.is_empty() {
+            let view = self.view().ok();
+            for task in &mut self.effects.start {
+                task.session = view.clone();
+            }
+        }
         let last_seq = self.s.session.as_ref().map(|r| r.last_seq);
         let mut save_seq = last_seq.filter(|seq| *seq != self.saved_seq);
         if let Some(Write::CreateSession { last_seq, .. }) = self.writes.first_mut()
@@ -309,6 +317,7 @@ impl Decider {
             self.effects.start.push(StartedTask {
                 interaction: interaction.clone(),
                 agent,
+                session: None,
             });
         } else {
             self.emit_interaction(EventType::InteractionQueued, &interaction)?;
@@ -450,6 +459,7 @@ impl Decider {
         self.effects.start.push(StartedTask {
             interaction: resumed.clone(),
             agent,
+            session: None,
         });
         Ok(resumed)
     }
@@ -645,6 +655,7 @@ impl Decider {
         self.effects.start.push(StartedTask {
             interaction: next,
             agent,
+            session: None,
         });
         Ok(())
     }

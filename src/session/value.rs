@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::model::{ErrorInfo, Interaction, InteractionId, JsonObject, Policy, SessionId};
+use crate::model::{ErrorInfo, Interaction, InteractionId, JsonObject, Policy, Session, SessionId};
 
 /// How long an idempotency key is remembered, in milliseconds.
 pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
@@ -35,6 +35,9 @@ pub struct StartedTask {
     pub interaction: Interaction,
     /// The session's agent at the moment it started.
     pub agent: String,
+    /// The session as the plan that started the task left it (its context included), so that
+    /// the agent's request needs no read of it.
+    pub session: Option<Session>,
 }
 
 /// What accepting a message did (what it started and cancelled is in the plan's

@@ -411,6 +411,12 @@ impl Store {
         dispatch!(self.task_inputs(session, limit))
     }
 
+    /// The session's latest `limit` completed interactions of its epoch, oldest first: an
+    /// agent's history.
+    pub async fn history(&self, session: SessionId, limit: u32) -> StoreResult<Vec<Interaction>> {
+        dispatch!(self.history(session, limit))
+    }
+
     /// Stored events with `seq > after`, in order, at most `limit`.
     pub async fn events_after(
         &self,

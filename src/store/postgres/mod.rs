@@ -486,25 +486,18 @@ impl PgStore {
         let found = select_session(&tx, &session)
             .await?
             .ok_or(StoreError::SessionNotFound)?;
-        let stmt = tx
-            .prepare_cached(concat!(
-                "SELECT ",
-                interaction_columns!(),
-                " FROM interactions WHERE session = $1 AND status IN ",
-                status_sql!(completed),
-                " ORDER BY id DESC LIMIT $2"
-            ))
-            .await?;
-        let rows = tx
-            .query(&stmt, &[&session.key(), &i64::from(limit)])
-            .await?;
+        let items = select_history(&tx, &session, limit).await?;
         tx.commit().await?;
-        let mut items = rows
-            .iter()
-            .map(|r| read_interaction(r, 0))
-            .collect::<StoreResult<Vec<_>>>()?;
-        items.reverse();
         Ok((found, items))
+    }
+
+    pub(super) async fn history(
+        &self,
+        session: SessionId,
+        limit: u32,
+    ) -> StoreResult<Vec<Interaction>> {
+        let client = self.pool.get().await?;
+        select_history(&client, &session, limit).await
     }
 
     pub(super) async fn events_after(
@@ -605,4 +598,31 @@ fn ranges(events: &[Event]) -> Vec<(&SessionId, i64, i64)> {
         }
     }
     out
+}
+
+/// The latest `limit` completed interactions, oldest first (a clear removed the earlier
+/// epochs' rows).
+async fn select_history(
+    client: &impl deadpool_postgres::GenericClient,
+    session: &SessionId,
+    limit: u32,
+) -> StoreResult<Vec<Interaction>> {
+    let stmt = client
+        .prepare_cached(concat!(
+            "SELECT ",
+            interaction_columns!(),
+            " FROM interactions WHERE session = $1 AND status IN ",
+            status_sql!(completed),
+            " ORDER BY id DESC LIMIT $2"
+        ))
+        .await?;
+    let rows = client
+        .query(&stmt, &[&session.key(), &i64::from(limit)])
+        .await?;
+    let mut items = rows
+        .iter()
+        .map(|r| read_interaction(r, 0))
+        .collect::<StoreResult<Vec<_>>>()?;
+    items.reverse();
+    Ok(items)
 }

@@ -320,22 +320,18 @@ impl SqliteStore {
     ) -> StoreResult<(Session, Vec<Interaction>)> {
         self.read(move |conn| {
             let found = select_session(conn, &session)?.ok_or(StoreError::SessionNotFound)?;
-            let sql = concat!(
-                "SELECT ",
-                interaction_columns!(),
-                " FROM interactions WHERE session = ?1 AND status IN ",
-                status_sql!(completed),
-                " ORDER BY id DESC LIMIT ?2"
-            );
-            let mut stmt = conn.prepare_cached(sql)?;
-            let rows = stmt.query_map(params![session.key(), i64::from(limit)], |r| {
-                read_interaction(r, 0)
-            })?;
-            let mut items = decoded(rows)?;
-            items.reverse();
-            Ok((found, items))
+            Ok((found, select_history(conn, &session, limit)?))
         })
         .await
+    }
+
+    pub(super) async fn history(
+        &self,
+        session: SessionId,
+        limit: u32,
+    ) -> StoreResult<Vec<Interaction>> {
+        self.read(move |conn| select_history(conn, &session, limit))
+            .await
     }
 
     pub(super) async fn events_after(
@@ -398,6 +394,29 @@ struct StoredRow {
     interaction_id: Option<InteractionId>,
     envelope: String,
     last_seq: Option<i64>,
+}
+
+/// The latest `limit` completed interactions, oldest first (a clear removed the earlier
+/// epochs' rows).
+fn select_history(
+    conn: &rusqlite::Connection,
+    session: &SessionId,
+    limit: u32,
+) -> StoreResult<Vec<Interaction>> {
+    let sql = concat!(
+        "SELECT ",
+        interaction_columns!(),
+        " FROM interactions WHERE session = ?1 AND status IN ",
+        status_sql!(completed),
+        " ORDER BY id DESC LIMIT ?2"
+    );
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params![session.key(), i64::from(limit)], |r| {
+        read_interaction(r, 0)
+    })?;
+    let mut items = decoded(rows)?;
+    items.reverse();
+    Ok(items)
 }
 
 fn conversion_error(
