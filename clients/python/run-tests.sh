@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the Python client's checks: mypy --strict over the package, then the tests against the
-# real server (BATON_BIN, default ../../target/debug/baton). Creates .venv on first use.
+# Runs the Python client's checks: mypy --strict over the package, its tests and
+# examples/python, then the tests against the real server (BATON_BIN, default
+# ../../target/debug/baton). Creates .venv on first use.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -10,5 +11,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
-.venv/bin/python -m mypy --strict src tests
+.venv/bin/python -m mypy --strict src tests ../../examples/python
 .venv/bin/python -m pytest -q "$@"
