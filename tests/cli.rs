@@ -600,17 +600,10 @@ fn every_argument_and_flag_is_described() {
     assert!(!help.contains("seed peer"), "{help}");
 }
 
-const APPROVAL: &str = concat!(
-    "[agents.default]\nkind = \"echo\"\n\n[agents.careful]\nkind = \"command\"\n",
-    "program = \"python3\"\nargs = [\"",
-    env!("CARGO_MANIFEST_DIR"),
-    "/examples/approval_agent.py\"]\n"
-);
-
 /// `send` cannot answer: it says how, and exits with its own status (3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_exits_3_when_its_interaction_waits_for_input() {
-    let server = TestServer::start(APPROVAL).await;
+    let server = TestServer::start(common::APPROVAL).await;
     server
         .put("/v1/sessions/ask", &serde_json::json!({"agent": "careful"}))
         .await;
@@ -639,7 +632,7 @@ async fn send_exits_3_when_its_interaction_waits_for_input() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_shows_a_question_and_answers_it() {
     use std::io::Write;
-    let server = TestServer::start(APPROVAL).await;
+    let server = TestServer::start(common::APPROVAL).await;
     let mut child = Baton(
         common::child::baton()
             .args([

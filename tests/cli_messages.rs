@@ -12,17 +12,10 @@ use cli_child::{run, text};
 use common::TestServer;
 use common::access::{self, mint};
 
-const APPROVAL: &str = concat!(
-    "[agents.default]\nkind = \"echo\"\n\n[agents.careful]\nkind = \"command\"\n",
-    "program = \"python3\"\nargs = [\"",
-    env!("CARGO_MANIFEST_DIR"),
-    "/examples/approval_agent.py\"]\n"
-);
-
 /// `send` left waiting: the hint names the session, with commands that can be pasted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waiting_hint_names_the_session() {
-    let server = TestServer::start(APPROVAL).await;
+    let server = TestServer::start(common::APPROVAL).await;
     server
         .put(
             "/v1/sessions/ask-7",

@@ -12,13 +12,6 @@ use common::TestServer;
 use common::access::{self, ACME_KEY, BETA_KEY};
 use serde_json::{Value, json};
 
-const APPROVAL: &str = concat!(
-    "[agents.default]\nkind = \"echo\"\n\n[agents.careful]\nkind = \"command\"\n",
-    "program = \"python3\"\nargs = [\"",
-    env!("CARGO_MANIFEST_DIR"),
-    "/examples/approval_agent.py\"]\n"
-);
-
 /// The first column of each line: the session ids printed.
 fn ids(stdout: &[u8]) -> Vec<String> {
     text(stdout)
@@ -165,7 +158,7 @@ async fn cancel_stops_the_running_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answer_resumes_a_waiting_interaction() {
-    let server = TestServer::start(APPROVAL).await;
+    let server = TestServer::start(common::APPROVAL).await;
     let url = server.url.clone();
     for (session, answer) in [("plain", "yes"), ("json", r#"{"approved": true}"#)] {
         server

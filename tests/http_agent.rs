@@ -616,6 +616,29 @@ async fn every_way_of_stopping_a_run_closes_the_request() {
     }
 }
 
+/// Polls the interaction at `url` until its status is `status`; the interaction then.
+async fn until_status(http: &reqwest::Client, url: &str, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let now: Value = http
+            .get(url)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        if now["status"] == status {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {status}: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Verifies a Standard Webhooks signature as a receiver would: the HMAC of
 /// "id.timestamp.body" with the base64 key after `whsec_`.
 fn verify(secret: &str, seen: &Seen) -> bool {
@@ -662,48 +685,13 @@ async fn every_request_is_signed_for_the_service_to_verify() {
         .expect("json");
     let id = sent["id"].as_str().expect("id").to_string();
     let interaction = format!("{url}/v1/sessions/signed/interactions/{id}");
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let waiting = loop {
-        let now: Value = http
-            .get(&interaction)
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json");
-        if now["status"] == "waiting" {
-            break now;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never waiting: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let waiting = until_status(&http, &interaction, "waiting").await;
     http.post(format!("{interaction}/answer"))
         .json(&json!({"request_id": waiting["request"]["id"], "answer": true}))
         .send()
         .await
         .expect("answer");
-    loop {
-        let now: Value = http
-            .get(&interaction)
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json");
-        if now["status"] == "completed" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never completed: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_status(&http, &interaction, "completed").await;
     let seen = service.seen.lock().expect("lock").clone();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].header("webhook-id"), format!("{id}.1"));

@@ -50,8 +50,9 @@ impl Decider {
         // from here instead of from the store.
         if !self.effects.start.is_empty() {
             let view = self.view().ok();
-            for task in &mut self.effects.start {
-                task.session = view.clone();
+            // At most one start per plan (asserted below): the view moves, no copy.
+            if let Some(task) = self.effects.start.last_mut() {
+                task.session = view;
             }
         }
         let last_seq = self.s.session.as_ref().map(|r| r.last_seq);

@@ -24,6 +24,15 @@ use serde_json::Value;
 /// Default bound for any single wait in a test.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Config with `default` (echo) and `careful`, the example agent that asks for approval
+/// (`examples/approval_agent.py`, run with `python3`).
+pub const APPROVAL: &str = concat!(
+    "[agents.default]\nkind = \"echo\"\n\n[agents.careful]\nkind = \"command\"\n",
+    "program = \"python3\"\nargs = [\"",
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/approval_agent.py\"]\n"
+);
+
 /// Config with the two echo agents most tests use: `default` (instant) and `slow`.
 pub const BASE_CONFIG: &str = r#"
 queue_limit = 16
